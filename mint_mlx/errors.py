@@ -1,0 +1,46 @@
+"""Errors that reach the user.
+
+Every failure the user can fix raises a :class:`MintError` subclass whose message says what went
+wrong *and* what to do. The CLIs print that one line and exit with status 2; library callers get a
+normal exception they can catch.
+"""
+
+from __future__ import annotations
+
+
+class MintError(Exception):
+    """Base class: a problem with the user's input or environment, with a fix in the message."""
+
+    exit_code = 2
+
+
+class SourceError(MintError):
+    """The source model cannot be found, read or understood."""
+
+
+class UnsupportedModelError(SourceError):
+    """mlx-lm has no implementation of this architecture."""
+
+
+class CorruptShardError(SourceError):
+    """A safetensors shard is truncated, corrupt or missing."""
+
+
+class BudgetError(MintError):
+    """The memory budget cannot be met (or was not understood)."""
+
+
+class OutputExistsError(MintError):
+    """The output directory exists and ``force`` was not given."""
+
+
+class AnalysisCacheError(MintError):
+    """The analysis cache file cannot be used."""
+
+
+class SaveCheckError(MintError):
+    """The saved model does not load the way the plan says it should."""
+
+
+class HubError(MintError):
+    """Downloading from or uploading to the Hugging Face hub failed."""
