@@ -1,0 +1,213 @@
+"""``python -m mint_mlx.convert``: the best stock-mlx-lm model that fits a byte budget.
+
+Flow: open the source -> analyse (cached) -> allocate under the budget -> write to a temporary
+directory -> check it loads as planned -> rename into place -> optionally upload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .allocate import DEFAULT_MIN_SQNR, OBJECTIVES, Plan, allocate
+from .analyze import analyze
+from .errors import BudgetError, MintError, OutputExistsError
+from .formats import native_formats
+from .layout import MAX_SHARD_BYTES, fixed_bytes, largest_tensor_bytes
+from .report import distribution_table, model_card, summary_lines
+from .save import exact_total_bytes, save_model_dir, staging_dir
+from .sizes import parse_size
+from .source import Source, open_source
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced (``path`` is None for a dry run)."""
+
+    plan: Plan
+    path: Path | None
+    analysis: Path | None
+    url: str | None = None
+
+
+def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
+    """The 16-bit dtype for scales and unquantized tensors: as asked, else the source's own
+    (float32 checkpoints become float16)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise MintError(f"--dtype {dtype} is not supported; use float16 or bfloat16")
+        return DTYPES[dtype]
+    return DTYPES.get(source.source_dtype(), mx.float16)
+
+
+def resolve_budget(source: Source, budget: str | int | None, bpw: float | None) -> int:
+    """Bytes allowed for all ``.safetensors`` files; ``bpw`` means bpw x parameters / 8."""
+    if (budget is None) == (bpw is None):
+        raise BudgetError("give exactly one of --budget SIZE (e.g. 5.5GB) or --bpw BITS (e.g. 4.5)")
+    if bpw is not None:
+        if not 1.0 <= bpw <= 32.0:
+            raise BudgetError(f"--bpw {bpw} is out of range; use bits per weight between 1 and 32")
+        return int(bpw * source.total_parameters / 8)
+    return parse_size(budget)  # type: ignore[arg-type]
+
+
+def make_plan(
+    source: Source,
+    budget: int,
+    dtype: mx.Dtype,
+    min_sqnr: float = DEFAULT_MIN_SQNR,
+    objective: str = "nrmse",
+    analysis: Path | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> tuple[Plan, Path | None]:
+    """Analyse (or reuse the cache) and allocate; the returned plan knows its exact file size."""
+    from .analyze import default_cache_path
+
+    formats = native_formats()
+    cache = analysis or default_cache_path(source, formats, dtype)
+    curves = analyze(source, formats, dtype, cache, progress=progress)
+    quantizable = {t.key for t in source.quantizable}
+    passthrough = {k: (source.shapes[k], source.dtypes[k]) for k in source.shapes if k not in quantizable}
+    fixed = fixed_bytes(passthrough, dtype, budget, largest_tensor_bytes(source.shapes), max_shard_bytes)
+    plan = allocate(
+        curves,
+        budget,
+        fixed,
+        source.total_parameters,
+        dtype,
+        min_sqnr=min_sqnr,
+        objective=objective,
+        num_layers=source.num_layers,
+    )
+    plan.total_bytes = exact_total_bytes(source, plan, dtype, max_shard_bytes)
+    if plan.total_bytes > budget:  # the accounting is an upper bound; this is a bug if it fires
+        raise BudgetError(
+            f"internal accounting error: plan takes {plan.total_bytes} bytes over budget {budget}; "
+            "please report it"
+        )
+    return plan, cache
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    budget: str | int | None = None,
+    bpw: float | None = None,
+    dtype: str | None = None,
+    min_sqnr: float = DEFAULT_MIN_SQNR,
+    dry_run: bool = False,
+    analysis: str | Path | None = None,
+    force: bool = False,
+    upload_repo: str | None = None,
+    objective: str = "nrmse",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
+    command: str | None = None,
+) -> ConvertResult:
+    """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
+
+    Exactly one of ``budget`` (bytes or a size like ``"5.5GB"``) and ``bpw`` is given. With
+    ``dry_run`` only the plan is made (and the analysis cached). Raises :class:`MintError`
+    subclasses for anything the user can fix.
+    """
+    out = Path(mlx_path).expanduser()
+    if out.exists() and not force and not dry_run:
+        raise OutputExistsError(f"output directory {out} already exists; pass --force to replace it")
+    source = open_source(hf_path)
+    out_dtype = output_dtype(source, dtype)
+    nbytes = resolve_budget(source, budget, bpw)
+    cache = Path(analysis).expanduser() if analysis else None
+    plan, cache = make_plan(
+        source, nbytes, out_dtype, min_sqnr, objective, cache, max_shard_bytes, progress
+    )
+    if dry_run:
+        return ConvertResult(plan, None, cache)
+    card = model_card(
+        plan,
+        base_model=str(hf_path),
+        command=command or f"python -m mint_mlx.convert --hf-path {hf_path} --mlx-path {out.name} --budget {nbytes}",
+        name=out.name,
+    )
+    with staging_dir(out, force) as tmp:
+        save_model_dir(source, plan, tmp, out_dtype, card, max_shard_bytes=max_shard_bytes, progress=progress)
+    url = None
+    if upload_repo:
+        from .hub import upload
+
+        url = upload(out, upload_repo)
+    return ConvertResult(plan, out, cache, url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mint_mlx.convert",
+        description="Quantize a model to the best stock-mlx-lm model that fits a memory budget.",
+    )
+    p.add_argument("--hf-path", required=True, help="HF-format model directory or hub id")
+    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget", help="bytes for all weight files: 5.5GB, 5GiB, 800MB")
+    size.add_argument("--bpw", type=float, help="average bits per weight instead of --budget")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="16-bit dtype for scales and unquantized tensors")
+    p.add_argument("--min-sqnr", type=float, default=DEFAULT_MIN_SQNR, help="SQNR veto in dB (default 9)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="nrmse", help="distortion objective")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write only the analysis cache")
+    p.add_argument("--analysis", help="analysis cache file (default: in ~/.cache/mint_mlx)")
+    p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
+    p.add_argument("--upload-repo", help="hub repo (org/name) to upload the result to")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def print_plan(plan: Plan) -> None:
+    print(distribution_table(plan))
+    print()
+    for line in summary_lines(plan):
+        print(line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m mint_mlx.convert " + shlex.join(argv_list)
+    try:
+        result = convert(
+            args.hf_path,
+            args.mlx_path,
+            budget=args.budget,
+            bpw=args.bpw,
+            dtype=args.dtype,
+            min_sqnr=args.min_sqnr,
+            dry_run=args.dry_run,
+            analysis=args.analysis,
+            force=args.force,
+            upload_repo=args.upload_repo,
+            objective=args.objective,
+            progress=not args.quiet,
+            command=command,
+        )
+    except MintError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written (the analysis cache is kept)", file=sys.stderr)
+        return 2
+    print_plan(result.plan)
+    if result.path is not None:
+        print(f"saved {result.path}")
+    if result.url:
+        print(f"uploaded {result.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The registry of storage formats a weight tensor can be saved in, with exact byte costs.
+
+A format is one joint choice of (mode, bits, group size). Its byte cost is what the saved
+safetensors data will hold for that tensor: packed uint32 weights plus scales (and biases for
+affine) in their dtype. The allocator trades these exact costs against measured distortion, so
+`nbytes` must agree with what `mx.quantize` really produces (a unit test checks every format).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import prod
+
+#: Affine (scale + bias per group) configurations that stock MLX kernels serve.
+NATIVE_AFFINE_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+NATIVE_AFFINE_GROUPS: tuple[int, ...] = (32, 64, 128)
+
+#: Microscaling float modes in MLX: mode -> (bits, group size). Their scales are one byte each.
+NATIVE_FP_MODES: dict[str, tuple[int, int]] = {
+    "mxfp4": (4, 32),
+    "nvfp4": (4, 16),
+    "mxfp8": (8, 32),
+}
+
+PASSTHROUGH = "passthrough"
+
+
+@dataclass(frozen=True, order=True)
+class Format:
+    """One way to store a weight tensor.
+
+    ``mode`` is an MLX quantization mode (``affine``, ``mxfp4``, ``nvfp4``, ``mxfp8``) or
+    ``passthrough`` (kept in the 16-bit output dtype). ``native`` means stock mlx-lm loads it.
+    """
+
+    mode: str
+    bits: int
+    group_size: int
+    native: bool = True
+
+    @property
+    def name(self) -> str:
+        """Stable identifier used in caches, plans and tables, e.g. ``affine-4-g64``."""
+        if self.mode == PASSTHROUGH:
+            return "fp16" if self.bits == 16 else f"fp{self.bits}"
+        if self.mode == "affine":
+            return f"affine-{self.bits}-g{self.group_size}"
+        return self.mode
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.mode != PASSTHROUGH
+
+    def supports(self, shape: Sequence[int]) -> bool:
+        """Whether this format can store a tensor of ``shape`` (groups run along the last axis)."""
+        if not self.is_quantized:
+            return True
+        width = shape[-1]
+        if width % self.group_size != 0:
+            return False
+        # Packing needs a whole number of uint32 words per row.
+        return (width * self.bits) % 32 == 0
+
+    def array_specs(
+        self, shape: Sequence[int], dtype_bytes: int = 2
+    ) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shapes and dtypes of the arrays saved for one tensor: suffix -> (shape, dtype name).
+
+        Suffixes are ``weight``, ``scales`` and ``biases`` as mlx-lm names them. ``dtype name`` is
+        ``float`` for the 16-bit output dtype, else ``uint32``/``uint8``.
+        """
+        shape = tuple(int(s) for s in shape)
+        if not self.is_quantized:
+            return {"weight": (shape, "float")}
+        lead, width = shape[:-1], shape[-1]
+        packed = (*lead, width * self.bits // 32)
+        groups = (*lead, width // self.group_size)
+        if self.mode == "affine":
+            return {
+                "weight": (packed, "uint32"),
+                "scales": (groups, "float"),
+                "biases": (groups, "float"),
+            }
+        return {"weight": (packed, "uint32"), "scales": (groups, "uint8")}
+
+    def nbytes(self, shape: Sequence[int], dtype_bytes: int = 2) -> int:
+        """Exact bytes of tensor data this format saves for a tensor of ``shape``."""
+        sizes = {"float": dtype_bytes, "uint32": 4, "uint8": 1}
+        return sum(prod(s) * sizes[d] for s, d in self.array_specs(shape, dtype_bytes).values())
+
+    def bits_per_weight(self, dtype_bytes: int = 2) -> float:
+        """Storage cost per weight including scales and biases (for tables and budgets)."""
+        if not self.is_quantized:
+            return 8.0 * dtype_bytes
+        width = self.group_size * 32  # any width the format supports
+        return 8.0 * self.nbytes((1, width), dtype_bytes) / width
+
+    def quantization_entry(self) -> dict[str, int | str] | bool:
+        """The per-layer entry written into ``config.json`` (``False`` keeps the layer float)."""
+        if not self.is_quantized:
+            return False
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+
+def native_formats() -> list[Format]:
+    """Every format stock mlx-lm can load: affine bits x groups, mxfp4, nvfp4, mxfp8, 16-bit."""
+    formats = [Format("affine", b, g) for b in NATIVE_AFFINE_BITS for g in NATIVE_AFFINE_GROUPS]
+    formats += [Format(mode, b, g) for mode, (b, g) in NATIVE_FP_MODES.items()]
+    formats.append(Format(PASSTHROUGH, 16, 0))
+    return formats
+
+
+def format_from_entry(entry: dict[str, int | str] | bool) -> Format:
+    """Inverse of :meth:`Format.quantization_entry` (``mode`` defaults to affine, as in MLX)."""
+    if entry is False:
+        return Format(PASSTHROUGH, 16, 0)
+    if not isinstance(entry, dict):
+        raise ValueError(f"not a quantization entry: {entry!r}")
+    mode = str(entry.get("mode", "affine"))
+    return Format(mode, int(entry["bits"]), int(entry["group_size"]))
+
+
+def by_name(formats: Sequence[Format]) -> dict[str, Format]:
+    return {f.name: f for f in formats}
+
+
+def format_by_name(name: str) -> Format:
+    """Look a native format up by its :attr:`Format.name`."""
+    table = by_name(native_formats())
+    if name not in table:
+        raise KeyError(f"unknown format {name!r}; known: {', '.join(table)}")
+    return table[name]

@@ -1,0 +1,106 @@
+"""Human-readable views of a plan: the summary lines, the allocation table, the model card."""
+
+from __future__ import annotations
+
+import re
+
+from .allocate import Plan
+from .sizes import format_size
+
+
+def config_label(row: dict) -> str:
+    """``4-bit g64`` for affine, the mode name for float modes, ``16-bit`` for passthrough."""
+    if row["mode"] == "affine":
+        return f"{row['bits']}-bit g{row['group_size']}"
+    if row["mode"] == "passthrough":
+        return "16-bit (unquantized)"
+    return f"{row['mode']} ({row['bits']}-bit g{row['group_size']})"
+
+
+def distribution_table(plan: Plan) -> str:
+    """Markdown table: configuration -> tensors, % of tensors, % of parameters, bytes."""
+    lines = [
+        "| configuration | tensors | % tensors | % parameters | bytes |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in plan.distribution():
+        lines.append(
+            f"| {config_label(row)} | {row['tensors']} | {row['pct_tensors']:.1f}% | "
+            f"{row['pct_params']:.1f}% | {format_size(row['bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    size = plan.total_bytes or plan.planned_bytes
+    used = 100.0 * size / plan.budget
+    lines = [
+        f"total {format_size(size)} ({size} bytes) of budget {format_size(plan.budget)} "
+        f"({used:.2f}% used)",
+        f"average {plan.bits_per_weight:.3f} bits per weight over {plan.total_parameters:,} parameters",
+        f"predicted distortion ({plan.objective}): {plan.distortion:.5g}"
+        + ("" if plan.exact else " (near-optimal: core-exact solution)"),
+    ]
+    return lines + [f"note: {n}" for n in plan.notes]
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
+
+
+def model_card(plan: Plan, base_model: str, command: str, name: str) -> str:
+    """README.md for the output directory, in the hub's model-card conventions."""
+    front = ["---", "library_name: mlx"]
+    if _looks_like_hub_id(base_model):
+        front.append(f"base_model: {base_model}")
+    front += [
+        "tags:",
+        "- mlx",
+        "- mint-mlx",
+        "- quantized",
+        "- mixed-precision",
+        "pipeline_tag: text-generation",
+        "---",
+    ]
+    size = plan.total_bytes or plan.planned_bytes
+    body = [
+        f"# {name}",
+        "",
+        f"Quantized from `{base_model}` with [mint-mlx](https://github.com/mint-mlx/mint-mlx): every "
+        "weight tensor has its own bit width, group size and format, chosen by a rate-distortion "
+        f"allocator to fit a budget of {format_size(plan.budget)}.",
+        "",
+        f"- Weights on disk: **{format_size(size)}** ({size:,} bytes), "
+        f"{plan.bits_per_weight:.3f} bits per weight on average",
+        f"- Objective: `{plan.objective}`, SQNR veto {plan.min_sqnr:g} dB, "
+        f"output dtype {plan.dtype}",
+        "- Loads in stock mlx-lm: no mint-mlx import needed.",
+        "",
+        "## Allocation",
+        "",
+        distribution_table(plan),
+        "",
+        "Per-tensor choices, bytes and errors are in `mint_plan.json`.",
+        "",
+        "## Use with mlx",
+        "",
+        "```bash",
+        "pip install mlx-lm",
+        f'mlx_lm.generate --model {name} --prompt "Hello"',
+        "```",
+        "",
+        "```python",
+        "from mlx_lm import load, generate",
+        "",
+        f'model, tokenizer = load("{name}")',
+        'print(generate(model, tokenizer, prompt="Hello", max_tokens=64))',
+        "```",
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+    ]
+    return "\n".join(front + [""] + body)

@@ -1,0 +1,200 @@
+"""Apply a plan tensor by tensor and write a model directory stock mlx-lm loads.
+
+The directory is written to a temporary sibling and renamed into place only after the post-save
+check passed, so a failed or interrupted conversion never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from .allocate import Plan
+from .errors import OutputExistsError, SaveCheckError
+from .formats import Format, format_from_entry
+from .layout import MAX_SHARD_BYTES, output_layout, passthrough_dtype, total_file_bytes
+from .quantize import quantize_weight
+from .safetensors_io import ShardLayout, ShardWriter, read_header
+from .source import Source, copy_support_files
+
+PLAN_FILE = "mint_plan.json"
+
+
+def quantization_config(plan: Plan) -> dict[str, Any]:
+    """The ``quantization`` block of config.json: a default plus an explicit entry per module.
+
+    mlx-lm reads a module's own entry before any default, so every planned module gets one
+    (``False`` for modules kept in 16 bits) and the default never decides anything.
+    """
+    formats = plan.formats
+    affine = Counter(
+        (f.group_size, f.bits) for f in formats.values() if f.is_quantized and f.mode == "affine"
+    )
+    group_size, bits = affine.most_common(1)[0][0] if affine else (64, 4)
+    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, fmt in formats.items():
+        block[path] = fmt.quantization_entry()
+    return block
+
+
+def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]:
+    config = dict(source.config)
+    config["quantization"] = quantization_config(plan)
+    config["quantization_config"] = config["quantization"]
+    config["torch_dtype"] = str(dtype).split(".")[-1]
+    return config
+
+
+def layout_for(source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int) -> list[ShardLayout]:
+    return output_layout(
+        list(source.shapes), source.shapes, source.dtypes, plan.formats, dtype, max_shard_bytes
+    )
+
+
+def _arrays(source: Source, plan_formats: dict[str, Format], dtype: mx.Dtype) -> Iterator[tuple[str, mx.array]]:
+    """(name, array) in file order, one source tensor materialized at a time."""
+    for key in list(source.shapes):
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        weight = source.tensor(key)
+        if module is not None and module in plan_formats:
+            arrays = quantize_weight(weight, plan_formats[module], dtype)
+            mx.eval(arrays)
+            for suffix, arr in arrays.items():
+                yield f"{module}.{suffix}", arr
+        else:
+            yield key, weight.astype(passthrough_dtype(weight.dtype, dtype))
+        source.release(key)
+
+
+def write_weights(
+    source: Source,
+    plan: Plan,
+    directory: Path,
+    dtype: mx.Dtype,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> list[ShardLayout]:
+    """Write every shard of the plan into ``directory``; return the layout written."""
+    layout = layout_for(source, plan, dtype, max_shard_bytes)
+    formats = plan.formats
+    shards = iter(layout)
+    writer = ShardWriter(directory, next(shards))
+    total = sum(len(s.slots) for s in layout)
+    try:
+        for name, array in tqdm(_arrays(source, formats, dtype), total=total, desc="save", unit="array", disable=not progress):
+            while writer.done:
+                writer.close()
+                writer = ShardWriter(directory, next(shards))
+            writer.write(name, array)
+    finally:
+        writer.close()
+    weight_map = {slot.name: shard.filename for shard in layout for slot in shard.slots}
+    index = {
+        "metadata": {"total_size": sum(s.data_bytes for s in layout)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return layout
+
+
+def verify_saved(directory: Path, plan: Plan) -> None:
+    """Load the directory the way stock mlx-lm does and check every module against the plan.
+
+    Catches the classic silent failure (a planned layer left unquantized because a default
+    config skipped it) and any byte overrun, before the directory is published.
+    """
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+    from mlx_lm.utils import load_model
+
+    files = sorted(directory.glob("*.safetensors"))
+    for f in files:
+        read_header(f)
+    size = sum(f.stat().st_size for f in files)
+    if size > plan.budget:
+        raise SaveCheckError(f"saved weights take {size} bytes, over the budget of {plan.budget}")
+    if plan.total_bytes and size != plan.total_bytes:
+        raise SaveCheckError(f"saved weights take {size} bytes, the plan said {plan.total_bytes}")
+    try:
+        model, config = load_model(directory, lazy=True, strict=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the output is unusable
+        raise SaveCheckError(f"the saved model does not load in mlx-lm ({type(e).__name__}: {e})") from e
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    quantized_types = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+    for path, fmt in plan.formats.items():
+        module = modules.get(path)
+        if module is None:
+            raise SaveCheckError(f"planned module {path} is missing from the loaded model")
+        if fmt.is_quantized:
+            if not isinstance(module, quantized_types):
+                raise SaveCheckError(f"{path} was planned as {fmt.name} but loads unquantized")
+            got = format_from_entry(
+                {"bits": module.bits, "group_size": module.group_size, "mode": getattr(module, "mode", "affine")}
+            )
+            if got != fmt:
+                raise SaveCheckError(f"{path} was planned as {fmt.name} but loads as {got.name}")
+        elif isinstance(module, quantized_types):
+            raise SaveCheckError(f"{path} was planned in 16-bit but loads quantized")
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory next to ``out`` that replaces ``out`` only if the block succeeds.
+
+    On any exception (Ctrl-C included) the temporary directory is removed and ``out`` is left
+    as it was. ``force`` allows replacing an existing ``out``.
+    """
+    out = out.resolve()
+    if out.exists() and not force:
+        raise OutputExistsError(f"output directory {out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mint-tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.mint-old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_dir(
+    source: Source,
+    plan: Plan,
+    directory: Path,
+    dtype: mx.Dtype,
+    card: str,
+    extra_files: Sequence[tuple[str, bytes]] = (),
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> None:
+    """Everything that goes into the output directory, then the post-save check."""
+    write_weights(source, plan, directory, dtype, max_shard_bytes, progress)
+    config = output_config(source, plan, dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    copy_support_files(source.path, directory)
+    plan.save(directory / PLAN_FILE)
+    (directory / "README.md").write_text(card)
+    for name, data in extra_files:
+        (directory / name).write_bytes(data)
+    verify_saved(directory, plan)
+
+
+def exact_total_bytes(source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
+    return total_file_bytes(layout_for(source, plan, dtype, max_shard_bytes))
