@@ -109,7 +109,9 @@ class Plan:
         n_tensors = len(self.assignments)
         n_params = sum(a.numel for a in self.assignments) or 1
         for a in self.assignments:
-            row = rows.setdefault(a.format, {"format": a.format, "tensors": 0, "params": 0, "bytes": 0})
+            row = rows.setdefault(
+                a.format, {"format": a.format, "tensors": 0, "params": 0, "bytes": 0}
+            )
             row["tensors"] += 1
             row["params"] += a.numel
             row["bytes"] += a.nbytes
@@ -188,7 +190,10 @@ def allocate(
     notes: list[str] = []
     # The "16-bit" plan: passthrough where allowed, else the pinned format (e.g. a router).
     full = [
-        next((i for i, c in enumerate(opts) if c.format == "fp16"), max(range(len(cost)), key=cost.__getitem__))
+        next(
+            (i for i, c in enumerate(opts) if c.format == "fp16"),
+            max(range(len(cost)), key=cost.__getitem__),
+        )
         for opts, cost in zip(options, costs, strict=True)
     ]
     full_size = fixed_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
@@ -235,12 +240,14 @@ def allocate(
         if cv.note:
             notes.append(f"{cv.path}: {cv.note}")
     vetoed = sum(
-        1 for cv, opts in zip(curves, options, strict=True) if len(opts) == len(cv.candidates) and any(
-            cv.sqnr_db(c) < min_sqnr for c in opts
-        )
+        1
+        for cv, opts in zip(curves, options, strict=True)
+        if len(opts) == len(cv.candidates) and any(cv.sqnr_db(c) < min_sqnr for c in opts)
     )
     if vetoed:
-        notes.append(f"{vetoed} tensor(s) have no candidate above {min_sqnr:g} dB SQNR: veto lifted")
+        notes.append(
+            f"{vetoed} tensor(s) have no candidate above {min_sqnr:g} dB SQNR: veto lifted"
+        )
     return Plan(
         budget=budget,
         dtype=str(dtype).split(".")[-1],

@@ -110,13 +110,13 @@ def measure(
         chunk = rows[start : start + step].astype(mx.float32)
         e = (chunk * chunk).sum()
         mx.eval(e)
-        energy += e.item()
+        energy += float(e.item())  # type: ignore[arg-type]
         if not math.isfinite(energy):
             return energy, sse, False
         errors = [squared_error(chunk, f, dtype) for f in formats]
         mx.eval(errors)
         for i, err in enumerate(errors):
-            sse[i] += err.item()
+            sse[i] += float(err.item())  # type: ignore[arg-type]
     return energy, sse, True
 
 
@@ -125,7 +125,9 @@ def analyze_tensor(
 ) -> RDCurve:
     """The RD curve of one tensor over the formats that can store it."""
     dtype_bytes = dtype.size
-    options = [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
+    options = (
+        [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
+    )
     energy, sse, finite = measure(weight, options, dtype)
     note = ""
     if not finite:

@@ -76,8 +76,12 @@ def make_plan(
     cache = analysis or default_cache_path(source, formats, dtype)
     curves = analyze(source, formats, dtype, cache, progress=progress)
     quantizable = {t.key for t in source.quantizable}
-    passthrough = {k: (source.shapes[k], source.dtypes[k]) for k in source.shapes if k not in quantizable}
-    fixed = fixed_bytes(passthrough, dtype, budget, largest_tensor_bytes(source.shapes), max_shard_bytes)
+    passthrough = {
+        k: (source.shapes[k], source.dtypes[k]) for k in source.shapes if k not in quantizable
+    }
+    fixed = fixed_bytes(
+        passthrough, dtype, budget, largest_tensor_bytes(source.shapes), max_shard_bytes
+    )
     plan = allocate(
         curves,
         budget,
@@ -121,7 +125,9 @@ def convert(
     """
     out = Path(mlx_path).expanduser()
     if out.exists() and not force and not dry_run:
-        raise OutputExistsError(f"output directory {out} already exists; pass --force to replace it")
+        raise OutputExistsError(
+            f"output directory {out} already exists; pass --force to replace it"
+        )
     source = open_source(hf_path)
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)
@@ -134,11 +140,14 @@ def convert(
     card = model_card(
         plan,
         base_model=str(hf_path),
-        command=command or f"python -m mint_mlx.convert --hf-path {hf_path} --mlx-path {out.name} --budget {nbytes}",
+        command=command
+        or f"python -m mint_mlx.convert --hf-path {hf_path} --mlx-path {out.name} --budget {nbytes}",
         name=out.name,
     )
     with staging_dir(out, force) as tmp:
-        save_model_dir(source, plan, tmp, out_dtype, card, max_shard_bytes=max_shard_bytes, progress=progress)
+        save_model_dir(
+            source, plan, tmp, out_dtype, card, max_shard_bytes=max_shard_bytes, progress=progress
+        )
     url = None
     if upload_repo:
         from .hub import upload
@@ -157,10 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--budget", help="bytes for all weight files: 5.5GB, 5GiB, 800MB")
     size.add_argument("--bpw", type=float, help="average bits per weight instead of --budget")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="16-bit dtype for scales and unquantized tensors")
-    p.add_argument("--min-sqnr", type=float, default=DEFAULT_MIN_SQNR, help="SQNR veto in dB (default 9)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="16-bit dtype for scales and unquantized tensors"
+    )
+    p.add_argument(
+        "--min-sqnr", type=float, default=DEFAULT_MIN_SQNR, help="SQNR veto in dB (default 9)"
+    )
     p.add_argument("--objective", choices=OBJECTIVES, default="nrmse", help="distortion objective")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, write only the analysis cache")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan, write only the analysis cache"
+    )
     p.add_argument("--analysis", help="analysis cache file (default: in ~/.cache/mint_mlx)")
     p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     p.add_argument("--upload-repo", help="hub repo (org/name) to upload the result to")
@@ -199,7 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written (the analysis cache is kept)", file=sys.stderr)
+        print(
+            "error: interrupted; no output was written (the analysis cache is kept)",
+            file=sys.stderr,
+        )
         return 2
     print_plan(result.plan)
     if result.path is not None:

@@ -120,7 +120,9 @@ def _lp_bound(table: tuple[int, float, list[int], list[float], list[float]], cap
     return base_dist - saved
 
 
-def solve(costs: Sequence[Sequence[int]], dists: Sequence[Sequence[float]], capacity: int) -> Solution:
+def solve(
+    costs: Sequence[Sequence[int]], dists: Sequence[Sequence[float]], capacity: int
+) -> Solution:
     """Choose one option per item minimizing total distortion with total cost <= capacity."""
     items: list[_Item] = []
     for c, d in zip(costs, dists, strict=True):

@@ -54,7 +54,9 @@ def passthrough_dtype(source_dtype: mx.Dtype, out_dtype: mx.Dtype) -> mx.Dtype:
     return out_dtype if mx.issubdtype(source_dtype, mx.floating) else source_dtype
 
 
-def passthrough_slot(key: str, shape: Sequence[int], source_dtype: mx.Dtype, out_dtype: mx.Dtype) -> TensorSlot:
+def passthrough_slot(
+    key: str, shape: Sequence[int], source_dtype: mx.Dtype, out_dtype: mx.Dtype
+) -> TensorSlot:
     return TensorSlot(key, TAG_OF[passthrough_dtype(source_dtype, out_dtype)], tuple(shape))
 
 

@@ -22,8 +22,8 @@ def quantize_weight(weight: mx.array, fmt: Format, dtype: mx.Dtype) -> dict[str,
     if fmt.mode == "affine":
         wq, scales, biases = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode="affine")
         return {"weight": wq, "scales": scales, "biases": biases}
-    wq, scales = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
-    return {"weight": wq, "scales": scales}
+    packed = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
+    return {"weight": packed[0], "scales": packed[1]}
 
 
 def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:

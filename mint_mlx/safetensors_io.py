@@ -169,7 +169,11 @@ def plan_shards(
     n = len(groups)
     shards = []
     for i, group in enumerate(groups):
-        fname = f"{basename}.safetensors" if n == 1 else f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors"
+        fname = (
+            f"{basename}.safetensors"
+            if n == 1
+            else f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors"
+        )
         shard = ShardLayout(fname, group)
         shard.finalize()
         shards.append(shard)
@@ -182,7 +186,8 @@ def array_bytes(array: mx.array) -> memoryview:
     if array.dtype == mx.bfloat16:
         array = array.view(mx.uint16)
     mx.eval(array)
-    return memoryview(np.asarray(array)).cast("B")
+    data: np.ndarray = np.asarray(array)
+    return memoryview(data).cast("B")  # type: ignore[arg-type]
 
 
 class ShardWriter:

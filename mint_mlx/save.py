@@ -57,13 +57,17 @@ def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]
     return config
 
 
-def layout_for(source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int) -> list[ShardLayout]:
+def layout_for(
+    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int
+) -> list[ShardLayout]:
     return output_layout(
         list(source.shapes), source.shapes, source.dtypes, plan.formats, dtype, max_shard_bytes
     )
 
 
-def _arrays(source: Source, plan_formats: dict[str, Format], dtype: mx.Dtype) -> Iterator[tuple[str, mx.array]]:
+def _arrays(
+    source: Source, plan_formats: dict[str, Format], dtype: mx.Dtype
+) -> Iterator[tuple[str, mx.array]]:
     """(name, array) in file order, one source tensor materialized at a time."""
     for key in list(source.shapes):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
@@ -93,7 +97,13 @@ def write_weights(
     writer = ShardWriter(directory, next(shards))
     total = sum(len(s.slots) for s in layout)
     try:
-        for name, array in tqdm(_arrays(source, formats, dtype), total=total, desc="save", unit="array", disable=not progress):
+        for name, array in tqdm(
+            _arrays(source, formats, dtype),
+            total=total,
+            desc="save",
+            unit="array",
+            disable=not progress,
+        ):
             while writer.done:
                 writer.close()
                 writer = ShardWriter(directory, next(shards))
@@ -129,7 +139,9 @@ def verify_saved(directory: Path, plan: Plan) -> None:
     try:
         model, config = load_model(directory, lazy=True, strict=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the output is unusable
-        raise SaveCheckError(f"the saved model does not load in mlx-lm ({type(e).__name__}: {e})") from e
+        raise SaveCheckError(
+            f"the saved model does not load in mlx-lm ({type(e).__name__}: {e})"
+        ) from e
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     quantized_types = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
     for path, fmt in plan.formats.items():
@@ -140,7 +152,11 @@ def verify_saved(directory: Path, plan: Plan) -> None:
             if not isinstance(module, quantized_types):
                 raise SaveCheckError(f"{path} was planned as {fmt.name} but loads unquantized")
             got = format_from_entry(
-                {"bits": module.bits, "group_size": module.group_size, "mode": getattr(module, "mode", "affine")}
+                {
+                    "bits": module.bits,
+                    "group_size": module.group_size,
+                    "mode": getattr(module, "mode", "affine"),
+                }
             )
             if got != fmt:
                 raise SaveCheckError(f"{path} was planned as {fmt.name} but loads as {got.name}")
@@ -157,7 +173,9 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """
     out = out.resolve()
     if out.exists() and not force:
-        raise OutputExistsError(f"output directory {out} already exists; pass --force to replace it")
+        raise OutputExistsError(
+            f"output directory {out} already exists; pass --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mint-tmp-", dir=out.parent))
     try:
@@ -196,5 +214,7 @@ def save_model_dir(
     verify_saved(directory, plan)
 
 
-def exact_total_bytes(source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
+def exact_total_bytes(
+    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> int:
     return total_file_bytes(layout_for(source, plan, dtype, max_shard_bytes))

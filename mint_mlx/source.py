@@ -39,7 +39,15 @@ TOKENIZER_PATTERNS = (
     "generation_config.json",
     "preprocessor_config.json",
 )
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+HUB_ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.py",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+]
 
 
 @dataclass(frozen=True)
@@ -299,7 +307,10 @@ def open_source(hf_path: str | Path) -> Source:
 
     predicate = _predicate(model)
     quantizable: list[TensorInfo] = []
-    for mpath, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+    leaves: list[tuple[str, nn.Module]] = tree_flatten(  # type: ignore[assignment]
+        model.leaf_modules(), is_leaf=nn.Module.is_module
+    )
+    for mpath, module in leaves:
         if not hasattr(module, "to_quantized") or f"{mpath}.weight" not in weights:
             continue
         decision = predicate(mpath, module)

@@ -128,7 +128,9 @@ def build_model_dir(out: Path, config: dict[str, Any], seed: int = 0, shards: in
     weight_map = {}
     for i in range(shards):
         part = names[i * per_shard : (i + 1) * per_shard]
-        fname = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        fname = (
+            "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        )
         mx.save_safetensors(str(out / fname), {k: weights[k] for k in part})
         weight_map.update({k: fname for k in part})
     if shards > 1:
