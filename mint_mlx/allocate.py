@@ -29,7 +29,8 @@ from .layout import candidate_bytes
 from .sizes import format_size
 
 DEFAULT_MIN_SQNR = 9.0
-OBJECTIVES = ("nrmse",)
+OBJECTIVES = ("fisher", "nrmse")
+DEFAULT_OBJECTIVE = "fisher"
 
 
 def role_prior(curve: RDCurve, num_layers: int) -> float:
@@ -47,7 +48,16 @@ def role_prior(curve: RDCurve, num_layers: int) -> float:
 
 
 def weighted_distortion(curve: RDCurve, c: Candidate, num_layers: int, objective: str) -> float:
-    """The quantity the allocator minimizes, summed over tensors."""
+    """The quantity the allocator minimizes, summed over tensors.
+
+    ``fisher``: 1/2 x Fisher-weighted squared error, the second-order prediction of the mean
+    per-token KL divergence this tensor's error adds (see :mod:`mint_mlx.calibrate`).
+    ``nrmse``: role prior x relative squared error, weight-space only (the paper's kind).
+    """
+    if objective == "fisher":
+        if c.wsse is None:
+            raise ValueError(f"{curve.path}: the fisher objective needs a calibrated analysis")
+        return 0.5 * c.wsse
     if objective == "nrmse":
         return role_prior(curve, num_layers) * curve.nrmse(c) ** 2
     raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -165,7 +175,7 @@ def allocate(
     total_parameters: int,
     dtype: mx.Dtype,
     min_sqnr: float = DEFAULT_MIN_SQNR,
-    objective: str = "nrmse",
+    objective: str = DEFAULT_OBJECTIVE,
     num_layers: int | None = None,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
 ) -> Plan:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .allocate import DEFAULT_MIN_SQNR, OBJECTIVES, Plan, allocate
+from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan, allocate
 from .analyze import analyze
 from .errors import BudgetError, MintError, OutputExistsError
 from .formats import native_formats
@@ -64,17 +64,31 @@ def make_plan(
     budget: int,
     dtype: mx.Dtype,
     min_sqnr: float = DEFAULT_MIN_SQNR,
-    objective: str = "nrmse",
+    objective: str = DEFAULT_OBJECTIVE,
     analysis: Path | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
+    calibration: str | None = None,
 ) -> tuple[Plan, Path | None]:
-    """Analyse (or reuse the cache) and allocate; the returned plan knows its exact file size."""
+    """Analyse (or reuse the cache) and allocate; the returned plan knows its exact file size.
+
+    The ``fisher`` objective first estimates output sensitivities (cached): from text the
+    model samples itself, or from the ``calibration`` text file.
+    """
     from .analyze import default_cache_path
 
     formats = native_formats()
-    cache = analysis or default_cache_path(source, formats, dtype)
-    curves = analyze(source, formats, dtype, cache, progress=progress)
+    columns, calib_key = None, ""
+    if objective == "fisher":
+        from .calibrate import CalibrationConfig, calibrate
+
+        config = CalibrationConfig(text_file=calibration)
+        calib_key = config.key(source)
+        columns = calibrate(source, config, progress=progress)
+    cache = analysis or default_cache_path(source, formats, dtype, calib_key)
+    curves = analyze(
+        source, formats, dtype, cache, progress=progress, columns=columns, calibration=calib_key
+    )
     quantizable = {t.key for t in source.quantizable}
     passthrough = {
         k: (source.shapes[k], source.dtypes[k]) for k in source.shapes if k not in quantizable
@@ -112,7 +126,8 @@ def convert(
     analysis: str | Path | None = None,
     force: bool = False,
     upload_repo: str | None = None,
-    objective: str = "nrmse",
+    objective: str = DEFAULT_OBJECTIVE,
+    calibration: str | Path | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     command: str | None = None,
@@ -128,12 +143,22 @@ def convert(
         raise OutputExistsError(
             f"output directory {out} already exists; pass --force to replace it"
         )
+    if calibration is not None and not Path(calibration).is_file():
+        raise MintError(f"calibration file {calibration} does not exist; pass a text file")
     source = open_source(hf_path)
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)
     cache = Path(analysis).expanduser() if analysis else None
     plan, cache = make_plan(
-        source, nbytes, out_dtype, min_sqnr, objective, cache, max_shard_bytes, progress
+        source,
+        nbytes,
+        out_dtype,
+        min_sqnr,
+        objective,
+        cache,
+        max_shard_bytes,
+        progress,
+        None if calibration is None else str(calibration),
     )
     if dry_run:
         return ConvertResult(plan, None, cache)
@@ -172,7 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-sqnr", type=float, default=DEFAULT_MIN_SQNR, help="SQNR veto in dB (default 9)"
     )
-    p.add_argument("--objective", choices=OBJECTIVES, default="nrmse", help="distortion objective")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=DEFAULT_OBJECTIVE,
+        help="fisher: output-sensitivity weighted (default); nrmse: weight error with role priors",
+    )
+    p.add_argument(
+        "--calibration",
+        help="text file for the sensitivity estimate (default: text the model samples itself)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan, write only the analysis cache"
     )
@@ -207,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             force=args.force,
             upload_repo=args.upload_repo,
             objective=args.objective,
+            calibration=args.calibration,
             progress=not args.quiet,
             command=command,
         )

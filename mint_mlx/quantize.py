@@ -54,8 +54,13 @@ def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     )
 
 
-def squared_error(weight: mx.array, fmt: Format, dtype: mx.Dtype) -> mx.array:
-    """Sum of squared differences between ``weight`` (as float32) and its stored version."""
+def squared_error(
+    weight: mx.array, fmt: Format, dtype: mx.Dtype, column_weights: mx.array | None = None
+) -> tuple[mx.array, mx.array | None]:
+    """Sum of squared differences between ``weight`` (as float32) and its stored version, and
+    the same sum with each input column weighted by ``column_weights`` (if given)."""
     restored = dequantize_weight(quantize_weight(weight, fmt, dtype), fmt)
     diff = restored - weight.astype(mx.float32)
-    return (diff * diff).sum()
+    d2 = diff * diff
+    weighted = None if column_weights is None else (d2 * column_weights).sum()
+    return d2.sum(), weighted
