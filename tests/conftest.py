@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import mint_mlx  # noqa: E402, F401  (first: it loads OpenBLAS before mlx.core; see mint_mlx.blas)
+
 from tiny_models import LLAMA_CONFIG, QWEN3_MOE_CONFIG, build_model_dir  # noqa: E402
 
 

@@ -1,0 +1,412 @@
+"""Fast tests of mint_mlx.evaluate on tiny random llama models with a real (trained) BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+
+# isort: split
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import llama, mixtral
+from mlx_lm.utils import quantize_model, save_config, save_model
+
+SENTENCES = [
+    "The cat sat on the mat and looked at the dog.",
+    "A quick brown fox jumps over the lazy dog near the river bank.",
+    "In 1905 the physicist published four papers that changed science.",
+    "Rivers flow to the sea, and the sea returns water to the clouds.",
+    "She read the old book by candle light until the morning came.",
+    "Numbers such as 42, 1024 and 3.14 appear in many texts.",
+]
+TEXT = " ".join(SENTENCES * 12)
+SEQ = 32
+
+LLAMA_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+
+MIXED = {
+    # path -> per-layer quantization; anything else gets the 4-bit g32 affine default
+    "model.embed_tokens": {"group_size": 32, "bits": 6, "mode": "affine"},
+    "model.layers.0.self_attn.q_proj": {"group_size": 16, "bits": 4, "mode": "nvfp4"},
+    "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 4, "mode": "mxfp4"},
+    "model.layers.1.mlp.up_proj": {"group_size": 32, "bits": 8, "mode": "mxfp8"},
+    "model.layers.1.self_attn.v_proj": {"group_size": 64, "bits": 3, "mode": "affine"},
+}
+
+
+def _write_tokenizer(out: Path) -> int:
+    """Train a small byte-level BPE on the sentences; write HF tokenizer files; return vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SENTENCES, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "<|endoftext|>",
+                "add_bos_token": False,
+            }
+        )
+    )
+    return tok.get_vocab_size()
+
+
+def _save(out: Path, model: nn.Module, config: dict, tok_dir: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model)
+    save_config(config, config_path=out / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tok_dir / name).read_bytes())
+    return out
+
+
+def _tiny_llama(vocab: int, seed: int = 0) -> tuple[nn.Module, dict]:
+    mx.random.seed(seed)
+    config = dict(LLAMA_CONFIG, vocab_size=vocab)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    # Larger than default init so that logits are far from uniform and KL is informative.
+    model.update(tree_map(lambda a: a * 4.0 if a.ndim == 2 else a, model.parameters()))
+    model.set_dtype(mx.bfloat16)  # like real checkpoints: bf16 weights give bf16 scales
+    mx.eval(model.parameters())
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    tok_dir = root / "tok"
+    vocab = _write_tokenizer(tok_dir)
+    paths: dict[str, Path] = {}
+
+    model, config = _tiny_llama(vocab)
+    paths["ref"] = _save(root / "ref", model, config, tok_dir)
+    weights = dict(tree_flatten(model.parameters()))
+
+    for eps in (0.01, 0.03, 0.1):
+        noisy, _ = _tiny_llama(vocab)
+        mx.random.seed(123)
+        noisy.load_weights(
+            [
+                (k, (v.astype(mx.float32) + eps * mx.random.normal(v.shape)).astype(v.dtype))
+                for k, v in weights.items()
+            ]
+        )
+        paths[f"noisy{eps}"] = _save(root / f"noisy{eps}", noisy, config, tok_dir)
+
+    q4, _ = _tiny_llama(vocab)
+    q4, q4_config = quantize_model(q4, config, group_size=32, bits=4)
+    paths["q4g32"] = _save(root / "q4g32", q4, q4_config, tok_dir)
+
+    mixed, _ = _tiny_llama(vocab)
+    mixed, mixed_config = quantize_model(
+        mixed, config, group_size=32, bits=4, quant_predicate=lambda p, m: MIXED.get(p, True)
+    )
+    paths["mixed"] = _save(root / "mixed", mixed, mixed_config, tok_dir)
+    paths["tok"] = tok_dir
+    return paths
+
+
+def _native_fp32_logits(path: Path, batch: mx.array) -> mx.array:
+    """The real quantized layers, with float32 activations (never bf16 on a CPU)."""
+    model, _ = ev.load_for_eval(path, backend="native")
+    ev.cast_to_float32(model)
+    return model(batch).astype(mx.float32)
+
+
+def _windows(path: Path, seq_len: int = SEQ) -> mx.array:
+    _, tok = ev.load_for_eval(path, backend="dequant-fp32")
+    return ev.make_windows(tok, TEXT, seq_len)
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+def test_resolve_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ev.resolve_backend("native") == "native"
+    assert ev.resolve_backend("dequant-fp32") == "dequant-fp32"
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    assert ev.resolve_backend("auto") == "dequant-fp32"
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert ev.resolve_backend("auto") == "native"
+    with pytest.raises(ev.EvaluateError):
+        ev.resolve_backend("gpu")
+
+
+def _python(code: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenBLAS preload is a Linux matter")
+def test_openblas_loaded_before_mlx_and_too_late_after() -> None:
+    from mint_mlx.blas import find_openblas
+
+    if find_openblas() is None:
+        pytest.skip("no OpenBLAS installed (apt install libopenblas0-pthread)")
+    maps = "open('/proc/self/maps').read().count('openblas') > 0"
+    # A fresh process: importing evaluate loads OpenBLAS ahead of mlx.core.
+    code = f"import mint_mlx.evaluate, mint_mlx.blas as b; print(b.openblas_active(), {maps})"
+    assert _python(code) == "True True"
+    # mlx.core imported first: too late, and use_openblas says so instead of pretending.
+    code = f"import mlx.core, mint_mlx.blas as b; print(b.use_openblas(), {maps})"
+    assert _python(code) == "False False"
+
+
+@pytest.mark.parametrize("name", ["q4g32", "mixed"])
+def test_backends_give_same_logits(tiny: dict[str, Path], name: str) -> None:
+    batch = _windows(tiny["ref"])[:2]
+    native = _native_fp32_logits(tiny[name], batch)
+    model, _ = ev.load_for_eval(tiny[name], backend="dequant-fp32")
+    deq = model(batch)
+    assert deq.dtype == mx.float32
+    scale = mx.abs(native).max().item()
+    err = mx.abs(native - deq).max().item()
+    assert err <= 1e-3 * scale, (err, scale)
+
+
+def test_dequant_backend_is_all_float32_and_unquantized(tiny: dict[str, Path]) -> None:
+    model, _ = ev.load_for_eval(tiny["mixed"], backend="dequant-fp32")
+    for _, module in model.named_modules():
+        assert not isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding)
+    for _, arr in tree_flatten(model.parameters()):
+        assert arr.dtype == mx.float32
+
+
+def test_dequant_uses_float32_scales(tiny: dict[str, Path]) -> None:
+    """The dequantized weight equals mx.dequantize with scales/biases cast to float32 first."""
+    from mlx_lm.utils import load_model
+
+    qmodel, config = load_model(tiny["q4g32"])
+    assert qmodel.model.layers[0].mlp.gate_proj.scales.dtype == mx.bfloat16
+    q = qmodel.model.layers[0].mlp.gate_proj
+    expect = mx.dequantize(
+        q.weight,
+        q.scales.astype(mx.float32),
+        q.biases.astype(mx.float32),
+        32,
+        4,
+        dtype=mx.float32,
+    )
+    model, _ = ev.load_for_eval(tiny["q4g32"], backend="dequant-fp32")
+    assert mx.array_equal(model.model.layers[0].mlp.gate_proj.weight, expect).item()
+
+
+def test_mixed_config_layers_really_differ(tiny: dict[str, Path]) -> None:
+    """The mixed model really carries per-layer modes (else the logits test proves less)."""
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(tiny["mixed"])
+    modes = {
+        (m.mode, m.bits, m.group_size)
+        for _, m in model.named_modules()
+        if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)
+    }
+    assert {
+        ("nvfp4", 4, 16),
+        ("mxfp4", 4, 32),
+        ("mxfp8", 8, 32),
+        ("affine", 3, 64),
+        ("affine", 6, 32),
+        ("affine", 4, 32),
+    } <= modes
+
+
+@pytest.mark.parametrize("recipe", ["affine+mxfp4", "nvfp4-global-scale"])
+def test_moe_switch_layers_dequantize(tmp_path: Path, tiny: dict[str, Path], recipe: str) -> None:
+    """QuantizedSwitchLinear (stacked experts) -> float32 SwitchLinear, same logits; including
+    nvfp4 with one tensor scale per expert."""
+    vocab = json.loads((tiny["tok"] / "tokenizer.json").read_text())["model"]["vocab"]
+    config = {
+        "model_type": "mixtral",
+        "vocab_size": len(vocab) + 2,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    }
+    mx.random.seed(1)
+    model = mixtral.Model(mixtral.ModelArgs.from_dict(config))
+    if recipe == "nvfp4-global-scale":
+        original = model.model.layers[0].block_sparse_moe.switch_mlp.up_proj.weight
+        model, qconfig = quantize_model(model, config, 16, 4, mode="nvfp4", global_scale=True)
+        gs = model.model.layers[0].block_sparse_moe.switch_mlp.up_proj.global_scale
+        assert gs is not None and gs.shape == (4,)
+        path = _save(tmp_path / "moe", model, qconfig, tiny["tok"])
+        # CPU gather_qmm has no global scale, so compare with the unquantized weights instead:
+        # a dropped or misapplied per-expert scale would be off by orders of magnitude.
+        deq_model, _ = ev.load_for_eval(path, backend="dequant-fp32")
+        w = deq_model.model.layers[0].block_sparse_moe.switch_mlp.up_proj.weight
+        rel = (mx.linalg.norm(w - original) / mx.linalg.norm(original)).item()
+        assert w.dtype == mx.float32 and rel < 0.2, rel
+        return
+    else:
+        model, qconfig = quantize_model(
+            model,
+            config,
+            group_size=32,
+            bits=4,
+            quant_predicate=lambda p, m: (
+                {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+                if p.endswith("switch_mlp.down_proj")
+                else True
+            ),
+        )
+    path = _save(tmp_path / "moe", model, qconfig, tiny["tok"])
+    batch = _windows(tiny["ref"])[:1, :8]
+    native = _native_fp32_logits(path, batch)
+    deq_model, _ = ev.load_for_eval(path, backend="dequant-fp32")
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    layer = deq_model.model.layers[0].block_sparse_moe.switch_mlp.down_proj
+    assert isinstance(layer, SwitchLinear) and not isinstance(layer, QuantizedSwitchLinear)
+    deq = deq_model(batch)
+    assert mx.abs(native - deq).max().item() <= 1e-3 * mx.abs(native).max().item()
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def test_kld_against_itself_is_zero(tiny: dict[str, Path]) -> None:
+    r = ev.evaluate(tiny["ref"], tiny["ref"], TEXT, seq_len=SEQ, batch_size=2)
+    assert r.n_windows >= 3 and r.n_tokens == r.n_windows * (SEQ - 1)
+    assert r.kld_mean == 0.0 and r.kld_p99 == 0.0
+    assert r.top1_agreement == 1.0
+    assert r.ppl == r.ppl_reference
+    assert r.backend == "dequant-fp32"
+
+
+def test_kld_grows_with_perturbation(tiny: dict[str, Path]) -> None:
+    klds = []
+    for eps in (0.01, 0.03, 0.1):
+        r = ev.evaluate(tiny[f"noisy{eps}"], tiny["ref"], TEXT, seq_len=SEQ)
+        assert r.kld_mean is not None and r.kld_mean > 0
+        assert r.kld_median is not None and r.kld_p99 is not None
+        assert r.kld_median <= r.kld_p99
+        klds.append(r.kld_mean)
+    assert klds[0] < klds[1] < klds[2], klds
+
+
+def test_quantized_kld_positive(tiny: dict[str, Path]) -> None:
+    r = ev.evaluate(tiny["q4g32"], tiny["ref"], Path(_text_file(tiny)), seq_len=SEQ, tokens=100)
+    assert r.n_windows == 100 // SEQ
+    assert r.kld_mean is not None and r.kld_mean > 0
+    assert r.top1_agreement is not None and 0 < r.top1_agreement <= 1
+
+
+def _text_file(tiny: dict[str, Path]) -> Path:
+    p = tiny["tok"] / "text.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+def test_perplexity_matches_mlx_lm_eval_ppl(tiny: dict[str, Path]) -> None:
+    from mlx_lm.perplexity import eval_ppl
+
+    windows = _windows(tiny["q4g32"])
+    model, _ = ev.load_for_eval(tiny["q4g32"], backend="dequant-fp32")
+    expect, _ = eval_ppl(model, windows, batch_size=3)
+    ours = ev.perplexity(tiny["q4g32"], np.array(windows), backend="dequant-fp32", batch_size=2)
+    assert math.isclose(ours, expect, rel_tol=1e-3), (ours, expect)
+    # the text path builds the same windows
+    assert math.isclose(ev.perplexity(tiny["q4g32"], TEXT, seq_len=SEQ), ours, rel_tol=1e-6)
+
+
+def test_windows_bos_and_token_limit() -> None:
+    w = ev.windows_from_tokens(list(range(100)), 10)
+    assert w.shape == (10, 10) and w[1, 0].item() == 10
+    w = ev.windows_from_tokens(list(range(100)), 10, tokens=35)
+    assert w.shape == (3, 10)
+    w = ev.windows_from_tokens(list(range(100)), 10, bos_id=7)
+    assert w.shape == (11, 10) and (np.array(w[:, 0]) == 7).all() and w[1, 1].item() == 9
+    with pytest.raises(ev.EvaluateError):
+        ev.windows_from_tokens([1, 2, 3], 10)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
+    from mint_mlx.errors import MintError
+
+    with pytest.raises(MintError, match="config.json"):
+        ev.evaluate(tmp_path / "nope", None, TEXT)
+
+
+def test_cli_json_and_ppl_only(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    text = _text_file(tiny)
+    assert (
+        ev.main(
+            [
+                "--model",
+                str(tiny["q4g32"]),
+                "--reference",
+                str(tiny["ref"]),
+                "--text",
+                str(text),
+                "--seq-len",
+                str(SEQ),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["kld_mean"] > 0 and out["n_tokens"] > 0 and out["backend"] == "dequant-fp32"
+    assert ev.main(["--model", str(tiny["ref"]), "--text", str(text), "--seq-len", str(SEQ)]) == 0
+    printed = capsys.readouterr().out
+    assert "ppl" in printed and "KLD" not in printed
+    assert ev.main(["--model", str(tiny["ref"]) + "-missing", "--text", str(text)]) == 2
+
+
+def test_unknown_quantized_layers_are_refused_not_guessed() -> None:
+    class Odd(nn.QuantizedLinear):
+        pass
+
+    model = nn.Sequential(Odd(32, 8, group_size=32, bits=4))
+    with pytest.raises(ev.EvaluateError, match="dequantized_weight"):
+        ev.dequantize_to_float32(model)
+
+    class WithHook(Odd):
+        def dequantized_weight(self) -> mx.array:
+            return mx.dequantize(self.weight, self.scales, self.biases, 32, 4)
+
+    layer = WithHook(32, 8, group_size=32, bits=4)
+    model = nn.Sequential(layer)
+    x = mx.random.normal((2, 32))
+    expect = layer(x)
+    ev.dequantize_to_float32(model)
+    assert isinstance(model.layers[0], nn.Linear)
+    assert mx.allclose(model(x), expect, atol=1e-5).item()
