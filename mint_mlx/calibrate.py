@@ -95,7 +95,9 @@ def sample_sequences(model: nn.Module, start: int, n: int, length: int, seed: in
 def text_sequences(tokenizer: Any, path: Path, n: int, length: int) -> mx.array:
     ids = tokenizer.encode(path.read_text())
     if len(ids) < length + 1:
-        raise SourceError(f"calibration text {path} has {len(ids)} tokens; need at least {length + 1}")
+        raise SourceError(
+            f"calibration text {path} has {len(ids)} tokens; need at least {length + 1}"
+        )
     n = min(n, len(ids) // length)
     return mx.array([ids[i * length : (i + 1) * length] for i in range(n)], dtype=mx.int32)
 
@@ -153,7 +155,9 @@ def calibrate(
     if config.text_file:
         seqs = text_sequences(tokenizer, Path(config.text_file), config.sequences, config.seq_len)
     else:
-        seqs = sample_sequences(model, _start_token(tokenizer), config.sequences, config.seq_len, config.seed)
+        seqs = sample_sequences(
+            model, _start_token(tokenizer), config.sequences, config.seq_len, config.seed
+        )
     keys = [t.key for t in source.quantizable]
     weights = column_fisher(model, seqs, keys, progress)
     del model

@@ -47,6 +47,7 @@ def test_calibration_file_is_used(tiny_llama: Path, tmp_path: Path) -> None:
 def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None:
     """The fisher objective's total is a second-order KLD prediction: check it on real output."""
     from mint_mlx.evaluate import evaluate
+
     from tiny_models import CORPUS
 
     text = tmp_path / "eval.txt"
@@ -56,12 +57,17 @@ def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None
         plan = convert(tiny_llama, out, bpw=bpw).plan
         measured = evaluate(out, tiny_llama, text, seq_len=64).kld_mean
         assert measured is not None and measured > 0
-        assert plan.distortion / 3 < measured < plan.distortion * 3, (bpw, plan.distortion, measured)
+        assert plan.distortion / 3 < measured < plan.distortion * 3, (
+            bpw,
+            plan.distortion,
+            measured,
+        )
 
 
 def test_fisher_beats_weight_error_objective(deep_llama: Path, tmp_path: Path) -> None:
     """At the same bytes the output-aware allocation must not be worse than the nrmse one."""
     from mint_mlx.evaluate import evaluate
+
     from tiny_models import CORPUS
 
     text = tmp_path / "eval.txt"

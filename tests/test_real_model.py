@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from test_convert import stock_load
 
 pytestmark = pytest.mark.slow
