@@ -18,7 +18,7 @@ import mlx.core as mx
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan, allocate
 from .analyze import analyze
 from .errors import BudgetError, MintError, OutputExistsError
-from .formats import native_formats
+from .formats import formats_for
 from .layout import MAX_SHARD_BYTES, fixed_bytes, largest_tensor_bytes
 from .report import distribution_table, model_card, summary_lines
 from .save import exact_total_bytes, save_model_dir, staging_dir
@@ -77,7 +77,7 @@ def make_plan(
     """
     from .analyze import default_cache_path
 
-    formats = native_formats()
+    formats = formats_for(objective)
     columns, calib_key = None, ""
     if objective == "fisher":
         from .calibrate import CalibrationConfig, calibrate

@@ -111,6 +111,18 @@ def native_formats() -> list[Format]:
     return formats
 
 
+def paper_formats() -> list[Format]:
+    """The eight configurations of the published MINT method: (2,32) (3,64) (4,32) (4,64) (4,128)
+    (8,64) (8,128) affine, and 16-bit."""
+    pairs = [(2, 32), (3, 64), (4, 32), (4, 64), (4, 128), (8, 64), (8, 128)]
+    return [Format("affine", b, g) for b, g in pairs] + [Format(PASSTHROUGH, 16, 0)]
+
+
+def formats_for(objective: str) -> list[Format]:
+    """The candidate set an objective allocates over."""
+    return paper_formats() if objective == "paper" else native_formats()
+
+
 def format_from_entry(entry: dict[str, int | str] | bool) -> Format:
     """Inverse of :meth:`Format.quantization_entry` (``mode`` defaults to affine, as in MLX)."""
     if entry is False:

@@ -348,3 +348,15 @@ def test_upload_calls_hub(
     assert calls[0][1]["repo_id"] == "me/tiny-mint" and calls[0][1]["exist_ok"]
     assert calls[1][1]["folder_path"] == str(tmp_path / "o")
     assert result.url == "https://huggingface.co/me/tiny-mint"
+
+
+def test_paper_mode_uses_only_the_papers_configurations(deep_llama: Path, tmp_path: Path) -> None:
+    from mint_mlx.formats import paper_formats
+
+    allowed = {f.name for f in paper_formats()}
+    plan = convert(deep_llama, tmp_path / "o", bpw=4.25, objective="paper", dry_run=True).plan
+    assert {a.format for a in plan.assignments} <= allowed
+    assert plan.total_bytes <= plan.budget
+    # the output head is protected by its prior: not at the lowest configuration
+    head = next(a for a in plan.assignments if a.path == "model.embed_tokens")
+    assert head.format != "affine-2-g32"
