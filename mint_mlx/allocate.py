@@ -100,7 +100,8 @@ class Plan:
     total_parameters: int
     exact: bool
     notes: list[str] = field(default_factory=list)
-    total_bytes: int = 0  # exact size of all .safetensors files, filled in from the layout
+    total_bytes: int = 0
+    scales: str = "rtn"  # how affine scales were chosen: "rtn" (MLX's rule) or "optimized"  # exact size of all .safetensors files, filled in from the layout
 
     @property
     def formats(self) -> dict[str, Format]:

@@ -116,6 +116,7 @@ def measure(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: mx.array | None = None,
+    scales: str = "rtn",
 ) -> tuple[float, list[float], list[float] | None, bool]:
     """Energy of ``weight``, each format's squared error (plain and column-weighted), and
     whether the tensor is finite."""
@@ -132,7 +133,7 @@ def measure(
         for i, f in enumerate(formats):
             # one format at a time: evaluating all at once would keep every candidate's
             # dequantized chunk alive together (measured 2.7 GB peak on a 135M model)
-            plain, weighted = squared_error(chunk, f, dtype, cols)
+            plain, weighted = squared_error(chunk, f, dtype, cols, scales)
             mx.eval(plain, weighted) if weighted is not None else mx.eval(plain)
             sse[i] += float(plain.item())  # type: ignore[arg-type]
             if wsse is not None and weighted is not None:
@@ -146,13 +147,14 @@ def analyze_tensor(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: mx.array | None = None,
+    scales: str = "rtn",
 ) -> RDCurve:
     """The RD curve of one tensor over the formats that can store it."""
     dtype_bytes = dtype.size
     options = (
         [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
     )
-    energy, sse, wsse, finite = measure(weight, options, dtype, columns)
+    energy, sse, wsse, finite = measure(weight, options, dtype, columns, scales)
     note = ""
     if not finite:
         # NaN/Inf weights cannot be quantized meaningfully: keep them in 16 bits and say so.
@@ -177,13 +179,18 @@ def analyze_tensor(
 
 
 def cache_key(
-    source: Source, formats: Sequence[Format], dtype: mx.Dtype, calibration: str = ""
+    source: Source,
+    formats: Sequence[Format],
+    dtype: mx.Dtype,
+    calibration: str = "",
+    scales: str = "rtn",
 ) -> str:
     """What an analysis depends on: source identity, candidates, output dtype, calibration
-    (the key of the Fisher weights, empty without) and version."""
+    (the key of the Fisher weights, empty without), scale method and version."""
     h = hashlib.sha256()
     h.update(source.fingerprint().encode())
     h.update(calibration.encode())
+    h.update(scales.encode())
     h.update(",".join(f.name for f in formats).encode())
     h.update(str(dtype).encode())
     h.update(f"v{ANALYSIS_VERSION}".encode())
@@ -191,9 +198,14 @@ def cache_key(
 
 
 def default_cache_path(
-    source: Source, formats: Sequence[Format], dtype: mx.Dtype, calibration: str = ""
+    source: Source,
+    formats: Sequence[Format],
+    dtype: mx.Dtype,
+    calibration: str = "",
+    scales: str = "rtn",
 ) -> Path:
-    return cache_root() / "analysis" / f"{cache_key(source, formats, dtype, calibration)}.jsonl"
+    key = cache_key(source, formats, dtype, calibration, scales)
+    return cache_root() / "analysis" / f"{key}.jsonl"
 
 
 def read_cache(path: Path, key: str) -> dict[str, RDCurve]:
@@ -235,14 +247,15 @@ def analyze(
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
     calibration: str = "",
+    scales: str = "rtn",
 ) -> list[RDCurve]:
     """RD curves for every quantizable tensor of ``source``, reusing and extending the cache.
 
     ``columns`` are per-tensor Fisher column weights (keyed by weight name) and ``calibration``
     their cache key; with them every candidate also gets a weighted error.
     """
-    key = cache_key(source, formats, dtype, calibration)
-    path = cache_path or default_cache_path(source, formats, dtype, calibration)
+    key = cache_key(source, formats, dtype, calibration, scales)
+    path = cache_path or default_cache_path(source, formats, dtype, calibration, scales)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_cache(path, key)
     todo: Iterable[TensorInfo] = [t for t in source.quantizable if t.path not in done]
@@ -256,7 +269,7 @@ def analyze(
             for info in bar:
                 bar.set_postfix_str(info.path[-40:], refresh=False)
                 cols = None if columns is None else columns[info.key].astype(mx.float32)
-                curve = analyze_tensor(info, source.tensor(info.key), formats, dtype, cols)
+                curve = analyze_tensor(info, source.tensor(info.key), formats, dtype, cols, scales)
                 source.release(info.key)
                 f.write(json.dumps(curve.to_json()) + "\n")
                 f.flush()

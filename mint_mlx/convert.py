@@ -20,6 +20,7 @@ from .analyze import analyze
 from .errors import BudgetError, MintError, OutputExistsError
 from .formats import formats_for
 from .layout import MAX_SHARD_BYTES, fixed_bytes, largest_tensor_bytes
+from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
 from .save import exact_total_bytes, save_model_dir, staging_dir
 from .sizes import parse_size
@@ -69,11 +70,13 @@ def make_plan(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     calibration: str | None = None,
-) -> tuple[Plan, Path | None]:
+    scales: str = "optimized",
+) -> tuple[Plan, Path, dict[str, mx.array] | None]:
     """Analyse (or reuse the cache) and allocate; the returned plan knows its exact file size.
 
     The ``fisher`` objective first estimates output sensitivities (cached): from text the
-    model samples itself, or from the ``calibration`` text file.
+    model samples itself, or from the ``calibration`` text file. Returns the plan, the analysis
+    cache path and the sensitivity column weights (needed again to save optimized scales).
     """
     from .analyze import default_cache_path
 
@@ -85,9 +88,16 @@ def make_plan(
         config = CalibrationConfig(text_file=calibration)
         calib_key = config.key(source)
         columns = calibrate(source, config, progress=progress)
-    cache = analysis or default_cache_path(source, formats, dtype, calib_key)
+    cache = analysis or default_cache_path(source, formats, dtype, calib_key, scales)
     curves = analyze(
-        source, formats, dtype, cache, progress=progress, columns=columns, calibration=calib_key
+        source,
+        formats,
+        dtype,
+        cache,
+        progress=progress,
+        columns=columns,
+        calibration=calib_key,
+        scales=scales,
     )
     quantizable = {t.key for t in source.quantizable}
     passthrough = {
@@ -106,13 +116,14 @@ def make_plan(
         objective=objective,
         num_layers=source.num_layers,
     )
+    plan.scales = scales
     plan.total_bytes = exact_total_bytes(source, plan, dtype, max_shard_bytes)
     if plan.total_bytes > budget:  # the accounting is an upper bound; this is a bug if it fires
         raise BudgetError(
             f"internal accounting error: plan takes {plan.total_bytes} bytes over budget {budget}; "
             "please report it"
         )
-    return plan, cache
+    return plan, cache, columns
 
 
 def convert(
@@ -128,6 +139,7 @@ def convert(
     upload_repo: str | None = None,
     objective: str = DEFAULT_OBJECTIVE,
     calibration: str | Path | None = None,
+    scales: str | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     command: str | None = None,
@@ -145,11 +157,15 @@ def convert(
         )
     if calibration is not None and not Path(calibration).is_file():
         raise MintError(f"calibration file {calibration} does not exist; pass a text file")
+    if scales is None:  # the paper's method is round-to-nearest; ours fits scales
+        scales = "rtn" if objective == "paper" else "optimized"
+    if scales not in SCALE_METHODS:
+        raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
     source = open_source(hf_path)
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)
     cache = Path(analysis).expanduser() if analysis else None
-    plan, cache = make_plan(
+    plan, cache, columns = make_plan(
         source,
         nbytes,
         out_dtype,
@@ -159,6 +175,7 @@ def convert(
         max_shard_bytes,
         progress,
         None if calibration is None else str(calibration),
+        scales,
     )
     if dry_run:
         return ConvertResult(plan, None, cache)
@@ -171,7 +188,14 @@ def convert(
     )
     with staging_dir(out, force) as tmp:
         save_model_dir(
-            source, plan, tmp, out_dtype, card, max_shard_bytes=max_shard_bytes, progress=progress
+            source,
+            plan,
+            tmp,
+            out_dtype,
+            card,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            columns=columns,
         )
     url = None
     if upload_repo:
@@ -202,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OBJECTIVES,
         default=DEFAULT_OBJECTIVE,
         help="fisher: output-sensitivity weighted (default); nrmse: weight error with role priors",
+    )
+    p.add_argument(
+        "--scales",
+        choices=SCALE_METHODS,
+        help="affine scales: optimized (fitted, default) or rtn (MLX's rule; default in paper mode)",
     )
     p.add_argument(
         "--calibration",
@@ -242,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             upload_repo=args.upload_repo,
             objective=args.objective,
             calibration=args.calibration,
+            scales=args.scales,
             progress=not args.quiet,
             command=command,
         )

@@ -9,21 +9,35 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import Format
+from .scales import optimized_affine
+
+#: How affine scales and biases are chosen: MLX's rule, or fitted (see mint_mlx.scales).
+SCALE_METHODS = ("optimized", "rtn")
 
 
-def quantize_weight(weight: mx.array, fmt: Format, dtype: mx.Dtype) -> dict[str, mx.array]:
+def quantize_weight(
+    weight: mx.array,
+    fmt: Format,
+    dtype: mx.Dtype,
+    scales: str = "rtn",
+    columns: mx.array | None = None,
+) -> dict[str, mx.array]:
     """The arrays saved for ``weight`` in ``fmt``: suffix (``weight``/``scales``/``biases``) -> array.
 
     ``dtype`` is the 16-bit output dtype; affine scales and biases are stored in it, as mlx-lm does.
+    ``scales="optimized"`` fits affine scales/biases to minimize the error weighted by ``columns``
+    (still plain MLX affine); float modes always use MLX's own scales.
     """
     w = weight.astype(dtype)
     if not fmt.is_quantized:
         return {"weight": w}
+    if fmt.mode == "affine" and scales == "optimized":
+        wq, s, b = optimized_affine(weight, fmt.bits, fmt.group_size, dtype, columns)
+        return {"weight": wq, "scales": s, "biases": b}
+    out = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
     if fmt.mode == "affine":
-        wq, scales, biases = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode="affine")
-        return {"weight": wq, "scales": scales, "biases": biases}
-    packed = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
-    return {"weight": packed[0], "scales": packed[1]}
+        return {"weight": out[0], "scales": out[1], "biases": out[2]}
+    return {"weight": out[0], "scales": out[1]}
 
 
 def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
@@ -55,11 +69,16 @@ def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
 
 
 def squared_error(
-    weight: mx.array, fmt: Format, dtype: mx.Dtype, column_weights: mx.array | None = None
+    weight: mx.array,
+    fmt: Format,
+    dtype: mx.Dtype,
+    column_weights: mx.array | None = None,
+    scales: str = "rtn",
 ) -> tuple[mx.array, mx.array | None]:
     """Sum of squared differences between ``weight`` (as float32) and its stored version, and
     the same sum with each input column weighted by ``column_weights`` (if given)."""
-    restored = dequantize_weight(quantize_weight(weight, fmt, dtype), fmt)
+    stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
+    restored = dequantize_weight(stored, fmt)
     diff = restored - weight.astype(mx.float32)
     d2 = diff * diff
     weighted = None if column_weights is None else (d2 * column_weights).sum()

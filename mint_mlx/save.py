@@ -66,14 +66,24 @@ def layout_for(
 
 
 def _arrays(
-    source: Source, plan_formats: dict[str, Format], dtype: mx.Dtype
+    source: Source,
+    plan_formats: dict[str, Format],
+    dtype: mx.Dtype,
+    scales: str = "rtn",
+    columns: dict[str, mx.array] | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) in file order, one source tensor materialized at a time."""
     for key in list(source.shapes):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         weight = source.tensor(key)
         if module is not None and module in plan_formats:
-            arrays = quantize_weight(weight, plan_formats[module], dtype)
+            arrays = quantize_weight(
+                weight,
+                plan_formats[module],
+                dtype,
+                scales,
+                None if columns is None else columns[key],
+            )
             mx.eval(arrays)
             for suffix, arr in arrays.items():
                 yield f"{module}.{suffix}", arr
@@ -89,8 +99,12 @@ def write_weights(
     dtype: mx.Dtype,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
+    columns: dict[str, mx.array] | None = None,
 ) -> list[ShardLayout]:
-    """Write every shard of the plan into ``directory``; return the layout written."""
+    """Write every shard of the plan into ``directory``; return the layout written.
+
+    ``columns`` are the Fisher column weights the plan's optimized scales were fitted with.
+    """
     layout = layout_for(source, plan, dtype, max_shard_bytes)
     formats = plan.formats
     shards = iter(layout)
@@ -98,7 +112,7 @@ def write_weights(
     total = sum(len(s.slots) for s in layout)
     try:
         for name, array in tqdm(
-            _arrays(source, formats, dtype),
+            _arrays(source, formats, dtype, plan.scales, columns),
             total=total,
             desc="save",
             unit="array",
@@ -201,9 +215,10 @@ def save_model_dir(
     extra_files: Sequence[tuple[str, bytes]] = (),
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
+    columns: dict[str, mx.array] | None = None,
 ) -> None:
     """Everything that goes into the output directory, then the post-save check."""
-    write_weights(source, plan, directory, dtype, max_shard_bytes, progress)
+    write_weights(source, plan, directory, dtype, max_shard_bytes, progress, columns)
     config = output_config(source, plan, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     copy_support_files(source.path, directory)
