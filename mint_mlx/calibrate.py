@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .errors import SourceError
+from .errors import MintError, SourceError
 from .paths import cache_root
+from .sizes import format_size
 from .source import Source
+
+
+class CalibrationMemoryError(MintError):
+    """The model is too large for the in-memory sensitivity pass on this machine."""
+
 
 #: Bump when the estimate changes meaning.
 CALIBRATION_VERSION = 2
@@ -141,16 +148,40 @@ def column_fisher(
     return out
 
 
+def physical_memory() -> int:
+    """Bytes of RAM (unified memory on Apple Silicon); 0 if unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def required_memory(source: Source) -> int:
+    """Rough peak of the calibration pass: float32 weights and gradients, plus activations."""
+    return int(source.total_parameters * 4 * 2.5)
+
+
 def calibrate(
     source: Source, config: CalibrationConfig | None = None, progress: bool = False
 ) -> dict[str, mx.array]:
-    """Column Fisher weights for every quantizable tensor of ``source`` (cached on disk)."""
+    """Column Fisher weights for every quantizable tensor of ``source`` (cached on disk).
+
+    The pass holds the whole model in float32 with its gradients, so a model too large for
+    this machine's memory is refused up front with the alternative, rather than swapping.
+    """
     config = config or CalibrationConfig()
     path = cache_root() / "calibration" / f"{config.key(source)}.safetensors"
     if path.exists():
         loaded = mx.load(str(path))
         assert isinstance(loaded, dict)
         return loaded
+    need, have = required_memory(source), physical_memory()
+    if have and need > 0.8 * have:
+        raise CalibrationMemoryError(
+            f"the fisher objective's sensitivity pass needs about {format_size(need)} of memory "
+            f"and this machine has {format_size(have)}; use --objective nrmse (weight error only) "
+            "or run on a machine with more memory"
+        )
     model, tokenizer = load_float32_model(source)
     if config.text_file:
         seqs = text_sequences(tokenizer, Path(config.text_file), config.sequences, config.seq_len)

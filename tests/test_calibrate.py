@@ -86,3 +86,22 @@ def test_missing_calibration_file(tiny_llama: Path, tmp_path: Path, bad: str) ->
 
     with pytest.raises(MintError, match="calibration file"):
         convert(tiny_llama, tmp_path / "o", bpw=4, calibration=tmp_path / bad)
+
+
+def test_too_large_for_memory_is_refused(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mint_mlx.calibrate as calibrate_module
+    from mint_mlx.convert import main
+
+    monkeypatch.setattr(calibrate_module, "physical_memory", lambda: 1000)
+    code = main(
+        ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4", "--quiet"]
+    )
+    assert code == 2 and not (tmp_path / "o").exists()
+    # the weight-error objective needs no such pass and still works
+    code = main(
+        ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4", "--quiet"]
+        + ["--objective", "nrmse"]
+    )
+    assert code == 0
