@@ -171,6 +171,48 @@ def _allowed(curve: RDCurve, min_sqnr: float) -> list[Candidate]:
     return passing or list(curve.candidates)
 
 
+def _options_and_costs(
+    curves: Sequence[RDCurve],
+    dtype: mx.Dtype,
+    min_sqnr: float,
+    cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int],
+) -> tuple[list[list[Candidate]], list[list[int]]]:
+    """Each tensor's candidates after the veto, and their bytes on disk."""
+    options = [_allowed(c, min_sqnr) for c in curves]
+    costs = [
+        [cost_fn(cv.path, format_by_name(c.format), cv.shape, dtype) for c in opts]
+        for cv, opts in zip(curves, options, strict=True)
+    ]
+    return options, costs
+
+
+def _full_choice(
+    options: Sequence[Sequence[Candidate]], costs: Sequence[Sequence[int]]
+) -> list[int]:
+    """The "16-bit" plan: passthrough where allowed, else the pinned format (e.g. a router)."""
+    return [
+        next(
+            (i for i, c in enumerate(opts) if c.format == "fp16"),
+            max(range(len(cost)), key=cost.__getitem__),
+        )
+        for opts, cost in zip(options, costs, strict=True)
+    ]
+
+
+def feasible_range(
+    curves: Sequence[RDCurve],
+    fixed_bytes: int,
+    dtype: mx.Dtype,
+    min_sqnr: float = DEFAULT_MIN_SQNR,
+    cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
+) -> tuple[int, int]:
+    """(smallest feasible, 16-bit) planned sizes in bytes: the span a budget sweep covers."""
+    options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
+    smallest = fixed_bytes + sum(min(c) for c in costs)
+    full = fixed_bytes + sum(c[i] for c, i in zip(costs, _full_choice(options, costs), strict=True))
+    return smallest, full
+
+
 def allocate(
     curves: Sequence[RDCurve],
     budget: int,
@@ -191,24 +233,13 @@ def allocate(
         raise BudgetError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if num_layers is None:
         num_layers = 1 + max((c.layer for c in curves if c.layer is not None), default=-1)
-    options: list[list[Candidate]] = [_allowed(c, min_sqnr) for c in curves]
-    costs = [
-        [cost_fn(cv.path, format_by_name(c.format), cv.shape, dtype) for c in opts]
-        for cv, opts in zip(curves, options, strict=True)
-    ]
+    options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
     dists = [
         [weighted_distortion(cv, c, num_layers, objective) for c in opts]
         for cv, opts in zip(curves, options, strict=True)
     ]
     notes: list[str] = []
-    # The "16-bit" plan: passthrough where allowed, else the pinned format (e.g. a router).
-    full = [
-        next(
-            (i for i, c in enumerate(opts) if c.format == "fp16"),
-            max(range(len(cost)), key=cost.__getitem__),
-        )
-        for opts, cost in zip(options, costs, strict=True)
-    ]
+    full = _full_choice(options, costs)
     full_size = fixed_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
     capacity = budget - fixed_bytes
     exact = True

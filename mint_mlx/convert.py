@@ -15,14 +15,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan, allocate
-from .analyze import analyze
+from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .errors import BudgetError, MintError, OutputExistsError
-from .formats import formats_for
-from .layout import MAX_SHARD_BYTES, fixed_bytes, largest_tensor_bytes
+from .layout import MAX_SHARD_BYTES
+from .planner import prepare
 from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
-from .save import exact_total_bytes, save_model_dir, staging_dir
+from .save import save_model_dir, staging_dir
 from .sizes import parse_size
 from .source import Source, open_source
 
@@ -58,72 +57,6 @@ def resolve_budget(source: Source, budget: str | int | None, bpw: float | None) 
             raise BudgetError(f"--bpw {bpw} is out of range; use bits per weight between 1 and 32")
         return int(bpw * source.total_parameters / 8)
     return parse_size(budget)  # type: ignore[arg-type]
-
-
-def make_plan(
-    source: Source,
-    budget: int,
-    dtype: mx.Dtype,
-    min_sqnr: float = DEFAULT_MIN_SQNR,
-    objective: str = DEFAULT_OBJECTIVE,
-    analysis: Path | None = None,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
-    progress: bool = False,
-    calibration: str | None = None,
-    scales: str = "optimized",
-) -> tuple[Plan, Path, dict[str, mx.array] | None]:
-    """Analyse (or reuse the cache) and allocate; the returned plan knows its exact file size.
-
-    The ``fisher`` objective first estimates output sensitivities (cached): from text the
-    model samples itself, or from the ``calibration`` text file. Returns the plan, the analysis
-    cache path and the sensitivity column weights (needed again to save optimized scales).
-    """
-    from .analyze import default_cache_path
-
-    formats = formats_for(objective)
-    columns, calib_key = None, ""
-    if objective == "fisher":
-        from .calibrate import CalibrationConfig, calibrate
-
-        config = CalibrationConfig(text_file=calibration)
-        calib_key = config.key(source)
-        columns = calibrate(source, config, progress=progress)
-    cache = analysis or default_cache_path(source, formats, dtype, calib_key, scales)
-    curves = analyze(
-        source,
-        formats,
-        dtype,
-        cache,
-        progress=progress,
-        columns=columns,
-        calibration=calib_key,
-        scales=scales,
-    )
-    quantizable = {t.key for t in source.quantizable}
-    passthrough = {
-        k: (source.shapes[k], source.dtypes[k]) for k in source.shapes if k not in quantizable
-    }
-    fixed = fixed_bytes(
-        passthrough, dtype, budget, largest_tensor_bytes(source.shapes), max_shard_bytes
-    )
-    plan = allocate(
-        curves,
-        budget,
-        fixed,
-        source.total_parameters,
-        dtype,
-        min_sqnr=min_sqnr,
-        objective=objective,
-        num_layers=source.num_layers,
-    )
-    plan.scales = scales
-    plan.total_bytes = exact_total_bytes(source, plan, dtype, max_shard_bytes)
-    if plan.total_bytes > budget:  # the accounting is an upper bound; this is a bug if it fires
-        raise BudgetError(
-            f"internal accounting error: plan takes {plan.total_bytes} bytes over budget {budget}; "
-            "please report it"
-        )
-    return plan, cache, columns
 
 
 def convert(
@@ -165,20 +98,20 @@ def convert(
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)
     cache = Path(analysis).expanduser() if analysis else None
-    plan, cache, columns = make_plan(
+    prepared = prepare(
         source,
-        nbytes,
         out_dtype,
-        min_sqnr,
-        objective,
-        cache,
-        max_shard_bytes,
-        progress,
-        None if calibration is None else str(calibration),
-        scales,
+        objective=objective,
+        scales=scales,
+        min_sqnr=min_sqnr,
+        analysis=cache,
+        calibration=None if calibration is None else str(calibration),
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
     )
+    plan = prepared.plan(nbytes)
     if dry_run:
-        return ConvertResult(plan, None, cache)
+        return ConvertResult(plan, None, prepared.cache)
     card = model_card(
         plan,
         base_model=str(hf_path),
@@ -195,14 +128,14 @@ def convert(
             card,
             max_shard_bytes=max_shard_bytes,
             progress=progress,
-            columns=columns,
+            columns=prepared.columns,
         )
     url = None
     if upload_repo:
         from .hub import upload
 
         url = upload(out, upload_repo)
-    return ConvertResult(plan, out, cache, url)
+    return ConvertResult(plan, out, prepared.cache, url)
 
 
 def build_parser() -> argparse.ArgumentParser:

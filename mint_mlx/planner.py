@@ -1,0 +1,115 @@
+"""Analyse once, plan at any budget: the bridge between the analysis and the allocator.
+
+:func:`prepare` does everything that is costly and budget-independent (sensitivity pass,
+RD curves, both cached on disk); :meth:`Prepared.plan` then answers a budget in well under a
+second, which is what makes budget sweeps (``python -m mint_mlx.plan``) and the model card's
+size/quality curve cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, Plan, allocate, feasible_range
+from .analyze import RDCurve, analyze, default_cache_path
+from .errors import BudgetError
+from .formats import formats_for
+from .layout import MAX_SHARD_BYTES, fixed_bytes, largest_tensor_bytes
+from .save import exact_total_bytes
+from .source import Source
+
+
+@dataclass
+class Prepared:
+    """A source with its RD curves (and sensitivity weights), ready to plan at any budget."""
+
+    source: Source
+    dtype: mx.Dtype
+    objective: str
+    scales: str
+    min_sqnr: float
+    curves: list[RDCurve]
+    columns: dict[str, mx.array] | None
+    cache: Path
+    max_shard_bytes: int = MAX_SHARD_BYTES
+
+    def fixed(self, budget: int) -> int:
+        """Bytes outside the allocator's control at this budget (see layout.fixed_bytes)."""
+        quantizable = {t.key for t in self.source.quantizable}
+        shapes = self.source.shapes
+        passthrough = {
+            k: (shapes[k], self.source.dtypes[k]) for k in shapes if k not in quantizable
+        }
+        return fixed_bytes(
+            passthrough, self.dtype, budget, largest_tensor_bytes(shapes), self.max_shard_bytes
+        )
+
+    def size_range(self) -> tuple[int, int]:
+        """(smallest feasible budget, 16-bit size) in bytes."""
+        _, full = feasible_range(self.curves, self.fixed(0), self.dtype, self.min_sqnr)
+        fixed = self.fixed(full)
+        return feasible_range(self.curves, fixed, self.dtype, self.min_sqnr)
+
+    def plan(self, budget: int) -> Plan:
+        """The allocation for ``budget`` bytes, with its exact size on disk filled in."""
+        plan = allocate(
+            self.curves,
+            budget,
+            self.fixed(budget),
+            self.source.total_parameters,
+            self.dtype,
+            min_sqnr=self.min_sqnr,
+            objective=self.objective,
+            num_layers=self.source.num_layers,
+        )
+        plan.scales = self.scales
+        plan.total_bytes = exact_total_bytes(self.source, plan, self.dtype, self.max_shard_bytes)
+        if plan.total_bytes > budget:  # the accounting is an upper bound: a bug if this fires
+            raise BudgetError(
+                f"internal accounting error: plan takes {plan.total_bytes} bytes over budget "
+                f"{budget}; please report it"
+            )
+        return plan
+
+
+def prepare(
+    source: Source,
+    dtype: mx.Dtype,
+    objective: str = DEFAULT_OBJECTIVE,
+    scales: str = "optimized",
+    min_sqnr: float = DEFAULT_MIN_SQNR,
+    analysis: Path | None = None,
+    calibration: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> Prepared:
+    """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
+
+    The ``fisher`` objective first estimates output sensitivities: from text the model samples
+    itself, or from the ``calibration`` text file.
+    """
+    formats = formats_for(objective)
+    columns, calib_key = None, ""
+    if objective == "fisher":
+        from .calibrate import CalibrationConfig, calibrate
+
+        config = CalibrationConfig(text_file=calibration)
+        calib_key = config.key(source)
+        columns = calibrate(source, config, progress=progress)
+    cache = analysis or default_cache_path(source, formats, dtype, calib_key, scales)
+    curves = analyze(
+        source,
+        formats,
+        dtype,
+        cache,
+        progress=progress,
+        columns=columns,
+        calibration=calib_key,
+        scales=scales,
+    )
+    return Prepared(
+        source, dtype, objective, scales, min_sqnr, curves, columns, cache, max_shard_bytes
+    )
