@@ -29,6 +29,11 @@ from .layout import candidate_bytes
 from .sizes import format_size
 
 DEFAULT_MIN_SQNR = 9.0
+
+#: Measured / predicted mean KLD of the fisher objective's second-order prediction, fitted on the
+#: SmolLM2 testbed (benchmarks/RESULTS.md, "Prediction"). The raw prediction overestimates:
+#: second order in the error, and the Fisher sampled from the model's own text.
+PREDICTION_SCALE = 0.6
 OBJECTIVES = ("fisher", "nrmse", "paper")
 DEFAULT_OBJECTIVE = "fisher"
 
@@ -110,6 +115,11 @@ class Plan:
     @property
     def distortion(self) -> float:
         return sum(a.distortion for a in self.assignments)
+
+    @property
+    def predicted_kld(self) -> float | None:
+        """Expected mean per-token KL divergence to the 16-bit model (fisher objective only)."""
+        return PREDICTION_SCALE * self.distortion if self.objective == "fisher" else None
 
     @property
     def bits_per_weight(self) -> float:

@@ -18,7 +18,7 @@ import mlx.core as mx
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .errors import BudgetError, MintError, OutputExistsError
 from .layout import MAX_SHARD_BYTES
-from .planner import prepare
+from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
 from .save import save_model_dir, staging_dir
@@ -26,6 +26,40 @@ from .sizes import parse_size
 from .source import Source, open_source
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+#: Figures written next to the model card: (alt text, file name).
+CARD_IMAGES = (
+    ("size/quality curve, this model marked", "size_quality.png"),
+    ("bits per weight by layer and tensor", "layers.png"),
+)
+
+
+def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> None:
+    """The card's size/quality curve (a budget sweep over the same analysis) and layer heatmap."""
+    from .plan import plan_points, predicted_kld, sweep_budgets
+    from .plots import layer_heatmap, size_quality_curve
+
+    def quality(p: Plan) -> float:
+        kld = predicted_kld(p)
+        return kld if kld is not None else p.distortion
+
+    points = [
+        (p.bits_per_weight, quality(p))
+        for _, p in plan_points(prepared, sweep_budgets(prepared, 10))
+    ]
+    label = (
+        "predicted mean KL divergence (nats)"
+        if plan.objective == "fisher"
+        else f"{plan.objective} distortion"
+    )
+    size_quality_curve(
+        points,
+        directory / CARD_IMAGES[0][1],
+        chosen=(plan.bits_per_weight, quality(plan)),
+        title=f"{name}: size vs quality",
+        ylabel=label,
+    )
+    layer_heatmap(plan, directory / CARD_IMAGES[1][1], title=name)
 
 
 @dataclass
@@ -118,8 +152,10 @@ def convert(
         command=command
         or f"python -m mint_mlx.convert --hf-path {hf_path} --mlx-path {out.name} --budget {nbytes}",
         name=out.name,
+        images=CARD_IMAGES,
     )
     with staging_dir(out, force) as tmp:
+        card_figures(prepared, plan, tmp, out.name)
         save_model_dir(
             source,
             plan,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from .allocate import Plan
 from .sizes import format_size
@@ -34,6 +35,7 @@ def distribution_table(plan: Plan) -> str:
 def summary_lines(plan: Plan) -> list[str]:
     size = plan.total_bytes or plan.planned_bytes
     used = 100.0 * size / plan.budget
+    kld = plan.predicted_kld
     lines = [
         f"total {format_size(size)} ({size} bytes) of budget {format_size(plan.budget)} "
         f"({used:.2f}% used)",
@@ -41,6 +43,8 @@ def summary_lines(plan: Plan) -> list[str]:
         f"predicted distortion ({plan.objective}): {plan.distortion:.5g}"
         + ("" if plan.exact else " (near-optimal: core-exact solution)"),
     ]
+    if kld is not None:
+        lines.append(f"predicted mean KL divergence to the 16-bit model: {kld:.4f} nats")
     return lines + [f"note: {n}" for n in plan.notes]
 
 
@@ -48,8 +52,13 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
 
 
-def model_card(plan: Plan, base_model: str, command: str, name: str) -> str:
-    """README.md for the output directory, in the hub's model-card conventions."""
+def model_card(
+    plan: Plan, base_model: str, command: str, name: str, images: Sequence[tuple[str, str]] = ()
+) -> str:
+    """README.md for the output directory, in the hub's model-card conventions.
+
+    ``images`` are (alt text, file name) pairs of figures saved next to the card.
+    """
     front = ["---", "library_name: mlx"]
     if _looks_like_hub_id(base_model):
         front.append(f"base_model: {base_model}")
@@ -72,6 +81,11 @@ def model_card(plan: Plan, base_model: str, command: str, name: str) -> str:
         "",
         f"- Weights on disk: **{format_size(size)}** ({size:,} bytes), "
         f"{plan.bits_per_weight:.3f} bits per weight on average",
+        *(
+            [f"- Predicted mean KL divergence to the 16-bit model: {plan.predicted_kld:.4f} nats"]
+            if plan.predicted_kld is not None
+            else []
+        ),
         f"- Objective: `{plan.objective}`, SQNR veto {plan.min_sqnr:g} dB, "
         f"output dtype {plan.dtype}",
         "- Loads in stock mlx-lm: no mint-mlx import needed.",
@@ -82,6 +96,7 @@ def model_card(plan: Plan, base_model: str, command: str, name: str) -> str:
         "",
         "Per-tensor choices, bytes and errors are in `mint_plan.json`.",
         "",
+        *[line for alt, file in images for line in (f"![{alt}]({file})", "")],
         "## Use with mlx",
         "",
         "```bash",

@@ -1,0 +1,254 @@
+"""``python -m mint_mlx.plan``: what each size buys, before spending time on a conversion.
+
+One analysis (cached, shared with ``convert``), then an allocation per budget: a sweep from the
+smallest feasible size to the 16-bit size, each with its bytes, bits per weight, (bits, group)
+mix and predicted quality. ``--fit`` plans the best model for a machine and context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from .devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
+from .errors import MintError
+from .planner import Prepared, prepare
+from .sizes import format_size, parse_size
+from .source import open_source
+
+
+def predicted_kld(plan: Plan) -> float | None:
+    return plan.predicted_kld
+
+
+def mix(plan: Plan) -> str:
+    """Compact (bits, group) mix by share of parameters, e.g. ``4b/g64 61%, 3b/g64 20%``."""
+    parts = []
+    for row in sorted(plan.distribution(), key=lambda r: -r["pct_params"]):
+        if row["pct_params"] < 1.0:
+            continue
+        label = f"{row['bits']}b/g{row['group_size']}" if row["mode"] == "affine" else row["mode"]
+        if row["mode"] == "passthrough":
+            label = "16b"
+        parts.append(f"{label} {row['pct_params']:.0f}%")
+    return ", ".join(parts)
+
+
+@dataclass
+class SweepPoint:
+    budget: int
+    bytes: int
+    bits_per_weight: float
+    distortion: float
+    predicted_kld: float | None
+    mix: str
+
+
+def sweep_budgets(prepared: Prepared, points: int = 12) -> list[int]:
+    """Budgets evenly spaced from the smallest feasible size to the 16-bit size."""
+    low, high = prepared.size_range()
+    return [low + (high - low) * k // (points - 1) for k in range(points)]
+
+
+def plan_points(prepared: Prepared, budgets: Sequence[int]) -> list[tuple[int, Plan]]:
+    """A plan per budget; never a worse plan for a larger budget (a plan that fits a smaller
+    budget fits a larger one too, so it is kept if the solver's answer is not better)."""
+    out: list[tuple[int, Plan]] = []
+    best: Plan | None = None
+    for budget in sorted(budgets):
+        plan = prepared.plan(budget)
+        if best is not None and best.distortion < plan.distortion:
+            plan = best
+        best = plan
+        out.append((budget, plan))
+    return out
+
+
+def to_point(budget: int, plan: Plan) -> SweepPoint:
+    return SweepPoint(
+        budget,
+        plan.total_bytes,
+        plan.bits_per_weight,
+        plan.distortion,
+        predicted_kld(plan),
+        mix(plan),
+    )
+
+
+@dataclass
+class PlanReport:
+    """Everything ``plan`` prints: the sweep, and the fit for a machine if asked."""
+
+    model: str
+    parameters: int
+    objective: str
+    points: list[SweepPoint]
+    fit: Fit | None = None
+    fit_point: SweepPoint | None = None
+    decode_ceiling_tps: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model": self.model,
+            "parameters": self.parameters,
+            "objective": self.objective,
+            "points": [asdict(p) for p in self.points],
+        }
+        if self.fit is not None:
+            d["fit"] = {
+                "machine": asdict(self.fit.machine),
+                "context": self.fit.context,
+                "gpu_memory": self.fit.gpu_memory,
+                "kv_cache": self.fit.kv_cache,
+                "runtime_reserve": self.fit.runtime_reserve,
+                "weight_budget": self.fit.weight_budget,
+                "headroom": self.fit.headroom,
+                "plan": asdict(self.fit_point) if self.fit_point else None,
+                "decode_ceiling_tokens_per_s": self.decode_ceiling_tps,
+            }
+        return d
+
+
+def plan(
+    hf_path: str | Path,
+    budgets: Sequence[str | int] | None = None,
+    sweep: bool = False,
+    fit: str | None = None,
+    context: int = 4096,
+    png: str | Path | None = None,
+    dtype: str | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
+    min_sqnr: float = DEFAULT_MIN_SQNR,
+    analysis: str | Path | None = None,
+    progress: bool = False,
+) -> PlanReport:
+    """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine."""
+    from .convert import output_dtype
+
+    source = open_source(hf_path)
+    out_dtype = output_dtype(source, dtype)
+    prepared = prepare(
+        source,
+        out_dtype,
+        objective=objective,
+        scales="rtn" if objective == "paper" else "optimized",
+        min_sqnr=min_sqnr,
+        analysis=Path(analysis) if analysis else None,
+        progress=progress,
+    )
+    wanted = [parse_size(b) for b in budgets or []]
+    if sweep or (not wanted and fit is None):
+        wanted += sweep_budgets(prepared)
+    report = PlanReport(str(hf_path), source.total_parameters, objective, [])
+    if fit is not None:
+        machine = parse_machine(fit)
+        report.fit = fit_budget(machine, source.config, context)
+        fit_plan = prepared.plan(report.fit.weight_budget)
+        report.fit_point = to_point(report.fit.weight_budget, fit_plan)
+        experts = sum(a.nbytes for a in fit_plan.assignments if a.role == "experts")
+        per_token = bytes_per_token(source.config, fit_plan.total_bytes, experts)
+        report.decode_ceiling_tps = decode_ceiling(machine, per_token)
+    report.points = [to_point(b, p) for b, p in plan_points(prepared, wanted)]
+    if png is not None and report.points:
+        from .plots import size_quality_curve
+
+        chosen = None
+        if report.fit_point is not None:
+            chosen = (report.fit_point.bits_per_weight, _quality(report.fit_point))
+        size_quality_curve(
+            [(p.bits_per_weight, _quality(p)) for p in report.points],
+            Path(png),
+            chosen=chosen,
+            title=f"{Path(str(hf_path)).name}: size vs predicted quality",
+            ylabel=_quality_label(objective),
+        )
+    return report
+
+
+def _quality(p: SweepPoint) -> float:
+    return p.predicted_kld if p.predicted_kld is not None else p.distortion
+
+
+def _quality_label(objective: str) -> str:
+    if objective == "fisher":
+        return "predicted mean KL divergence (nats)"
+    return f"{objective} distortion (no KLD prediction)"
+
+
+def format_report(report: PlanReport) -> str:
+    lines = [
+        "| budget | bytes | bits/weight | predicted KLD | distortion | mix (share of parameters) |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in report.points:
+        kld = f"{p.predicted_kld:.4f}" if p.predicted_kld is not None else "n/a"
+        lines.append(
+            f"| {format_size(p.budget)} | {format_size(p.bytes)} | {p.bits_per_weight:.3f} | "
+            f"{kld} | {p.distortion:.4g} | {p.mix} |"
+        )
+    if report.fit is not None and report.fit_point is not None:
+        lines += [""] + report.fit.lines()
+        fp = report.fit_point
+        kld = f", predicted KLD {fp.predicted_kld:.4f}" if fp.predicted_kld is not None else ""
+        lines.append(
+            f"best plan that fits: {format_size(fp.bytes)}, {fp.bits_per_weight:.3f} bits per weight{kld}"
+            f" ({fp.mix})"
+        )
+        if report.decode_ceiling_tps is not None:
+            lines.append(
+                f"decode speed ceiling (upper bound: memory bandwidth / bytes read per token): "
+                f"{report.decode_ceiling_tps:.0f} tokens/s"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mint_mlx.plan",
+        description="Show what each size buys (and what fits a machine) before converting.",
+    )
+    p.add_argument("--hf-path", required=True, help="HF-format directory or hub id")
+    p.add_argument("--budgets", help="comma-separated sizes, e.g. 3GB,4GB,5GB")
+    p.add_argument("--sweep", action="store_true", help="smallest feasible to 16-bit (default)")
+    p.add_argument("--fit", help="machine (m3-max-64gb) or memory size (16GB) to plan for")
+    p.add_argument("--context", type=int, default=4096, help="context length for the KV cache")
+    p.add_argument("--png", help="write the size/quality curve here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"])
+    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
+    p.add_argument("--min-sqnr", type=float, default=DEFAULT_MIN_SQNR)
+    p.add_argument("--analysis", help="analysis cache file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        report = plan(
+            args.hf_path,
+            budgets=args.budgets.split(",") if args.budgets else None,
+            sweep=args.sweep,
+            fit=args.fit,
+            context=args.context,
+            png=args.png,
+            dtype=args.dtype,
+            objective=args.objective,
+            min_sqnr=args.min_sqnr,
+            analysis=args.analysis,
+            progress=not args.quiet,
+        )
+    except MintError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted (the analysis cache is kept)", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
