@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from .formats import Format
 from .safetensors_io import (
+    MAX_OFFSET_DIGITS,
     TAG_OF,
     ShardLayout,
     TensorSlot,
@@ -43,10 +44,21 @@ def module_slots(path: str, fmt: Format, shape: Sequence[int], dtype: mx.Dtype) 
     ]
 
 
-def candidate_bytes(path: str, fmt: Format, shape: Sequence[int], dtype: mx.Dtype) -> int:
+def offset_digits(budget: int) -> int:
+    """Digits of the largest byte offset a file within ``budget`` bytes can have."""
+    return len(str(max(budget, 1)))
+
+
+def candidate_bytes(
+    path: str,
+    fmt: Format,
+    shape: Sequence[int],
+    dtype: mx.Dtype,
+    digits: int = MAX_OFFSET_DIGITS,
+) -> int:
     """Data bytes plus an upper bound of the header bytes of ``path`` stored as ``fmt``."""
     slots = module_slots(path, fmt, shape, dtype)
-    return sum(s.nbytes + header_entry_bytes(s.name, s.dtype, s.shape) for s in slots)
+    return sum(s.nbytes + header_entry_bytes(s.name, s.dtype, s.shape, digits) for s in slots)
 
 
 def passthrough_dtype(source_dtype: mx.Dtype, out_dtype: mx.Dtype) -> mx.Dtype:
@@ -75,7 +87,9 @@ def fixed_bytes(
     total = 0
     for key, (shape, dtype) in passthrough.items():
         slot = passthrough_slot(key, shape, dtype, out_dtype)
-        total += slot.nbytes + header_entry_bytes(slot.name, slot.dtype, slot.shape)
+        total += slot.nbytes + header_entry_bytes(
+            slot.name, slot.dtype, slot.shape, offset_digits(budget)
+        )
     fill = max(max_shard_bytes - largest_tensor, 1)
     shards = 1 + ceil(max(budget - max_shard_bytes, 0) / fill) + 1
     return total + shards * header_overhead_bytes()

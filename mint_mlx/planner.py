@@ -17,8 +17,16 @@ from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, Plan, allocate, feasi
 from .analyze import RDCurve, analyze, default_cache_path
 from .errors import BudgetError
 from .formats import formats_for
-from .layout import MAX_SHARD_BYTES, fixed_bytes, largest_tensor_bytes
+from .layout import (
+    MAX_OFFSET_DIGITS,
+    MAX_SHARD_BYTES,
+    candidate_bytes,
+    fixed_bytes,
+    largest_tensor_bytes,
+    offset_digits,
+)
 from .save import exact_total_bytes
+from .sizes import format_size
 from .source import Source
 
 
@@ -47,14 +55,36 @@ class Prepared:
             passthrough, self.dtype, budget, largest_tensor_bytes(shapes), self.max_shard_bytes
         )
 
+    def _range(self, digits: int, budget_for_fixed: int) -> tuple[int, int]:
+        return feasible_range(
+            self.curves,
+            self.fixed(budget_for_fixed),
+            self.dtype,
+            self.min_sqnr,
+            lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
+        )
+
     def size_range(self) -> tuple[int, int]:
-        """(smallest feasible budget, 16-bit size) in bytes."""
-        _, full = feasible_range(self.curves, self.fixed(0), self.dtype, self.min_sqnr)
-        fixed = self.fixed(full)
-        return feasible_range(self.curves, fixed, self.dtype, self.min_sqnr)
+        """(smallest feasible budget, 16-bit size) in bytes.
+
+        Header sizes depend on the budget (digits of byte offsets), so the smallest size is
+        computed at the digit count of a first, looser bound: a budget of exactly that size
+        then needs no more digits, and really is feasible.
+        """
+        loose_low, loose_full = self._range(MAX_OFFSET_DIGITS, 10**12)
+        low, _ = self._range(offset_digits(loose_low), loose_low)
+        _, full = self._range(offset_digits(loose_full), loose_full)
+        return low, full
 
     def plan(self, budget: int) -> Plan:
         """The allocation for ``budget`` bytes, with its exact size on disk filled in."""
+        low, _ = self.size_range()
+        if budget < low:
+            raise BudgetError(
+                f"budget {format_size(budget)} is below the smallest feasible size "
+                f"{format_size(low, round_up=True)} ({low} bytes); raise the budget to at least that"
+            )
+        digits = offset_digits(budget)
         plan = allocate(
             self.curves,
             budget,
@@ -64,6 +94,7 @@ class Prepared:
             min_sqnr=self.min_sqnr,
             objective=self.objective,
             num_layers=self.source.num_layers,
+            cost_fn=lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
         )
         plan.scales = self.scales
         plan.total_bytes = exact_total_bytes(self.source, plan, self.dtype, self.max_shard_bytes)

@@ -46,8 +46,8 @@ TAG_OF: dict[mx.Dtype, str] = {d: tag for tag, (d, _) in DTYPES.items()}
 #: Metadata mlx-lm writes into its shards; kept for compatibility with tools that check it.
 MLX_METADATA = {"format": "mlx"}
 
-#: Longest decimal offset we budget for in headers (files up to 10 TB).
-_OFFSET_DIGITS = 13
+#: Longest decimal offset budgeted for in headers when nothing tighter is known (10 TB files).
+MAX_OFFSET_DIGITS = 13
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -89,9 +89,13 @@ def read_header(path: Path) -> dict[str, Any]:
         ) from e
 
 
-def header_entry_bytes(name: str, dtype_tag: str, shape: Sequence[int]) -> int:
-    """Upper bound on the JSON bytes one tensor adds to a header (offsets at maximum width)."""
-    big = 10**_OFFSET_DIGITS - 1
+def header_entry_bytes(
+    name: str, dtype_tag: str, shape: Sequence[int], offset_digits: int = MAX_OFFSET_DIGITS
+) -> int:
+    """Upper bound on the JSON bytes one tensor adds to a header, its byte offsets written with
+    ``offset_digits`` digits (no offset in a file exceeds the file, so the budget's digit count
+    bounds them)."""
+    big = 10**offset_digits - 1
     entry = {name: {"dtype": dtype_tag, "shape": list(shape), "data_offsets": [big, big]}}
     return len(json.dumps(entry, separators=(",", ":"))) - 1  # one brace pair shared per file
 

@@ -94,6 +94,8 @@ def test_too_large_for_memory_is_refused(
     import mint_mlx.calibrate as calibrate_module
     from mint_mlx.convert import main
 
+    # a fresh cache: a sensitivity pass cached by an earlier test would (rightly) skip the check
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(calibrate_module, "physical_memory", lambda: 1000)
     code = main(
         ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4", "--quiet"]
