@@ -280,9 +280,11 @@ def extract_chunked(spec: ChunkedFile, out: Path) -> Path:
         return out
     if spec.index is not None:
         sums = extract_file(spec.index, out.with_name(out.name + ".SHA256SUMS"))
-        listed = dict(
-            reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip()
-        )
+        listed: dict[str, str] = {}
+        for line in sums.read_text().splitlines():  # "<sha256>  <name>", as sha256sum writes
+            if line.strip():
+                digest, fname = line.split(None, 1)
+                listed[fname.strip().lstrip("*")] = digest
         if listed.get(spec.name) != spec.sha256:
             raise TestbedError(
                 f"{spec.index.package}=={spec.index.version} lists sha256 "
@@ -848,6 +850,7 @@ _GEMMA3_GLOBAL_NAMES = {
 }
 #: llama.cpp fixes what the Gemma 3 GGUF does not say: every 6th layer is global (full
 #: attention), the others slide with rotary base 10000 (llama-model.cpp, LLM_ARCH_GEMMA3).
+#: Used unless the GGUF has ``sliding_window_pattern`` / ``rope.freq_base_swa``.
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
 GEMMA3_ROPE_LOCAL_BASE = 10_000.0
 
@@ -874,6 +877,23 @@ def gemma_norm_from_gguf(w: np.ndarray) -> np.ndarray:
     return (w.astype(np.float32) - np.float32(1.0)).astype(np.float32)
 
 
+def _gemma3_pattern(value: Any, layers: int) -> int:
+    """The period of global layers: llama.cpp's fixed 6 unless the GGUF states one.
+
+    Newer converters may write ``sliding_window_pattern`` as a period or as one flag per layer
+    (true = sliding); mlx-lm's ``gemma3_text`` can only express "every n-th layer is global".
+    """
+    if value is None:
+        return GEMMA3_SLIDING_WINDOW_PATTERN
+    if isinstance(value, int | np.integer):
+        return int(value)
+    flags = [bool(v) for v in value]
+    for period in range(1, layers + 1):
+        if flags == [(i + 1) % period != 0 for i in range(layers)]:
+            return period
+    raise TestbedError(f"gemma3 sliding-window flags {flags} are not periodic; not supported")
+
+
 def gemma3_config(reader: Any) -> dict[str, Any]:
     """An HF ``config.json`` (``gemma3_text``) for a GGUF gemma3, as mlx-lm and transformers read it."""
     a = _field(reader, "general.architecture")
@@ -892,7 +912,7 @@ def gemma3_config(reader: Any) -> dict[str, Any]:
     head_dim = int(key("attention.key_length"))
     if int(key("attention.value_length", head_dim)) != head_dim:
         raise TestbedError("gemma3 with key_length != value_length is not supported")
-    pattern = GEMMA3_SLIDING_WINDOW_PATTERN
+    pattern = _gemma3_pattern(_field(reader, "gemma3.attention.sliding_window_pattern"), layers)
     # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers), which uses
     # hidden / heads: that is HF's query_pre_attn_scalar.
     scalar = hidden // n_head if layers == 62 else head_dim
@@ -916,7 +936,9 @@ def gemma3_config(reader: Any) -> dict[str, Any]:
         "max_position_embeddings": int(key("context_length")),
         "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon")),
         "rope_theta": _f32(key("rope.freq_base")),
-        "rope_local_base_freq": GEMMA3_ROPE_LOCAL_BASE,
+        "rope_local_base_freq": _f32(
+            _field(reader, "gemma3.rope.freq_base_swa", GEMMA3_ROPE_LOCAL_BASE)
+        ),
         "rope_scaling": rope_scaling,
         "query_pre_attn_scalar": scalar,
         "sliding_window": int(key("attention.sliding_window")),
@@ -1011,7 +1033,8 @@ def write_spm_tokenizer(reader: Any, out: Path) -> None:
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
     # <unusedN> placeholders are special tokens in tokenizer.json; list only the named ones.
-    extra = [t for t in control if t not in {bos, names["eos"]} and not t.startswith("<unused")]
+    named = set(names.values())
+    extra = [t for t in control if t not in named and not t.startswith("<unused")]
     context = int(_field(reader, f"{_field(reader, 'general.architecture')}.context_length"))
     _save_tokenizer(tok, reader, out, names, extra, context)
 
@@ -1108,23 +1131,33 @@ def heldout_text() -> Path:
     return ensure_wiki_text() / "heldout.txt"
 
 
-def check_smollm2(model_dir: Path, reference: Path | None, progress: bool = False) -> dict:
+#: Held-out PPL above which a build counts as broken. A wrong Q/K permutation, norm offset or
+#: tokenizer gives hundreds or more; SmolLM2 measures ~23-29, Gemma 3 270M ~19-22 (32 x 512).
+MAX_PPL = {"smollm2-135m": 40.0, "gemma3-270m": 40.0}
+
+
+def check_model(
+    model_dir: Path, reference: Path | None, max_ppl: float, progress: bool = False
+) -> dict[str, Any]:
     """Measure what ``testbed.json`` records: NRMSE and held-out perplexity (+ KLD vs reference).
 
-    Raises :class:`TestbedError` on a broken build: PPL above 40 (a wrong Q/K permutation or
-    tokenizer gives hundreds), MLX 4-bit g32 NRMSE not between 0.02 and g64's, dithered PPL above
-    1.5x the undithered one. Whether the dither erased the GGUF grid is recorded
-    (``grid_removed``), not enforced, so that weaker dithers can still be built and measured.
+    Raises :class:`TestbedError` on a broken build: PPL above ``max_ppl``, MLX 4-bit g32 NRMSE not
+    between 0.02 and g64's, dithered PPL above 1.5x the undithered one. Whether the dither erased
+    the GGUF grid is recorded (``grid_removed``), not enforced, so that weaker dithers can still be
+    built and measured. Also checks that the tokenizer decodes the held-out text back to itself.
     """
-    from .evaluate import encode, evaluate
+    from mlx_lm.utils import load_tokenizer
+
+    from .evaluate import _bos_id, encode, evaluate
 
     nrmse = rtn_nrmse(model_dir)
     g32, g64 = nrmse["g32"]["pooled"], nrmse["g64"]["pooled"]
     text = heldout_text()
-    from mlx_lm.utils import load_tokenizer
-
+    body = text.read_text(encoding="utf-8")
     tok = load_tokenizer(model_dir)
-    heldout_tokens = len(encode(tok, text.read_text(encoding="utf-8")))
+    ids = encode(tok, body)
+    heldout_tokens = len(ids)
+    round_trip = tok.decode(ids) == body
     tokens = min(CHECK_WINDOWS * CHECK_SEQ_LEN, heldout_tokens)
     r = evaluate(
         model_dir,
@@ -1142,13 +1175,19 @@ def check_smollm2(model_dir: Path, reference: Path | None, progress: bool = Fals
         "minmax_g32_over_g64": ratio,
         "grid_removed": ratio > GRID_RATIO,
         "heldout_tokens": heldout_tokens,
+        "tokenizer_round_trip": round_trip,
+        "bos_prepended": _bos_id(tok) is not None,
         "heldout_eval": r.to_json(),
     }
     problems = []
     if heldout_tokens < MIN_HELDOUT_TOKENS:
         problems.append(f"heldout.txt holds {heldout_tokens} tokens < {MIN_HELDOUT_TOKENS}")
-    if r.ppl > 40:
-        problems.append(f"held-out PPL {r.ppl:.1f} > 40 (wrong Q/K permutation or tokenizer?)")
+    if not round_trip:
+        problems.append("the tokenizer does not decode heldout.txt back to itself")
+    if r.ppl > max_ppl:
+        problems.append(
+            f"held-out PPL {r.ppl:.1f} > {max_ppl:g} (wrong Q/K permutation, norms or tokenizer?)"
+        )
     if reference is not None and r.ppl_reference is not None and r.ppl > 1.5 * r.ppl_reference:
         problems.append(f"dithered PPL {r.ppl:.2f} > 1.5 x undithered {r.ppl_reference:.2f}")
     if not (0.02 < g32 < g64):
@@ -1158,7 +1197,53 @@ def check_smollm2(model_dir: Path, reference: Path | None, progress: bool = Fals
     return checks
 
 
+def check_smollm2(model_dir: Path, reference: Path | None, progress: bool = False) -> dict:
+    """:func:`check_model` with SmolLM2's PPL bound."""
+    return check_model(model_dir, reference, MAX_PPL["smollm2-135m"], progress)
+
+
 # --------------------------------------------------------------------------- build + cache
+
+_DITHER_RULE = (
+    "w += a * d * U(-1/2, 1/2) per element of every quantized GGUF tensor, d its block's grid "
+    "step (K-quants: super-block d x sub-block scale); numpy PCG64 seeded with "
+    "sha256('{seed}:{hf_name}')[:8] little-endian; F32/F16 tensors unchanged"
+)
+
+
+def _build_from_gguf(
+    out: Path,
+    family: str,
+    gguf_path: Path,
+    source: dict[str, Any],
+    convert: Callable[..., dict[str, Any]],
+    start: float,
+    *,
+    amplitude: float,
+    seed: int,
+    checks: bool,
+    progress: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Convert, check (the dithered build against ``{family}-undithered``) and write testbed.json."""
+    summary = convert(gguf_path, out, amplitude, seed, progress)
+    meta: dict[str, Any] = {
+        "name": family if amplitude else f"{family}-undithered",
+        "source": source,
+        "dither": {"amplitude": amplitude, "seed": seed, "rule": _DITHER_RULE},
+        "dtype": "bfloat16",
+        **(extra or {}),
+        **summary,
+        "build_seconds": None,
+    }
+    if checks:
+        reference = ensure_testbed(f"{family}-undithered", progress=progress) if amplitude else None
+        meta["checks"] = check_model(out, reference, MAX_PPL[family], progress)
+        if reference is not None:
+            meta["checks"]["reference"] = reference.name  # a testbed name, not a path
+    meta["build_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def build_smollm2(
@@ -1177,35 +1262,69 @@ def build_smollm2(
     gguf_path = extract_file(
         SMOLLM2_GGUF, cache_root() / "sources" / Path(SMOLLM2_GGUF.member).name
     )
-    summary = gguf_llama_to_hf(gguf_path, out, amplitude, seed, progress)
-    meta: dict[str, Any] = {
-        "name": "smollm2-135m" if amplitude else "smollm2-135m-undithered",
-        "source": {
-            "package": f"{SMOLLM2_GGUF.package}=={SMOLLM2_GGUF.version}",
-            "file": SMOLLM2_GGUF.member,
-            "sha256": SMOLLM2_GGUF.sha256,
-        },
-        "dither": {
-            "amplitude": amplitude,
-            "seed": seed,
-            "rule": "w += a * d * U(-1/2, 1/2) per element of every quantized GGUF tensor, d its "
-            "block's grid step; numpy PCG64 seeded with sha256('{seed}:{hf_name}')[:8] little-endian; "
-            "F32/F16 tensors unchanged",
-        },
-        "dtype": "bfloat16",
-        **summary,
-        "build_seconds": None,
+    source = {
+        "package": f"{SMOLLM2_GGUF.package}=={SMOLLM2_GGUF.version}",
+        "file": SMOLLM2_GGUF.member,
+        "sha256": SMOLLM2_GGUF.sha256,
     }
-    if checks:
-        reference = (
-            ensure_testbed("smollm2-135m-undithered", progress=progress) if amplitude else None
-        )
-        meta["checks"] = check_smollm2(out, reference, progress)
-        if reference is not None:
-            meta["checks"]["reference"] = reference.name  # a testbed name, not a path
-    meta["build_seconds"] = round(time.perf_counter() - start, 1)
-    (out / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    return _build_from_gguf(
+        out,
+        "smollm2-135m",
+        gguf_path,
+        source,
+        gguf_llama_to_hf,
+        start,
+        amplitude=amplitude,
+        seed=seed,
+        checks=checks,
+        progress=progress,
+    )
+
+
+def build_gemma3(
+    out: Path,
+    amplitude: float = DITHER,
+    seed: int = SEED,
+    checks: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build the Gemma 3 270M testbed into ``out`` (which must not exist); return testbed.json.
+
+    The GGUF is reassembled from its four chunk wheels (sha256 per chunk and of the whole). With
+    ``checks``, as :func:`build_smollm2`.
+    """
+    start = time.perf_counter()
+    spec = GEMMA3_GGUF
+    gguf_path = extract_chunked(spec, cache_root() / "sources" / spec.name)
+    source = {
+        "packages": [f"{c.package}=={c.version}" for c in (spec.index, *spec.chunks) if c],
+        "file": spec.name,
+        "assembled_from": [c.member for c in spec.chunks],
+        "sha256": spec.sha256,
+    }
+    conventions = {
+        "conventions": {
+            "norms": "GGUF RMSNorm weights hold w + 1 (llama.cpp norm_shift); saved as w",
+            "qk_permutation": "none (llama.cpp does not permute Gemma 3 Q/K)",
+            "tied_embeddings": True,
+            "sliding_window_pattern": GEMMA3_SLIDING_WINDOW_PATTERN,
+            "rope_local_base_freq": GEMMA3_ROPE_LOCAL_BASE,
+            "tokenizer": "SentencePiece BPE rebuilt with tokenizers; BOS added",
+        }
+    }
+    return _build_from_gguf(
+        out,
+        "gemma3-270m",
+        gguf_path,
+        source,
+        gguf_gemma3_to_hf,
+        start,
+        amplitude=amplitude,
+        seed=seed,
+        checks=checks,
+        progress=progress,
+        extra=conventions,
+    )
 
 
 def _build_atomically(final: Path, build: Callable[[Path], Any], force: bool = False) -> Path:
@@ -1239,6 +1358,11 @@ def _builder(name: str, progress: bool, **kw: Any) -> Callable[[Path], Any]:
     if name == "smollm2-135m-undithered":
         kw = {**kw, "amplitude": 0.0}
         return lambda p: build_smollm2(p, progress=progress, **kw)
+    if name == "gemma3-270m":
+        return lambda p: build_gemma3(p, progress=progress, **kw)
+    if name == "gemma3-270m-undithered":
+        kw = {**kw, "amplitude": 0.0}
+        return lambda p: build_gemma3(p, progress=progress, **kw)
     raise TestbedError(f"unknown testbed {name!r}; choose one of {', '.join(TESTBEDS)}")
 
 
@@ -1279,9 +1403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         kw: dict[str, Any] = {}
-        if args.name.startswith("smollm2"):
+        if args.name != "wiki-text":
             kw = {"seed": args.seed, "checks": not args.no_checks}
-            if args.name == "smollm2-135m":
+            if not args.name.endswith("-undithered"):
                 kw["amplitude"] = args.dither
         if args.out is None:
             if args.dither != DITHER or args.seed != SEED or args.no_checks:
