@@ -700,22 +700,30 @@ def test_gemma3_testbed_recorded_checks() -> None:
 
 @pytest.mark.slow
 def test_gemma3_dither_erases_the_q4_k_grid() -> None:
-    """attn_output is Q4_K: 16 levels per 32 elements with a per-sub-block min, so plain min/max
-    4-bit g32 all but reproduces the undithered weights; after the dither it cannot."""
+    """attn_output is Q4_K: at most 16 distinct values per 32 elements, which plain min/max 4-bit
+    g32 partly recovers (measured NRMSE 0.044 undithered, 0.079 dithered) and a scale search could
+    recover fully. After the dither every 32-block holds ~32 distinct values."""
     import mlx.core as mx
 
-    def o_proj_nrmse(name: str) -> float:
+    def o_proj(name: str) -> tuple[float, np.ndarray]:
         w = mx.load(str(tb.ensure_testbed(name) / "model.safetensors"))
         err = ref = 0.0
+        distinct = []
         for k in sorted(w):
             if k.endswith("o_proj.weight"):
                 a = np.array(w[k].astype(mx.float32))
                 err += float(np.sum((a - tb.minmax_dequant(a, 32)) ** 2))
                 ref += float(np.sum(a**2))
-        return (err / ref) ** 0.5
+                blocks = np.sort(a.reshape(-1, 32), axis=1)
+                distinct.append((np.diff(blocks, axis=1) != 0).sum(axis=1) + 1)
+        return (err / ref) ** 0.5, np.concatenate(distinct)
 
-    undithered, dithered = o_proj_nrmse("gemma3-270m-undithered"), o_proj_nrmse("gemma3-270m")
-    assert undithered < 0.02 < 0.05 < dithered
+    (nrmse_u, levels_u), (nrmse_d, levels_d) = (
+        o_proj("gemma3-270m-undithered"),
+        o_proj("gemma3-270m"),
+    )
+    assert levels_u.max() <= 16 < 30 < levels_d.mean()
+    assert nrmse_u < 0.6 * nrmse_d
 
 
 @pytest.mark.slow
