@@ -19,7 +19,6 @@ squared errors by these column weights.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -197,8 +196,3 @@ def calibrate(
     mx.save_safetensors(str(tmp), weights)
     tmp.replace(path)
     return weights
-
-
-def predicted_kld(weighted_sse: float) -> float:
-    """Second-order prediction of the mean per-token KL divergence from Fisher-weighted error."""
-    return 0.5 * weighted_sse if math.isfinite(weighted_sse) else math.inf

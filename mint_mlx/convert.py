@@ -36,11 +36,11 @@ CARD_IMAGES = (
 
 def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> None:
     """The card's size/quality curve (a budget sweep over the same analysis) and layer heatmap."""
-    from .plan import plan_points, predicted_kld, sweep_budgets
+    from .plan import plan_points, sweep_budgets
     from .plots import layer_heatmap, size_quality_curve
 
     def quality(p: Plan) -> float:
-        kld = predicted_kld(p)
+        kld = p.predicted_kld
         return kld if kld is not None else p.distortion
 
     points = [

@@ -23,10 +23,6 @@ from .sizes import format_size, parse_size
 from .source import open_source
 
 
-def predicted_kld(plan: Plan) -> float | None:
-    return plan.predicted_kld
-
-
 def mix(plan: Plan) -> str:
     """Compact (bits, group) mix by share of parameters, e.g. ``4b/g64 61%, 3b/g64 20%``."""
     parts = []
@@ -76,7 +72,7 @@ def to_point(budget: int, plan: Plan) -> SweepPoint:
         plan.total_bytes,
         plan.bits_per_weight,
         plan.distortion,
-        predicted_kld(plan),
+        plan.predicted_kld,
         mix(plan),
     )
 

@@ -514,16 +514,23 @@ _GLOBAL_NAMES = {
 }
 
 
+def _map_gguf_name(
+    gguf_name: str, arch: str, global_names: dict[str, str], layer_names: dict[str, str]
+) -> str:
+    """HF tensor name of a GGUF tensor name, from one architecture's two name tables."""
+    if gguf_name in global_names:
+        return global_names[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}"
+    raise TestbedError(
+        f"unknown GGUF {arch} tensor {gguf_name!r}; the testbed builder needs updating"
+    )
+
+
 def hf_name(gguf_name: str) -> str:
     """HF llama tensor name of a GGUF llama tensor name."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise TestbedError(
-        f"unknown GGUF llama tensor {gguf_name!r}; the testbed builder needs updating"
-    )
+    return _map_gguf_name(gguf_name, "llama", _GLOBAL_NAMES, _LAYER_NAMES)
 
 
 #: GGML types whose blocks start with one fp16 scale ``d`` that is also the grid step.
@@ -857,14 +864,7 @@ GEMMA3_ROPE_LOCAL_BASE = 10_000.0
 
 def gemma3_hf_name(gguf_name: str) -> str:
     """HF ``Gemma3ForCausalLM`` tensor name of a GGUF gemma3 tensor name (no ``lm_head``: tied)."""
-    if gguf_name in _GEMMA3_GLOBAL_NAMES:
-        return _GEMMA3_GLOBAL_NAMES[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _GEMMA3_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_GEMMA3_LAYER_NAMES[m.group(2)]}"
-    raise TestbedError(
-        f"unknown GGUF gemma3 tensor {gguf_name!r}; the testbed builder needs updating"
-    )
+    return _map_gguf_name(gguf_name, "gemma3", _GEMMA3_GLOBAL_NAMES, _GEMMA3_LAYER_NAMES)
 
 
 def gemma_norm_from_gguf(w: np.ndarray) -> np.ndarray:
