@@ -40,8 +40,23 @@ from mint_mlx.baselines import baseline_by_name, build_baseline, safetensors_byt
 from mint_mlx.errors import MintError
 from mint_mlx.paths import cache_root
 
-METHODS = ("stock", "mint", "paper")
-OBJECTIVE = {"mint": "fisher", "paper": "paper"}
+#: Matched methods: (objective, scales). "mint" is the default of convert; "paper" the published
+#: method; "nrmse" and "fisher-rtn" are the ablation steps between them (issue 7): the native
+#: candidate set with a weight-error objective, then output-aware weighting, then fitted scales.
+MATCHED = {
+    "mint": ("fisher", "optimized"),
+    "paper": ("paper", "rtn"),
+    "nrmse": ("nrmse", "rtn"),
+    "fisher-rtn": ("fisher", "rtn"),
+}
+ABLATIONS = ("nrmse", "fisher-rtn")
+PLOT_LABELS = {
+    "mint": "mint-mlx default",
+    "paper": "paper mode (MINT)",
+    "nrmse": "ablation: native formats, NRMSE objective, RTN",
+    "fisher-rtn": "ablation: + Fisher weighting, RTN",
+}
+METHODS = ("stock", *MATCHED)
 ISSUE_TARGETS = ("affine-3-g64", "affine-4-g64", "affine-4-g32", "mixed_3_6-g64")
 #: Line colours by family (the stock affine and mixed lines by group size), distinct from
 #: mint's red and paper mode's purple.
@@ -209,8 +224,9 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
         path = work / key.replace("@", "-at-")
         print(f"[{testbed}] {key}: convert at {budget} bytes", flush=True)
         start = time.perf_counter()
+        objective, scales = MATCHED[method]
         try:
-            res = convert(ref, path, budget=budget, objective=OBJECTIVE[method], force=True)
+            res = convert(ref, path, budget=budget, objective=objective, scales=scales, force=True)
         except MintError as e:  # e.g. below the smallest feasible size: say so in the table
             rows[key] = {"key": key, "method": method, "target": target, "error": str(e)}
             save_state(out_json, state)
@@ -224,11 +240,14 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
             target=target,
             budget=budget,
             plan_total_bytes=res.plan.total_bytes,
-            objective=OBJECTIVE[method],
+            predicted_kld=res.plan.predicted_kld,
+            raw_distortion=res.plan.distortion,
+            objective=objective,
+            scales=scales,
             build_seconds=build_seconds,
             command=(
                 f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}"
-                + ("" if method == "mint" else " --objective paper")
+                + ("" if method == "mint" else f" --objective {objective} --scales {scales}")
             ),
             formats=_distribution(res.plan),
         )
@@ -239,11 +258,19 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
 
     # Targets first, each followed by mint and paper at its size, so that a run cut short has the
     # matched comparisons; the targets' stock rows are needed for their sizes in any case.
-    order = [*args.targets, *(args.baselines if "stock" in args.methods else [])]
+    order = [
+        *args.targets,
+        *args.ablation_targets,
+        *(args.baselines if "stock" in args.methods else []),
+    ]
     for name in dict.fromkeys(order):
         stock_row(name)
         if name in args.targets:
             for method in ("mint", "paper"):
+                if method in args.methods:
+                    matched_row(method, name)
+        if name in args.ablation_targets:
+            for method in ABLATIONS:
                 if method in args.methods:
                     matched_row(method, name)
 
@@ -410,7 +437,7 @@ def plot(state: dict[str, Any], path: Path) -> None:
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["method"] != "stock":
-            label = "mint-mlx default" if r["method"] == "mint" else "paper mode (MINT)"
+            label = PLOT_LABELS[r["method"]]
         elif r["name"].startswith("affine-"):
             label = f"stock affine {r['name'].rsplit('-', 1)[1]}"
         elif r["name"].startswith("mixed_"):
@@ -421,6 +448,8 @@ def plot(state: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 6))
     styles = {"mint-mlx default": dict(color="C3", lw=2.5, marker="o", ms=7)}
     styles["paper mode (MINT)"] = dict(color="C4", lw=1.5, marker="s", ls="--")
+    styles[PLOT_LABELS["nrmse"]] = dict(color="C8", marker="^", ms=8, ls="none")
+    styles[PLOT_LABELS["fisher-rtn"]] = dict(color="C9", marker="v", ms=8, ls="none")
     for label in sorted(series):
         pts = sorted(series[label], key=lambda r: r["bits_per_weight"])
         x = [r["bits_per_weight"] for r in pts]
@@ -493,6 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="baselines whose byte size mint and paper mode are run at (default: every "
         f"baseline; the issue's goal points are {' '.join(ISSUE_TARGETS)})",
     )
+    p.add_argument(
+        "--ablation-targets",
+        nargs="*",
+        default=["affine-4-g64"],
+        metavar="NAME",
+        help="baselines whose byte size the ablation rows (nrmse, fisher-rtn) are run at",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, help="where models are built (default: cache/frontier)")
     p.add_argument(
@@ -506,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.targets = args.baselines if {"mint", "paper"} & set(args.methods) else []
     if not {"mint", "paper"} & set(args.methods):
         args.targets = []
-    for n in [*args.baselines, *args.targets]:
+    for n in [*args.baselines, *args.targets, *args.ablation_targets]:
         baseline_by_name(n)
     args.out.mkdir(parents=True, exist_ok=True)
     for testbed in args.testbed:

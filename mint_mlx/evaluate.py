@@ -542,26 +542,33 @@ def _reference_logprobs(zp: mx.array, targets: mx.array) -> tuple[mx.array, ...]
     return nll, mx.argmax(lp, axis=-1).astype(mx.int32), lp.astype(mx.float16)
 
 
+def _log_softmax_np(a: np.ndarray) -> np.ndarray:
+    """float32 log-softmax over the last axis, in place."""
+    a -= a.max(axis=-1, keepdims=True)
+    a -= np.log(np.exp(a).sum(axis=-1, keepdims=True))
+    return a
+
+
 def _compare_cached(
-    zq: mx.array, lp16: mx.array, top1_ref: mx.array, targets: mx.array
-) -> tuple[mx.array, ...]:
+    zq: np.ndarray, lp16: np.ndarray, top1_ref: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, ...]:
     """NLL of the model, KL(P || Q) and same-argmax per token against a cached float16 reference.
 
     The float16 log-probabilities are renormalized in float32 so that P sums to one exactly;
-    the rounding then only perturbs KL to second order.
+    the rounding then only perturbs KL to second order. This runs in numpy, not MLX: over a
+    vocabulary-wide axis it is ``exp`` that costs, and numpy's vectorized float32 ``exp`` measured
+    ~20x faster than MLX's CPU ``exp`` here (0.6 vs 12 ns per element).
     """
-    lq = zq.astype(mx.float32)
-    lq = lq - mx.logsumexp(lq, axis=-1, keepdims=True)
-    lp = lp16.astype(mx.float32)
-    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-    nll_q = -mx.take_along_axis(lq, targets[..., None], axis=-1)[..., 0]
-    kld = mx.sum(mx.exp(lp) * (lp - lq), axis=-1)
-    same = (mx.argmax(lq, axis=-1) == top1_ref).astype(mx.float32)
+    lq = _log_softmax_np(zq.astype(np.float32, copy=True))
+    lp = _log_softmax_np(lp16.astype(np.float32))
+    nll_q = -np.take_along_axis(lq, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+    lp_minus_lq = lp - lq
+    kld = np.einsum("...v,...v->...", np.exp(lp, out=lp), lp_minus_lq)
+    same = (lq.argmax(axis=-1) == top1_ref).astype(np.float32)
     return nll_q, kld, same
 
 
 _reference_compiled = mx.compile(_reference_logprobs)
-_compare_cached_compiled = mx.compile(_compare_cached)
 
 
 def build_reference_cache(
@@ -683,10 +690,12 @@ def score_against_cache(
                 f"model and reference disagree on the vocabulary ({zq.shape[-1]} vs "
                 f"{cache.vocab}); compare models that share a tokenizer"
             )
-        arrays = _compare_cached_compiled(
-            zq, mx.array(np.asarray(logprobs[s:e])), mx.array(cache.top1[s:e]), batch[:, 1:]
+        arrays = _compare_cached(
+            np.array(zq.astype(mx.float32)),
+            np.asarray(logprobs[s:e]),
+            cache.top1[s:e],
+            np.asarray(cache.windows[s:e, 1:]),
         )
-        mx.eval(arrays)
         for key, a in zip(out, arrays, strict=True):
             out[key].append(np.array(a, dtype=np.float32).reshape(-1))
         if bar is not None:

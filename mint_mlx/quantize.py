@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import Format
-from .scales import optimized_affine
+from .scales import optimized_affine, optimized_affine_error
 
 #: How affine scales and biases are chosen: MLX's rule, or fitted (see mint_mlx.scales).
 SCALE_METHODS = ("optimized", "rtn")
@@ -77,6 +77,8 @@ def squared_error(
 ) -> tuple[mx.array, mx.array | None]:
     """Sum of squared differences between ``weight`` (as float32) and its stored version, and
     the same sum with each input column weighted by ``column_weights`` (if given)."""
+    if fmt.is_quantized and fmt.mode == "affine" and scales == "optimized":
+        return optimized_affine_error(weight, fmt.bits, fmt.group_size, dtype, column_weights)
     stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
     restored = dequantize_weight(stored, fmt)
     diff = restored - weight.astype(mx.float32)

@@ -422,8 +422,9 @@ KLD_ATOL = 1e-5  # per token against itself: ~1e-6
 
 
 def test_evaluate_many_matches_evaluate(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """One reference pass, cached in float16, gives evaluate()'s numbers: PPL, reference PPL and
-    top-1 agreement exactly (float32 on both sides), KLD to the fp16 rounding of the reference."""
+    """One reference pass, cached in float16, gives evaluate()'s numbers: reference PPL exactly,
+    PPL and top-1 agreement to float32 rounding (numpy on one side, MLX on the other), KLD to the
+    fp16 rounding of the reference."""
     names = ["q4g32", "mixed", "noisy0.1", "ref"]
     many = ev.evaluate_many(
         [tiny[n] for n in names], tiny["ref"], TEXT, seq_len=SEQ, batch_size=2, cache_dir=tmp_path
@@ -431,9 +432,9 @@ def test_evaluate_many_matches_evaluate(tiny: dict[str, Path], tmp_path: Path) -
     for name, got in zip(names, many, strict=True):
         want = ev.evaluate(tiny[name], tiny["ref"], TEXT, seq_len=SEQ, batch_size=2)
         assert got.n_tokens == want.n_tokens and got.n_windows == want.n_windows
-        assert got.ppl == want.ppl, name
+        assert got.ppl == pytest.approx(want.ppl, rel=1e-6), name
         assert got.ppl_reference == want.ppl_reference, name
-        assert got.top1_agreement == want.top1_agreement, name
+        assert abs(got.top1_agreement - want.top1_agreement) <= 1.0 / got.n_tokens, name
         for field in ("kld_mean", "kld_median", "kld_p99"):
             a, b = getattr(got, field), getattr(want, field)
             assert a is not None and b is not None
