@@ -6,9 +6,11 @@ energy so that relative error and SQNR follow). Large tensors are processed in r
 that memory stays bounded by a chunk, not by the tensor.
 
 Results go to an append-only JSON-lines cache, one line per tensor, behind a header line that
-fingerprints the source, the candidate set, the output dtype and this module's version. A
-second run (another budget, or a run that was interrupted) reads what is there and analyses
-only what is missing.
+fingerprints the model's config, the candidate set, the output dtype, the calibration and this
+module's version. Each line carries the content hash of the tensor it measured
+(:mod:`mint_mlx.digests`): a second run (another budget, or a run that was interrupted) reuses
+every line whose tensor is unchanged and analyses the rest, and a tensor whose data changed is
+measured again rather than taken from the cache.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from .quantize import squared_error
 from .source import Source, TensorInfo
 
 #: Bump when the measurement changes meaning, so stale caches are not reused.
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 3  # 2: scale fit also re-rounds MLX's own (scale, bias); 3: content hashes
 
 #: Elements per chunk when measuring a large tensor (16 MB of float32 per chunk).
 CHUNK_ELEMENTS = 1 << 22
@@ -59,6 +61,7 @@ class RDCurve:
     candidates: list[Candidate]
     fixed: bool = False
     note: str = ""
+    digest: str = ""  # content hash of the tensor measured (mint_mlx.digests)
 
     @property
     def numel(self) -> int:
@@ -91,6 +94,7 @@ class RDCurve:
             candidates=[Candidate(**c) for c in d["candidates"]],
             fixed=bool(d.get("fixed", False)),
             note=d.get("note", ""),
+            digest=str(d.get("digest", "")),
         )
 
 
@@ -161,6 +165,9 @@ def analyze_tensor(
         options = [f for f in formats if not f.is_quantized][:1] or [Format("passthrough", 16, 0)]
         sse, energy, note = [0.0], 0.0, "non-finite values: kept in 16-bit"
         wsse = None if wsse is None else [0.0]
+    elif energy == 0.0:
+        # every format stores zeros exactly: the allocator takes the cheapest, and says so
+        note = "all zeros: stored exactly in the smallest format"
     weighted = wsse if wsse is not None else [None] * len(sse)
     candidates = [
         Candidate(f.name, f.nbytes(info.shape, dtype_bytes), float(s), w)
@@ -185,10 +192,11 @@ def cache_key(
     calibration: str = "",
     scales: str = "rtn",
 ) -> str:
-    """What an analysis depends on: source identity, candidates, output dtype, calibration
-    (the key of the Fisher weights, empty without), scale method and version."""
+    """What an analysis file depends on besides the tensors themselves (which each line
+    identifies by content hash): the model's config, candidates, output dtype, calibration (the
+    key of the Fisher weights, empty without), scale method and version."""
     h = hashlib.sha256()
-    h.update(source.fingerprint().encode())
+    h.update(json.dumps(source.config, sort_keys=True).encode())
     h.update(calibration.encode())
     h.update(scales.encode())
     h.update(",".join(f.name for f in formats).encode())
@@ -208,15 +216,16 @@ def default_cache_path(
     return cache_root() / "analysis" / f"{key}.jsonl"
 
 
-def read_cache(path: Path, key: str) -> dict[str, RDCurve]:
-    """Curves already in the cache file at ``path`` (an empty dict if it does not exist yet).
+def read_cache(path: Path, key: str) -> dict[tuple[str, str], RDCurve]:
+    """Curves already in the cache file at ``path``, by (module path, content hash); an empty
+    dict if the file does not exist yet.
 
-    A truncated last line (a run killed mid-write) is ignored; a cache made for another source
-    or candidate set is refused rather than silently mixed in.
+    A truncated last line (a run killed mid-write) is ignored; a cache made for another model
+    config or candidate set is refused rather than silently mixed in.
     """
     if not path.exists():
         return {}
-    curves: dict[str, RDCurve] = {}
+    curves: dict[tuple[str, str], RDCurve] = {}
     with open(path) as f:
         lines = f.read().splitlines()
     if not lines:
@@ -235,7 +244,7 @@ def read_cache(path: Path, key: str) -> dict[str, RDCurve]:
             curve = RDCurve.from_json(json.loads(line))
         except (ValueError, KeyError, TypeError):
             continue  # partial line from an interrupted run: re-analyse that tensor
-        curves[curve.path] = curve
+        curves[(curve.path, curve.digest)] = curve
     return curves
 
 
@@ -258,20 +267,26 @@ def analyze(
     path = cache_path or default_cache_path(source, formats, dtype, calibration, scales)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_cache(path, key)
-    todo: Iterable[TensorInfo] = [t for t in source.quantizable if t.path not in done]
-    todo = list(todo)
-    if todo:
-        new_file = not path.exists() or path.stat().st_size == 0
-        with open(path, "a") as f:
-            if new_file:
-                f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
-            bar = tqdm(todo, desc="analyse", unit="tensor", disable=not progress)
-            for info in bar:
-                bar.set_postfix_str(info.path[-40:], refresh=False)
-                cols = None if columns is None else columns[info.key].astype(mx.float32)
-                curve = analyze_tensor(info, source.tensor(info.key), formats, dtype, cols, scales)
+    curves: dict[str, RDCurve] = {}
+    new_file = not path.exists() or path.stat().st_size == 0
+    with open(path, "a") as f:
+        if new_file:
+            f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
+        bar = tqdm(source.quantizable, desc="analyse", unit="tensor", disable=not progress)
+        for info in bar:
+            digest = source.digest(info.key)  # reads the tensor only if its hash is not known
+            cached = done.get((info.path, digest))
+            if cached is not None:
+                curves[info.path] = cached
                 source.release(info.key)
-                f.write(json.dumps(curve.to_json()) + "\n")
-                f.flush()
-                done[info.path] = curve
-    return [done[t.path] for t in source.quantizable]
+                continue
+            bar.set_postfix_str(info.path[-40:], refresh=False)
+            cols = None if columns is None else columns[info.key].astype(mx.float32)
+            curve = analyze_tensor(info, source.tensor(info.key), formats, dtype, cols, scales)
+            curve.digest = digest
+            source.release(info.key)
+            f.write(json.dumps(curve.to_json()) + "\n")
+            f.flush()
+            curves[info.path] = curve
+    source.digest_memo.save()
+    return [curves[t.path] for t in source.quantizable]

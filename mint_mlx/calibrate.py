@@ -55,7 +55,7 @@ class CalibrationConfig:
 
     def key(self, source: Source) -> str:
         h = hashlib.sha256()
-        h.update(source.fingerprint().encode())
+        h.update(source.content_fingerprint().encode())
         h.update(f"v{CALIBRATION_VERSION}:{self.sequences}:{self.seq_len}:{self.seed}".encode())
         if self.text_file:
             h.update(hashlib.sha256(Path(self.text_file).read_bytes()).digest())

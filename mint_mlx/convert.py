@@ -7,7 +7,9 @@ directory -> check it loads as planned -> rename into place -> optionally upload
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,13 +18,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
-from .errors import BudgetError, MintError, OutputExistsError
+from .errors import BudgetError, DiskFullError, MintError, OutputExistsError
 from .layout import MAX_SHARD_BYTES
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
 from .save import save_model_dir, staging_dir
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 from .source import Source, open_source
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -154,24 +156,51 @@ def convert(
         name=out.name,
         images=CARD_IMAGES,
     )
-    with staging_dir(out, force) as tmp:
-        card_figures(prepared, plan, tmp, out.name)
-        save_model_dir(
-            source,
-            plan,
-            tmp,
-            out_dtype,
-            card,
-            max_shard_bytes=max_shard_bytes,
-            progress=progress,
-            columns=prepared.columns,
-        )
+    check_free_space(out, plan.total_bytes)
+    try:
+        with staging_dir(out, force) as tmp:
+            card_figures(prepared, plan, tmp, out.name)
+            save_model_dir(
+                source,
+                plan,
+                tmp,
+                out_dtype,
+                card,
+                max_shard_bytes=max_shard_bytes,
+                progress=progress,
+                columns=prepared.columns,
+            )
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space left on the device of {out.parent} while saving (the model needs "
+                f"{format_size(plan.total_bytes)}); free space or pick another --mlx-path, then "
+                "re-run: the analysis is cached"
+            ) from e
+        raise
     url = None
     if upload_repo:
         from .hub import upload
 
         url = upload(out, upload_repo)
     return ConvertResult(plan, out, prepared.cache, url)
+
+
+#: Room kept free beyond the weights: config, tokenizer, card and its figures.
+SPACE_MARGIN = 64 * 2**20
+
+
+def check_free_space(out: Path, weight_bytes: int) -> None:
+    """Refuse up front when the output's file system cannot hold the model."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < weight_bytes + SPACE_MARGIN:
+        raise DiskFullError(
+            f"{parent} has {format_size(free)} free but the model needs "
+            f"{format_size(weight_bytes + SPACE_MARGIN)}; free space or pick another --mlx-path"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

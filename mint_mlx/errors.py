@@ -42,5 +42,9 @@ class SaveCheckError(MintError):
     """The saved model does not load the way the plan says it should."""
 
 
+class DiskFullError(MintError):
+    """The output's file system has no room for the model."""
+
+
 class HubError(MintError):
     """Downloading from or uploading to the Hugging Face hub failed."""

@@ -8,7 +8,7 @@ size/quality curve cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,6 +43,7 @@ class Prepared:
     columns: dict[str, mx.array] | None
     cache: Path
     max_shard_bytes: int = MAX_SHARD_BYTES
+    notes: list[str] = field(default_factory=list)  # said with every plan
 
     def fixed(self, budget: int) -> int:
         """Bytes outside the allocator's control at this budget (see layout.fixed_bytes)."""
@@ -97,6 +98,7 @@ class Prepared:
             cost_fn=lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
         )
         plan.scales = self.scales
+        plan.notes = [*self.notes, *plan.notes]
         plan.total_bytes = exact_total_bytes(self.source, plan, self.dtype, self.max_shard_bytes)
         if plan.total_bytes > budget:  # the accounting is an upper bound: a bug if this fires
             raise BudgetError(
@@ -122,14 +124,21 @@ def prepare(
     The ``fisher`` objective first estimates output sensitivities: from text the model samples
     itself, or from the ``calibration`` text file.
     """
-    formats = formats_for(objective)
-    columns, calib_key = None, ""
+    columns, calib_key, notes = None, "", []
     if objective == "fisher":
         from .calibrate import CalibrationConfig, calibrate
 
         config = CalibrationConfig(text_file=calibration)
         calib_key = config.key(source)
         columns = calibrate(source, config, progress=progress)
+        if not all(bool(mx.all(mx.isfinite(c)).item()) for c in columns.values()):
+            # NaN/Inf weights make every gradient NaN: weigh by weight error instead, and say so
+            notes.append(
+                "the sensitivity pass gave non-finite values (the source has NaN/Inf weights); "
+                "planned with --objective nrmse instead"
+            )
+            objective, columns, calib_key = "nrmse", None, ""
+    formats = formats_for(objective)
     cache = analysis or default_cache_path(source, formats, dtype, calib_key, scales)
     curves = analyze(
         source,
@@ -142,5 +151,5 @@ def prepare(
         scales=scales,
     )
     return Prepared(
-        source, dtype, objective, scales, min_sqnr, curves, columns, cache, max_shard_bytes
+        source, dtype, objective, scales, min_sqnr, curves, columns, cache, max_shard_bytes, notes
     )

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .digests import DigestMemo, tensor_digest
 from .errors import HubError, SourceError, UnsupportedModelError
 from .formats import Format, format_from_entry
 from .safetensors_io import read_header
@@ -88,6 +89,7 @@ class Source:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, mx.Dtype] = field(default_factory=dict)
     shard_files: list[Path] = field(default_factory=list)
+    _memo: DigestMemo | None = field(default=None, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -132,8 +134,35 @@ class Source:
         """Drop a tensor after use so that memory stays bounded by a few tensors."""
         self.weights.pop(key, None)
 
+    @property
+    def digest_memo(self) -> DigestMemo:
+        if self._memo is None:
+            self._memo = DigestMemo(self.path, self.fingerprint())
+        return self._memo
+
+    def digest(self, key: str) -> str:
+        """Content hash of one tensor: remembered while the shards are unchanged, otherwise
+        computed from the data (which leaves the tensor loaded until :meth:`release`)."""
+        known = self.digest_memo.get(key)
+        if known is not None:
+            return known
+        digest = tensor_digest(self.tensor(key))
+        self.digest_memo.put(key, digest)
+        return digest
+
+    def content_fingerprint(self) -> str:
+        """Identity of the weights by content: the config and every tensor's hash. Reads
+        every tensor once the first time (one at a time), then answers from the memo."""
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for key in sorted(self.shapes):
+            h.update(f"{key}={self.digest(key)};".encode())
+            self.release(key)
+        self.digest_memo.save()
+        return h.hexdigest()[:24]
+
     def fingerprint(self) -> str:
-        """Identity of the source for caches: config and each shard's name, size and mtime."""
+        """Cheap identity of the files: config and each shard's name, size and mtime. Used
+        only to decide whether remembered content hashes are still valid."""
         h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
         for f in sorted(self.shard_files):
             st = f.stat()
