@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -257,36 +258,86 @@ def analyze(
     columns: dict[str, mx.array] | None = None,
     calibration: str = "",
     scales: str = "rtn",
+    jobs: int = 1,
 ) -> list[RDCurve]:
     """RD curves for every quantizable tensor of ``source``, reusing and extending the cache.
 
     ``columns`` are per-tensor Fisher column weights (keyed by weight name) and ``calibration``
-    their cache key; with them every candidate also gets a weighted error.
+    their cache key; with them every candidate also gets a weighted error. ``jobs`` worker
+    processes share the work; under ``mlx.launch`` the ranks split the tensors between them
+    (:mod:`mint_mlx.parallel`). The result is the same either way.
     """
+    from .parallel import (
+        PARALLEL_MIN_ELEMENTS,
+        all_gather_text,
+        analyse_in_pool,
+        distributed_group,
+        rank_share,
+    )
+
     key = cache_key(source, formats, dtype, calibration, scales)
     path = cache_path or default_cache_path(source, formats, dtype, calibration, scales)
     path.parent.mkdir(parents=True, exist_ok=True)
+    group = distributed_group()
+    writer = group is None or group.rank() == 0  # one process writes the cache file
     done = read_cache(path, key)
+    infos = list(source.quantizable)
+    mine = infos if group is None else list(rank_share(infos, group))
     curves: dict[str, RDCurve] = {}
+    todo: list[tuple[TensorInfo, str]] = []
+    for info in mine:
+        digest = source.digest(info.key)  # reads the tensor only if its hash is not known
+        cached = done.get((info.path, digest))
+        if cached is not None:
+            curves[info.path] = cached
+        else:
+            todo.append((info, digest))
+        source.release(info.key)
+
     new_file = not path.exists() or path.stat().st_size == 0
-    with open(path, "a") as f:
-        if new_file:
+    with open(path, "a") if writer else open(os.devnull, "w") as f:
+        if new_file and writer:
             f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
-        bar = tqdm(source.quantizable, desc="analyse", unit="tensor", disable=not progress)
-        for info in bar:
-            digest = source.digest(info.key)  # reads the tensor only if its hash is not known
-            cached = done.get((info.path, digest))
-            if cached is not None:
-                curves[info.path] = cached
-                source.release(info.key)
-                continue
-            bar.set_postfix_str(info.path[-40:], refresh=False)
-            cols = None if columns is None else columns[info.key].astype(mx.float32)
-            curve = analyze_tensor(info, source.tensor(info.key), formats, dtype, cols, scales)
-            curve.digest = digest
-            source.release(info.key)
+        bar = tqdm(total=len(todo), desc="analyse", unit="tensor", disable=not progress)
+        digests = dict((info.path, digest) for info, digest in todo)
+
+        def record(curve: RDCurve) -> None:
+            curve.digest = digests[curve.path]
             f.write(json.dumps(curve.to_json()) + "\n")
             f.flush()
-            curves[info.path] = curve
+            curves[curve.path] = curve
+            bar.set_postfix_str(curve.path[-40:], refresh=False)
+            bar.update(1)
+
+        todo_elements = sum(info.numel for info, _ in todo)
+        if jobs > 1 and len(todo) > 1 and todo_elements >= PARALLEL_MIN_ELEMENTS:
+            analyse_in_pool(
+                source,
+                [info for info, _ in todo],
+                formats,
+                dtype,
+                columns,
+                scales,
+                min(jobs, len(todo)),
+                lambda info, d: record(RDCurve.from_json(d)),
+            )
+        else:
+            for info, _ in todo:
+                cols = None if columns is None else columns[info.key].astype(mx.float32)
+                weight = source.tensor(info.key)
+                record(analyze_tensor(info, weight, formats, dtype, cols, scales))
+                source.release(info.key)
+        bar.close()
+
+        if group is not None:  # every rank gets every curve; rank 0 caches the new ones
+            mine_text = "\n".join(json.dumps(curves[i.path].to_json()) for i in mine)
+            for text in all_gather_text(mine_text, group):
+                for line in filter(None, text.split("\n")):
+                    curve = RDCurve.from_json(json.loads(line))
+                    if curve.path not in curves:
+                        curves[curve.path] = curve
+                        if (curve.path, curve.digest) not in done:
+                            f.write(line + "\n")
+            f.flush()
     source.digest_memo.save()
-    return [curves[t.path] for t in source.quantizable]
+    return [curves[t.path] for t in infos]

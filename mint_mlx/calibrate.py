@@ -192,7 +192,7 @@ def calibrate(
     weights = column_fisher(model, seqs, keys, progress)
     del model
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.safetensors")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.safetensors")  # ranks may share the cache
     mx.save_safetensors(str(tmp), weights)
     tmp.replace(path)
     return weights

@@ -20,6 +20,7 @@ import mlx.core as mx
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .errors import BudgetError, DiskFullError, MintError, OutputExistsError
 from .layout import MAX_SHARD_BYTES
+from .parallel import default_jobs, distributed_group
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
@@ -72,6 +73,7 @@ class ConvertResult:
     path: Path | None
     analysis: Path | None
     url: str | None = None
+    rank: int = 0  # under mlx.launch: only rank 0 prints and saves
 
 
 def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
@@ -112,6 +114,7 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     command: str | None = None,
+    jobs: int = 1,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
@@ -144,8 +147,12 @@ def convert(
         calibration=None if calibration is None else str(calibration),
         max_shard_bytes=max_shard_bytes,
         progress=progress,
+        jobs=jobs,
     )
     plan = prepared.plan(nbytes)
+    group = distributed_group()
+    if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
+        return ConvertResult(plan, None, prepared.cache, rank=group.rank())
     if dry_run:
         return ConvertResult(plan, None, prepared.cache)
     card = model_card(
@@ -240,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--analysis", help="analysis cache file (default: in ~/.cache/mint_mlx)")
     p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     p.add_argument("--upload-repo", help="hub repo (org/name) to upload the result to")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help="analysis worker processes (default: all cores); under mlx.launch, per rank",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -272,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scales=args.scales,
             progress=not args.quiet,
             command=command,
+            jobs=args.jobs,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -282,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if result.rank != 0:
+        return 0  # mlx.launch worker rank: rank 0 reports
     print_plan(result.plan)
     if result.path is not None:
         print(f"saved {result.path}")

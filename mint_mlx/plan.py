@@ -18,6 +18,7 @@ from typing import Any
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
 from .errors import MintError
+from .parallel import default_jobs
 from .planner import Prepared, prepare
 from .sizes import format_size, parse_size
 from .source import open_source
@@ -123,6 +124,7 @@ def plan(
     min_sqnr: float = DEFAULT_MIN_SQNR,
     analysis: str | Path | None = None,
     progress: bool = False,
+    jobs: int = 1,
 ) -> PlanReport:
     """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine."""
     from .convert import output_dtype
@@ -137,6 +139,7 @@ def plan(
         min_sqnr=min_sqnr,
         analysis=Path(analysis) if analysis else None,
         progress=progress,
+        jobs=jobs,
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -220,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
     p.add_argument("--min-sqnr", type=float, default=DEFAULT_MIN_SQNR)
     p.add_argument("--analysis", help="analysis cache file")
+    p.add_argument(
+        "--jobs", type=int, default=default_jobs(), help="analysis worker processes (all cores)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
@@ -235,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_sqnr=args.min_sqnr,
             analysis=args.analysis,
             progress=not args.quiet,
+            jobs=args.jobs,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

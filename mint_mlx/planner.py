@@ -118,6 +118,7 @@ def prepare(
     calibration: str | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
+    jobs: int = 1,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
@@ -149,6 +150,7 @@ def prepare(
         columns=columns,
         calibration=calib_key,
         scales=scales,
+        jobs=jobs,
     )
     return Prepared(
         source, dtype, objective, scales, min_sqnr, curves, columns, cache, max_shard_bytes, notes

@@ -1,0 +1,81 @@
+"""Parallel analysis: worker processes (--jobs) and mlx.launch ranks give the single-process
+plan, and the cache ends up with every tensor exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mint_mlx.parallel
+from mint_mlx.allocate import Plan
+from mint_mlx.convert import convert
+from mint_mlx.save import PLAN_FILE
+
+
+def cache_records(path: Path) -> dict[str, dict]:
+    lines = path.read_text().splitlines()[1:]
+    records = [json.loads(line) for line in lines]
+    paths = [r["path"] for r in records]
+    assert len(paths) == len(set(paths)), "a tensor was analysed twice"
+    return {r["path"]: r for r in records}
+
+
+def test_worker_processes_give_the_same_analysis(
+    tiny_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serial = convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=tmp_path / "1.jsonl", dry_run=True)
+    monkeypatch.setattr(mint_mlx.parallel, "PARALLEL_MIN_ELEMENTS", 0)
+    calls = {"n": 0}
+    real = mint_mlx.parallel.analyse_in_pool
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mint_mlx.parallel, "analyse_in_pool", counted)
+    pooled = convert(
+        tiny_moe, tmp_path / "o", bpw=4.0, analysis=tmp_path / "2.jsonl", dry_run=True, jobs=2
+    )
+    assert calls["n"] == 1  # the pool really ran
+    assert cache_records(tmp_path / "2.jsonl") == cache_records(tmp_path / "1.jsonl")
+    assert pooled.plan.formats == serial.plan.formats
+
+
+def test_mlx_launch_ranks_split_the_analysis(tiny_llama: Path, tmp_path: Path) -> None:
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():
+        pytest.skip("mlx.launch is not installed next to this Python")
+    single = convert(tiny_llama, tmp_path / "single", bpw=4.0, analysis=tmp_path / "1.jsonl")
+    env = dict(os.environ, MINT_MLX_CACHE=str(tmp_path / "cache"))
+    cmd = [
+        str(launcher),
+        "-n",
+        "2",
+        "--",
+        sys.executable,
+        "-m",
+        "mint_mlx.convert",
+        "--hf-path",
+        str(tiny_llama),
+        "--mlx-path",
+        str(tmp_path / "dist"),
+        "--bpw",
+        "4",
+        "--analysis",
+        str(tmp_path / "2.jsonl"),
+        "--jobs",
+        "1",
+        "--quiet",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("saved ") == 1  # rank 0 alone reports and saves
+    assert cache_records(tmp_path / "2.jsonl") == cache_records(tmp_path / "1.jsonl")
+    dist = Plan.load(tmp_path / "dist" / PLAN_FILE)
+    assert dist.formats == single.plan.formats
+    assert dist.total_bytes == single.plan.total_bytes
