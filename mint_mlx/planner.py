@@ -8,6 +8,8 @@ size/quality curve cheap.
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +67,8 @@ class Prepared:
             lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
         )
 
-    def size_range(self) -> tuple[int, int]:
-        """(smallest feasible budget, 16-bit size) in bytes.
+    def _bounds(self) -> tuple[int, int]:
+        """(smallest, 16-bit) budgets under the allocator's per-tensor byte bounds.
 
         Header sizes depend on the budget (digits of byte offsets), so the smallest size is
         computed at the digit count of a first, looser bound: a budget of exactly that size
@@ -77,14 +79,36 @@ class Prepared:
         _, full = self._range(offset_digits(loose_full), loose_full)
         return low, full
 
+    @functools.cached_property
+    def smallest_plan(self) -> Plan:
+        """The cheapest plan that passes the veto, with its exact size.
+
+        The allocator's per-tensor header bounds overstate the exact file size by a few bytes
+        per tensor, so budgets between the exact size of this plan and the bounded one are
+        feasible only as this plan.
+        """
+        return self._allocate(self._bounds()[0])
+
+    def size_range(self) -> tuple[int, int]:
+        """(smallest feasible budget, 16-bit size) in bytes; the smallest is exact."""
+        return self.smallest_plan.total_bytes, self._bounds()[1]
+
     def plan(self, budget: int) -> Plan:
         """The allocation for ``budget`` bytes, with its exact size on disk filled in."""
-        low, _ = self.size_range()
-        if budget < low:
+        smallest = self.smallest_plan
+        if budget < smallest.total_bytes:
+            low = smallest.total_bytes
             raise BudgetError(
                 f"budget {format_size(budget)} is below the smallest feasible size "
                 f"{format_size(low, round_up=True)} ({low} bytes); raise the budget to at least that"
             )
+        if budget < self._bounds()[0]:
+            plan = copy.deepcopy(smallest)
+            plan.budget = budget
+            return plan
+        return self._allocate(budget)
+
+    def _allocate(self, budget: int) -> Plan:
         digits = offset_digits(budget)
         plan = allocate(
             self.curves,

@@ -245,6 +245,7 @@ def test_budget_too_small_states_minimum(
     )
     assert_one_line_error(code, err, "smallest feasible size")
     minimum = err.split("smallest feasible size ")[1].split(" ")[0]
+    err_bytes = err
     assert not (tmp_path / "o").exists()
     # the stated minimum really is enough
     code, _, err = run_cli(
@@ -253,6 +254,12 @@ def test_budget_too_small_states_minimum(
     )
     assert code == 0, err
     assert weight_bytes(tmp_path / "o") <= parse_size(minimum)
+    # and the exact minimum in bytes is exact: it converts, one byte less does not
+    exact = int(err_bytes.split("(")[1].split(" bytes")[0])
+    dry = convert(tiny_llama, tmp_path / "x", budget=exact, dry_run=True).plan
+    assert dry.total_bytes == exact
+    with pytest.raises(BudgetError):
+        convert(tiny_llama, tmp_path / "x", budget=exact - 1, dry_run=True)
 
 
 def test_output_exists_without_force(
