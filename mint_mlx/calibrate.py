@@ -160,6 +160,17 @@ def required_memory(source: Source) -> int:
     return int(source.total_parameters * 4 * 2.5)
 
 
+def memory_shortfall(source: Source) -> str | None:
+    """Why the in-memory sensitivity pass cannot run here, or None if it can."""
+    need, have = required_memory(source), physical_memory()
+    if have and need > 0.8 * have:
+        return (
+            f"the fisher objective's sensitivity pass needs about {format_size(need)} of memory "
+            f"and this machine has {format_size(have)}"
+        )
+    return None
+
+
 def calibrate(
     source: Source, config: CalibrationConfig | None = None, progress: bool = False
 ) -> dict[str, mx.array]:
@@ -174,12 +185,11 @@ def calibrate(
         loaded = mx.load(str(path))
         assert isinstance(loaded, dict)
         return loaded
-    need, have = required_memory(source), physical_memory()
-    if have and need > 0.8 * have:
+    shortfall = memory_shortfall(source)
+    if shortfall:
         raise CalibrationMemoryError(
-            f"the fisher objective's sensitivity pass needs about {format_size(need)} of memory "
-            f"and this machine has {format_size(have)}; use --objective nrmse (weight error only) "
-            "or run on a machine with more memory"
+            f"{shortfall}; use --objective nrmse (weight error only) or run on a machine with "
+            "more memory"
         )
     model, tokenizer = load_float32_model(source)
     if config.text_file:

@@ -151,6 +151,13 @@ def prepare(
     """
     columns, calib_key, notes = None, "", []
     if objective == "fisher":
+        from .calibrate import memory_shortfall
+
+        shortfall = memory_shortfall(source)
+        if shortfall:  # a model larger than memory still converts, by weight error
+            notes.append(f"{shortfall}: planned with --objective nrmse instead")
+            objective = "nrmse"
+    if objective == "fisher":
         from .calibrate import CalibrationConfig, calibrate
 
         config = CalibrationConfig(text_file=calibration)

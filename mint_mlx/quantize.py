@@ -40,6 +40,47 @@ def quantize_weight(
     return {"weight": out[0], "scales": out[1]}
 
 
+#: Elements per piece when quantizing a large tensor for saving: rows are independent, so a
+#: tensor is quantized in row blocks and the pieces joined, and memory stays bounded by a
+#: block's temporaries (the scale fit keeps several float32 copies) instead of the tensor's.
+SAVE_CHUNK_ELEMENTS = 1 << 23
+
+
+def quantize_in_chunks(
+    weight: mx.array,
+    fmt: Format,
+    dtype: mx.Dtype,
+    scales: str = "rtn",
+    columns: mx.array | None = None,
+    chunk_elements: int = SAVE_CHUNK_ELEMENTS,
+) -> dict[str, mx.array]:
+    """:func:`quantize_weight`, block by block of rows (and expert by expert): same arrays."""
+    if weight.ndim == 3:
+        parts = [
+            quantize_in_chunks(
+                weight[e],
+                fmt,
+                dtype,
+                scales,
+                None if columns is None or columns.ndim == 1 else columns[e],
+                chunk_elements,
+            )
+            for e in range(weight.shape[0])
+        ]
+        return {k: mx.stack([p[k] for p in parts]) for k in parts[0]}
+    step = max(1, chunk_elements // max(1, weight.shape[-1]))
+    if weight.ndim != 2 or weight.shape[0] <= step:
+        out = quantize_weight(weight, fmt, dtype, scales, columns)
+        mx.eval(out)
+        return out
+    pieces = []
+    for start in range(0, weight.shape[0], step):
+        piece = quantize_weight(weight[start : start + step], fmt, dtype, scales, columns)
+        mx.eval(piece)
+        pieces.append(piece)
+    return {k: mx.concatenate([p[k] for p in pieces], axis=0) for k in pieces[0]}
+
+
 def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     """The float32 weight the saved arrays represent.
 

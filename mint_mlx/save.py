@@ -25,7 +25,7 @@ from .allocate import Plan
 from .errors import OutputExistsError, SaveCheckError
 from .formats import Format, format_from_entry
 from .layout import MAX_SHARD_BYTES, output_layout, passthrough_dtype, total_file_bytes
-from .quantize import quantize_weight
+from .quantize import quantize_in_chunks
 from .safetensors_io import ShardLayout, ShardWriter, read_header
 from .source import Source, copy_support_files
 
@@ -77,7 +77,7 @@ def _arrays(
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         weight = source.tensor(key)
         if module is not None and module in plan_formats:
-            arrays = quantize_weight(
+            arrays = quantize_in_chunks(
                 weight,
                 plan_formats[module],
                 dtype,

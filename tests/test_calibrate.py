@@ -88,22 +88,23 @@ def test_missing_calibration_file(tiny_llama: Path, tmp_path: Path, bad: str) ->
         convert(tiny_llama, tmp_path / "o", bpw=4, calibration=tmp_path / bad)
 
 
-def test_too_large_for_memory_is_refused(
+def test_too_large_for_memory_falls_back_to_weight_error(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A model larger than memory still converts: the sensitivity pass is skipped (it would
+    hold the whole model in float32), nrmse plans instead, and the plan says so."""
     import mint_mlx.calibrate as calibrate_module
-    from mint_mlx.convert import main
+    from mint_mlx.convert import convert
 
     # a fresh cache: a sensitivity pass cached by an earlier test would (rightly) skip the check
     monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(calibrate_module, "physical_memory", lambda: 1000)
-    code = main(
-        ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4", "--quiet"]
-    )
-    assert code == 2 and not (tmp_path / "o").exists()
-    # the weight-error objective needs no such pass and still works
-    code = main(
-        ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4", "--quiet"]
-        + ["--objective", "nrmse"]
-    )
-    assert code == 0
+    plan = convert(tiny_llama, tmp_path / "o", bpw=4).plan
+    assert plan.objective == "nrmse"
+    assert any("sensitivity pass needs about" in n and "--objective nrmse" in n for n in plan.notes)
+    assert (tmp_path / "o" / "config.json").exists()
+    # calling the pass directly still refuses, with the alternative named
+    from mint_mlx.source import open_source
+
+    with pytest.raises(calibrate_module.CalibrationMemoryError, match="--objective nrmse"):
+        calibrate_module.calibrate(open_source(tiny_llama))

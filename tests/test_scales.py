@@ -77,3 +77,23 @@ def test_expert_stacks_use_per_expert_columns() -> None:
     # each expert's own columns steer its fit: weighted error no worse for every expert
     for fitted, plain in zip(expert_errors(weighted), expert_errors(unweighted), strict=True):
         assert fitted <= plain * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("scales", ["rtn", "optimized"])
+@pytest.mark.parametrize("name", ["affine-3-g64", "affine-4-g32", "mxfp4", "fp16"])
+def test_saving_in_row_blocks_gives_the_same_arrays(scales: str, name: str) -> None:
+    """Save quantizes big tensors block by block to bound memory: rows are independent, so
+    the result must be the whole-tensor result exactly (2-D and expert stacks)."""
+    from mint_mlx.formats import format_by_name
+    from mint_mlx.quantize import quantize_in_chunks
+
+    fmt = format_by_name(name)
+    for shape, cols_shape in (((37, 256), (256,)), ((3, 20, 128), (3, 128))):
+        w = heavy_tailed(shape, seed=len(shape))
+        cols = mx.array(np.random.default_rng(1).gamma(0.5, size=cols_shape).astype(np.float32))
+        whole = quantize_weight(w, fmt, mx.bfloat16, scales, cols)
+        blocks = quantize_in_chunks(w, fmt, mx.bfloat16, scales, cols, chunk_elements=5 * 256)
+        assert whole.keys() == blocks.keys()
+        for k in whole:
+            assert whole[k].shape == blocks[k].shape, k
+            assert mx.array_equal(whole[k], blocks[k]).item(), (name, shape, k)

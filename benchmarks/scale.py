@@ -1,0 +1,342 @@
+"""Streaming bound (issue 5): convert a synthetic multi-GB llama checkpoint, measure time and RSS.
+
+1. Generate (once, cached) a llama checkpoint of about 6 GB in bfloat16: real safetensors shards
+   with an index, real config, the SmolLM2 testbed's tokenizer. Weights are random but not
+   trivial: each row has its own log-normal scale and 0.1% of entries are 8x outliers, so
+   groups differ and the analysis has real work to do.
+2. ``python -m mint_mlx.convert --bpw 4.5`` on it, and ``python -m mlx_lm convert -q`` (4-bit
+   g64) on the same files, each as a child process. Peak memory is measured two ways: the
+   kernel's ``ru_maxrss`` of the largest process, and the sum of RSS over the whole process
+   tree sampled every 0.2 s from /proc (worker processes count).
+
+    python benchmarks/scale.py --jobs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+#: ``--smoke``: the same pipeline on a model of ~30M parameters, to check it in a minute.
+SMOKE_CONFIG = dict(
+    CONFIG,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+)
+SHARD_BYTES = 1_500_000_000
+SEED = 0
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _matrix(rng: Any, rows: int, cols: int) -> Any:
+    """Heavy-tailed rows: per-row log-normal scale, Gaussian body, 0.1% outliers at 8 sigma."""
+    import numpy as np
+
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    w *= (rng.lognormal(0.0, 0.5, size=(rows, 1)) / np.sqrt(cols)).astype(np.float32)
+    n_out = max(1, rows * cols // 1000)
+    idx = rng.integers(0, rows * cols, size=n_out)
+    w.reshape(-1)[idx] *= 8.0
+    return w
+
+
+def tensor_shapes(config: dict[str, Any], vocab: int) -> dict[str, tuple[int, ...]]:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def build_checkpoint(out: Path, tokenizer_dir: Path, base: dict[str, Any] = CONFIG) -> Path:
+    """Write the synthetic checkpoint to ``out`` (skipped when a complete one is there)."""
+    import mlx.core as mx
+    import numpy as np
+    from tqdm import tqdm
+
+    if (out / "complete.json").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in tokenizer_dir.glob("tokenizer*"):
+        shutil.copy2(f, out / f.name)
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = dict(base, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    shapes = tensor_shapes(config, vocab)
+    rng = np.random.default_rng(SEED)
+    shard: dict[str, mx.array] = {}
+    shard_bytes, n_shards, weight_map = 0, 0, {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes, n_shards
+        n_shards += 1
+        name = f"model-{n_shards:05d}.safetensors"
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shard, shard_bytes = {}, 0
+
+    for key, shape in tqdm(shapes.items(), desc="synthetic checkpoint", unit="tensor"):
+        if len(shape) == 1:
+            arr = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            arr = _matrix(rng, *shape)
+        t = mx.array(arr).astype(mx.bfloat16)
+        mx.eval(t)
+        nbytes = t.nbytes
+        if shard and shard_bytes + nbytes > SHARD_BYTES:
+            flush()
+        shard[key] = t
+        shard_bytes += nbytes
+    flush()
+    final = {
+        k: v.replace(".safetensors", f"-of-{n_shards:05d}.safetensors")
+        for k, v in weight_map.items()
+    }
+    for old in sorted(set(weight_map.values())):
+        (out / old).rename(out / old.replace(".safetensors", f"-of-{n_shards:05d}.safetensors"))
+    total = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": final}, indent=1)
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    (out / "complete.json").write_text(json.dumps({"bytes": total, "parameters": params}))
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Sum of resident memory over ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            pid, ppid = int(entry), int(fields[1])
+            rss[pid] = int(fields[21]) * page
+            children.setdefault(ppid, []).append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd``; wall time, CPU time, ``ru_maxrss`` (largest process) and the sampled peak
+    of the whole process tree's RSS."""
+    load = os.getloadavg()[0]
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _tree_rss_bytes(proc.pid))
+                stop.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        stop.set()
+        sampler.join()
+        wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"error: {shlex.join(cmd)} failed ({code}):\n{log.read_text()[-2000:]}")
+    return {
+        "command": shlex.join(cmd),
+        "wall_seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "max_process_rss_mib": usage.ru_maxrss / 1024.0,
+        "tree_rss_peak_mib": peak[0] / 2**20,
+        "load_average_1min": [load, os.getloadavg()[0]],
+    }
+
+
+def markdown(state: dict[str, Any]) -> str:
+    ck = state["checkpoint"]
+    gb = ck["parameters"] / 1e9
+    lines = [
+        f"### Streaming bound: synthetic llama, {ck['parameters']:,} parameters, "
+        f"{ck['bytes'] / 1e9:.2f} GB bf16 in {ck['shards']} shards",
+        "",
+        f"Machine: {state['machine']['platform']}, {state['machine']['cpus']} CPUs, "
+        f"{state['machine']['memory_gb']:.0f} GB RAM; MLX {state['machine']['mlx']} on the CPU.",
+        "",
+        "| conversion | wall s | s per 1B params | CPU s | peak RSS, largest process MiB "
+        "| peak RSS, process tree MiB | output bytes | bits/weight | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in state["runs"]:
+        lines.append(
+            f"| {r['label']} | {r['wall_seconds']:.0f} | {r['wall_seconds'] / gb:.0f} "
+            f"| {r['cpu_seconds']:.0f} | {r['max_process_rss_mib']:.0f} "
+            f"| {r['tree_rss_peak_mib']:.0f} | {r['output_bytes']:,} "
+            f"| {8 * r['output_bytes'] / ck['parameters']:.3f} "
+            f"| {r['load_average_1min'][0]:.1f} / {r['load_average_1min'][1]:.1f} |"
+        )
+    lines += ["", "```", *[r["command"] for r in state["runs"]], "```", ""]
+    notes = state.get("notes") or []
+    if notes:
+        lines += ["mint-mlx notes:", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/scale.py", description=__doc__)
+    p.add_argument("--work", type=Path, help="where the checkpoint and outputs go (default: cache)")
+    p.add_argument("--bpw", type=float, default=4.5)
+    p.add_argument("--jobs", type=int, default=1, help="mint-mlx analysis worker processes")
+    p.add_argument("--skip-stock", action="store_true", help="do not run mlx_lm convert")
+    p.add_argument("--smoke", action="store_true", help="a ~30M-parameter model (a quick check)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+
+    from mint_mlx.paths import cache_root
+    from mint_mlx.testbed import ensure_testbed
+
+    work = args.work or cache_root() / ("scale-smoke" if args.smoke else "scale")
+    ckpt = build_checkpoint(
+        work / "synthetic-llama",
+        ensure_testbed("smollm2-135m"),
+        SMOKE_CONFIG if args.smoke else CONFIG,
+    )
+    info = json.loads((ckpt / "complete.json").read_text())
+    info["shards"] = len(list(ckpt.glob("*.safetensors")))
+    runs = []
+    env = dict(os.environ, MINT_MLX_CACHE=str(work / "mint-cache"))
+    shutil.rmtree(work / "mint-cache", ignore_errors=True)  # cold: analysis included
+    for label, out, cmd in [
+        (
+            f"mint_mlx.convert --bpw {args.bpw} --jobs {args.jobs} (cold)",
+            work / "mint-out",
+            [
+                sys.executable,
+                "-m",
+                "mint_mlx.convert",
+                "--hf-path",
+                str(ckpt),
+                "--mlx-path",
+                str(work / "mint-out"),
+                "--bpw",
+                str(args.bpw),
+                "--jobs",
+                str(args.jobs),
+                "--force",
+                "--quiet",
+            ],
+        ),
+        (
+            "mlx_lm convert -q (4-bit g64)",
+            work / "stock-out",
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "convert",
+                "--hf-path",
+                str(ckpt),
+                "--mlx-path",
+                str(work / "stock-out"),
+                "-q",
+            ],
+        ),
+    ]:
+        if args.skip_stock and label.startswith("mlx_lm"):
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"running: {label}", flush=True)
+        r = run_measured(cmd, work / f"{out.name}.log", env)
+        r["label"] = label
+        r["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    plan = json.loads((work / "mint-out" / "mint_plan.json").read_text())
+    state = {
+        "checkpoint": info,
+        "runs": runs,
+        "notes": plan.get("notes", []),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+            "mlx": version("mlx"),
+            "mlx_lm": version("mlx-lm"),
+        },
+    }
+    if args.smoke:
+        print(markdown(state))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(state, indent=1))
+    (args.out / "scale.md").write_text(markdown(state))
+    print(markdown(state))
+    for out in (work / "mint-out", work / "stock-out"):
+        shutil.rmtree(out, ignore_errors=True)  # never keep multi-GB outputs around
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
