@@ -126,8 +126,11 @@ class Source:
             loaded = mx.load(str(f))
             assert isinstance(loaded, dict)
             weights.update(loaded)
-        if hasattr(self.model, "sanitize"):
-            weights = self.model.sanitize(weights)
+        # sanitize may change the model it is called on (gemma3 drops its lm_head when tied),
+        # so a second call goes to a fresh, lazily initialised instance
+        model = _build_model(self.config)
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(weights)
         self.weights = weights
 
     def release(self, key: str) -> None:

@@ -271,3 +271,21 @@ def test_too_little_free_space_is_refused_up_front(
     )
     assert_one_line_error(code, err, "free", "--mlx-path")
     assert not (tmp_path / "o").exists()
+
+
+def test_second_pass_over_a_model_whose_sanitize_mutates_it(tmp_path: Path) -> None:
+    """gemma3's sanitize drops the model's lm_head when embeddings are tied: re-reading
+    released tensors (digest, then analyse, then save) must not run it on the same model."""
+    from mint_mlx.source import open_source
+
+    from tiny_models import GEMMA3_CONFIG
+
+    src = build_model_dir(tmp_path / "gemma", GEMMA3_CONFIG)
+    source = open_source(src)
+    key = source.quantizable[0].key
+    first = np.array(source.tensor(key).astype(mx.float32))
+    source.release(key)
+    again = np.array(source.tensor(key).astype(mx.float32))
+    assert np.array_equal(first, again)
+    result = convert(src, tmp_path / "o", bpw=4.5)
+    assert (tmp_path / "o" / "config.json").exists() and result.plan.total_bytes > 0

@@ -39,6 +39,24 @@ LLAMA_CONFIG: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
+#: Tied embeddings, and a sanitize() that changes the model it runs on (drops lm_head).
+GEMMA3_CONFIG: dict[str, Any] = {
+    "model_type": "gemma3_text",
+    "architectures": ["Gemma3ForCausalLM"],
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "query_pre_attn_scalar": 32,
+    "sliding_window": 64,
+    "sliding_window_pattern": 2,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 512,
+    "torch_dtype": "bfloat16",
+}
+
 QWEN3_MOE_CONFIG: dict[str, Any] = {
     "model_type": "qwen3_moe",
     "architectures": ["Qwen3MoeForCausalLM"],
