@@ -39,8 +39,12 @@ _WORKER_SOURCE: Source | None = None
 
 def _init_worker(source_path: str) -> None:
     global _WORKER_SOURCE
+    import signal
+
     from .source import open_source
 
+    # Ctrl-C is the parent's to handle: it keeps every finished record and stops the pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_SOURCE = open_source(source_path)
 
 
@@ -102,15 +106,20 @@ def analyse_in_pool(
                 cols = np.array(columns[info.key].astype(mx.float32))
             running[pool.submit(_analyse_one, info.key, names, dtype_name, cols, scales)] = info
 
-        while pending and len(running) < 2 * jobs:
-            submit()
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                info = running.pop(fut)
-                on_result(info, fut.result())
-                if pending:
-                    submit()
+        try:
+            while pending and len(running) < 2 * jobs:
+                submit()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    info = running.pop(fut)
+                    on_result(info, fut.result())
+                    if pending:
+                        submit()
+        except BaseException:  # Ctrl-C or a failed tensor: start nothing new
+            pending.clear()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 # ----------------------------------------------------------------------------- mlx.launch

@@ -289,3 +289,27 @@ def test_second_pass_over_a_model_whose_sanitize_mutates_it(tmp_path: Path) -> N
     assert np.array_equal(first, again)
     result = convert(src, tmp_path / "o", bpw=4.5)
     assert (tmp_path / "o" / "config.json").exists() and result.plan.total_bytes > 0
+
+
+def test_ctrl_c_during_analysis_from_the_command_line(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    cache = tmp_path / "a.jsonl"
+    real = mint_mlx.analyze.analyze_tensor
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", interrupted)
+    args = ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4"]
+    code, _, err = run_cli([*args, "--analysis", str(cache)], capsys)
+    assert_one_line_error(code, err, "interrupted", "cache is kept")
+    assert not (tmp_path / "o").exists()
+    assert len(cache.read_text().splitlines()) == 1 + 3  # header + the three finished tensors
+    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", real)
+    code, _, err = run_cli([*args, "--analysis", str(cache)], capsys)
+    assert code == 0, err
