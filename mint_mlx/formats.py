@@ -25,6 +25,22 @@ NATIVE_FP_MODES: dict[str, tuple[int, int]] = {
 
 PASSTHROUGH = "passthrough"
 
+#: Extended formats (need mint-mlx's kernels to run; ``--formats extended``): affine at group
+#: sizes MLX lacks, and affine with compact scales: each group's scale and bias stored in 8 bits
+#: against one 16-bit (scale, bias) pair per super-block of SUPER_BLOCK weights of a row.
+EXTENDED_AFFINE_GROUPS: tuple[int, ...] = (16, 256)
+COMPACT_GROUPS: tuple[int, ...] = (16, 32, 64)
+COMPACT = "affine_cs"
+SUPER_BLOCK = 256
+
+
+def compact_groups_per_block(width: int, group_size: int) -> int:
+    """Groups that share one 16-bit (scale, bias) step pair in a row of ``width``: as many as
+    fit in SUPER_BLOCK weights, fewer where that does not divide the row (576 -> blocks of 192)."""
+    groups = width // group_size
+    most = max(1, SUPER_BLOCK // group_size)
+    return max(d for d in range(1, most + 1) if groups % d == 0)
+
 
 @dataclass(frozen=True, order=True)
 class Format:
@@ -46,6 +62,8 @@ class Format:
             return "fp16" if self.bits == 16 else f"fp{self.bits}"
         if self.mode == "affine":
             return f"affine-{self.bits}-g{self.group_size}"
+        if self.mode == COMPACT:
+            return f"affine-{self.bits}-g{self.group_size}-cs"
         return self.mode
 
     @property
@@ -82,18 +100,34 @@ class Format:
                 "scales": (groups, "float"),
                 "biases": (groups, "float"),
             }
+        if self.mode == COMPACT:
+            return {
+                "weight": (packed, "uint32"),
+                "scales": (groups, "uint8"),
+                "biases": (groups, "int8"),
+                "super_scales": (
+                    (
+                        *lead,
+                        width
+                        // self.group_size
+                        // compact_groups_per_block(width, self.group_size),
+                        2,
+                    ),
+                    "float",
+                ),
+            }
         return {"weight": (packed, "uint32"), "scales": (groups, "uint8")}
 
     def nbytes(self, shape: Sequence[int], dtype_bytes: int = 2) -> int:
         """Exact bytes of tensor data this format saves for a tensor of ``shape``."""
-        sizes = {"float": dtype_bytes, "uint32": 4, "uint8": 1}
+        sizes = {"float": dtype_bytes, "uint32": 4, "uint8": 1, "int8": 1}
         return sum(prod(s) * sizes[d] for s, d in self.array_specs(shape, dtype_bytes).values())
 
     def bits_per_weight(self, dtype_bytes: int = 2) -> float:
         """Storage cost per weight including scales and biases (for tables and budgets)."""
         if not self.is_quantized:
             return 8.0 * dtype_bytes
-        width = self.group_size * 32  # any width the format supports
+        width = max(self.group_size, SUPER_BLOCK) * 32  # any width the format supports
         return 8.0 * self.nbytes((1, width), dtype_bytes) / width
 
     def quantization_entry(self) -> dict[str, int | str] | bool:
@@ -108,6 +142,19 @@ def native_formats() -> list[Format]:
     formats = [Format("affine", b, g) for b in NATIVE_AFFINE_BITS for g in NATIVE_AFFINE_GROUPS]
     formats += [Format(mode, b, g) for mode, (b, g) in NATIVE_FP_MODES.items()]
     formats.append(Format(PASSTHROUGH, 16, 0))
+    return formats
+
+
+def extended_formats() -> list[Format]:
+    """Formats beyond stock MLX: affine at groups 16 and 256, and compact-scale affine."""
+    formats = [
+        Format("affine", b, g, native=False)
+        for b in NATIVE_AFFINE_BITS
+        for g in EXTENDED_AFFINE_GROUPS
+    ]
+    formats += [
+        Format(COMPACT, b, g, native=False) for b in NATIVE_AFFINE_BITS for g in COMPACT_GROUPS
+    ]
     return formats
 
 
@@ -130,7 +177,9 @@ def format_from_entry(entry: dict[str, int | str] | bool) -> Format:
     if not isinstance(entry, dict):
         raise ValueError(f"not a quantization entry: {entry!r}")
     mode = str(entry.get("mode", "affine"))
-    return Format(mode, int(entry["bits"]), int(entry["group_size"]))
+    bits, group = int(entry["bits"]), int(entry["group_size"])
+    native = mode != COMPACT and not (mode == "affine" and group in EXTENDED_AFFINE_GROUPS)
+    return Format(mode, bits, group, native)
 
 
 def by_name(formats: Sequence[Format]) -> dict[str, Format]:
@@ -138,8 +187,8 @@ def by_name(formats: Sequence[Format]) -> dict[str, Format]:
 
 
 def format_by_name(name: str) -> Format:
-    """Look a native format up by its :attr:`Format.name`."""
-    table = by_name(native_formats())
+    """Look a format (native or extended) up by its :attr:`Format.name`."""
+    table = by_name(native_formats() + extended_formats())
     if name not in table:
         raise KeyError(f"unknown format {name!r}; known: {', '.join(table)}")
     return table[name]

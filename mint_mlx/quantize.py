@@ -31,6 +31,10 @@ def quantize_weight(
     w = weight.astype(dtype)
     if not fmt.is_quantized:
         return {"weight": w}
+    if not fmt.native:
+        from .extended import quantize_extended
+
+        return quantize_extended(weight, fmt, dtype, scales, columns)
     if fmt.mode == "affine" and scales == "optimized":
         wq, s, b = optimized_affine(weight, fmt.bits, fmt.group_size, dtype, columns)
         return {"weight": wq, "scales": s, "biases": b}
@@ -89,6 +93,10 @@ def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     """
     if not fmt.is_quantized:
         return arrays["weight"].astype(mx.float32)
+    if not fmt.native:
+        from .extended import dequantize_extended
+
+        return dequantize_extended(arrays, fmt)
     if fmt.mode == "affine":
         return mx.dequantize(
             arrays["weight"],
@@ -118,7 +126,7 @@ def squared_error(
 ) -> tuple[mx.array, mx.array | None]:
     """Sum of squared differences between ``weight`` (as float32) and its stored version, and
     the same sum with each input column weighted by ``column_weights`` (if given)."""
-    if fmt.is_quantized and fmt.mode == "affine" and scales == "optimized":
+    if fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales == "optimized":
         return optimized_affine_error(weight, fmt.bits, fmt.group_size, dtype, column_weights)
     stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
     restored = dequantize_weight(stored, fmt)

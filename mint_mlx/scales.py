@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+#: Group sizes ``mx.quantize`` supports (its answer is the fit's first incumbent there).
+MLX_GROUP_SIZES = (32, 64, 128)
+
 #: Alternating least-squares rounds; the error stops improving after 2-3 on real weights.
 ITERATIONS = 4
 
@@ -86,16 +89,18 @@ def fit_affine(
     group_size: int,
     dtype: mx.Dtype,
     columns: mx.array | None = None,
-    iterations: int = ITERATIONS,
+    iterations: int | None = None,
 ) -> AffineFit:
     """Fit each group's (scale, bias) to minimize the column-weighted squared error.
 
-    Candidates per group: MLX's own (scale, bias), then ``iterations`` rounds of alternating
+    Candidates per group: MLX's own (scale, bias) (plain min/max at group sizes MLX lacks),
+    then ``iterations`` rounds of alternating
     round-to-nearest codes and a weighted least-squares refit, starting from min/max. The best
     candidate under the weighted error is kept, so the fit is never worse than MLX's rule.
-    Only small per-group arrays are carried between rounds, which keeps this within ~2x the
-    cost of plain round-to-nearest (the analysis measures every candidate format with it).
+    Only small per-group arrays are carried between rounds (the analysis measures every
+    candidate format with this fit, so its cost matters).
     """
+    iterations = ITERATIONS if iterations is None else iterations
     w = weight.astype(mx.float32)
     lead, n = w.shape[:-1], w.shape[-1]
     x = w.reshape(*lead, n // group_size, group_size)
@@ -113,9 +118,14 @@ def fit_affine(
         weighted = plain if c is None else (c * d2).sum(axis=-1, keepdims=True)
         return q, weighted, plain
 
-    _, s0, b0 = mx.quantize(weight.astype(dtype), group_size=group_size, bits=bits)
-    best_s = s0.astype(mx.float32)[..., None]
-    best_b = b0.astype(mx.float32)[..., None]
+    s = to_dtype((x.max(axis=-1, keepdims=True) - x.min(axis=-1, keepdims=True)) / qmax)
+    b = to_dtype(x.min(axis=-1, keepdims=True))
+    if group_size in MLX_GROUP_SIZES:
+        _, s0, b0 = mx.quantize(weight.astype(dtype), group_size=group_size, bits=bits)
+        best_s = s0.astype(mx.float32)[..., None]
+        best_b = b0.astype(mx.float32)[..., None]
+    else:  # a group size MLX lacks: the plain min/max rule is the incumbent
+        best_s, best_b = s, b
     _, best_w, best_p = errors(best_s, best_b)
 
     if c is None:
@@ -124,8 +134,6 @@ def fit_affine(
     else:
         csum = mx.broadcast_to(c, x.shape).sum(axis=-1, keepdims=True)
         cw = (c * x).sum(axis=-1, keepdims=True)
-    s = to_dtype((x.max(axis=-1, keepdims=True) - x.min(axis=-1, keepdims=True)) / qmax)
-    b = to_dtype(x.min(axis=-1, keepdims=True))
     for _ in range(iterations):
         q, err_w, err_p = errors(s, b)
         better = err_w < best_w
