@@ -50,7 +50,7 @@ if objective == "fisher":
     key = config.key(source)
     columns = calibrate(source, config)
     calib = time.perf_counter() - t
-formats = formats_for(objective)
+formats = formats_for(objective, scales)
 t = time.perf_counter()
 curves = analyze(source, formats, dtype, default_cache_path(source, formats, dtype, key, scales),
                  columns=columns, calibration=key, scales=scales, jobs=jobs)

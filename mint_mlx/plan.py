@@ -153,7 +153,13 @@ def plan(
         experts = sum(a.nbytes for a in fit_plan.assignments if a.role == "experts")
         per_token = bytes_per_token(source.config, fit_plan.total_bytes, experts)
         report.decode_ceiling_tps = decode_ceiling(machine, per_token)
-    report.points = [to_point(b, p) for b, p in plan_points(prepared, wanted)]
+    report.points = []
+    explicit = set(parse_size(b) for b in budgets or [])
+    for b, p in plan_points(prepared, wanted):
+        previous = report.points[-1] if report.points else None
+        if previous and b not in explicit and previous.bytes == p.total_bytes:
+            continue  # a sweep point that buys nothing more (the next upgrade does not fit)
+        report.points.append(to_point(b, p))
     if png is not None and report.points:
         from .plots import size_quality_curve
 

@@ -170,7 +170,7 @@ def prepare(
                 "planned with --objective nrmse instead"
             )
             objective, columns, calib_key = "nrmse", None, ""
-    formats = formats_for(objective)
+    formats = formats_for(objective, scales)
     cache = analysis or default_cache_path(source, formats, dtype, calib_key, scales)
     curves = analyze(
         source,

@@ -47,3 +47,12 @@ def test_config_entry_round_trip() -> None:
     for fmt in native_formats():
         assert format_from_entry(fmt.quantization_entry()) == fmt
     assert len({f.name for f in native_formats()}) == 22
+
+
+def test_candidate_sets() -> None:
+    from mint_mlx.formats import formats_for, native_formats, paper_formats
+
+    assert formats_for("paper", "rtn") == paper_formats()
+    assert formats_for("fisher", "rtn") == native_formats()
+    fitted = formats_for("fisher", "optimized")
+    assert {f.mode for f in fitted} == {"affine", "passthrough"} and len(fitted) == 19

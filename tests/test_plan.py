@@ -18,9 +18,9 @@ def test_sweep_is_monotone_and_spans_the_range(deep_llama: Path, tmp_path: Path)
     png = tmp_path / "curve.png"
     report = plan(deep_llama, sweep=True, png=png)
     points = report.points
-    assert len(points) >= 10
+    assert len(points) >= 8
     for a, b in zip(points, points[1:], strict=False):
-        assert b.bytes >= a.bytes
+        assert b.bytes > a.bytes  # a sweep lists no point that buys nothing more
         assert b.predicted_kld <= a.predicted_kld  # more bytes, never worse predicted quality
     assert points[-1].predicted_kld == 0.0 and points[-1].mix == "16b 100%"
     assert points[0].bits_per_weight < 4.0
