@@ -185,6 +185,7 @@ def convert(
                 "re-run: the analysis is cached"
             ) from e
         raise
+    _saved["path"] = out.resolve()
     url = None
     if upload_repo:
         from .hub import upload
@@ -192,6 +193,9 @@ def convert(
         url = upload(out, upload_repo)
     return ConvertResult(plan, out, prepared.cache, url)
 
+
+#: The output this process finished saving (a Ctrl-C after it interrupts only the upload).
+_saved: dict[str, Path] = {}
 
 #: Room kept free beyond the weights: config, tokenizer, card and its figures.
 SPACE_MARGIN = 64 * 2**20
@@ -291,10 +295,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(
-            "error: interrupted; no output was written (the analysis cache is kept)",
-            file=sys.stderr,
-        )
+        out = Path(args.mlx_path).expanduser()
+        if args.upload_repo and _saved.get("path") == out.resolve():
+            print(
+                f"error: interrupted during the upload; {out} is saved, resume with "
+                f"python -m mint_mlx.hub {out} --repo {args.upload_repo}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "error: interrupted; no output was written (the analysis cache is kept)",
+                file=sys.stderr,
+            )
         return 2
     if result.rank != 0:
         return 0  # mlx.launch worker rank: rank 0 reports

@@ -50,11 +50,94 @@ MLX_METADATA = {"format": "mlx"}
 MAX_OFFSET_DIGITS = 13
 
 
+#: Largest header accepted, as in the reference implementation (a longer one is corruption, and
+#: must be refused before it is read into memory).
+MAX_HEADER_BYTES = 100_000_000
+
+#: Largest dimension MLX can represent (its shapes are int32; a larger one silently wraps).
+MAX_DIM = 2**31 - 1
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A header value for an error message: repr (so newlines stay escaped), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_count(value: object) -> bool:
+    """A JSON non-negative integer (``true`` and ``4.0`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook: a name given twice is ambiguous (readers disagree on which wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"name {_show(key)} appears twice in the header")
+        out[key] = value
+    return out
+
+
+def _check_entries(header: dict[str, Any], data_len: int) -> None:
+    """The spec's rules, as the reference implementation enforces them.
+
+    Each tensor has a known dtype, a shape of non-negative integers and integer byte offsets
+    that agree with shape x dtype; sorted by offset, the tensors tile the data exactly (no
+    overlap, no gap, nothing after the last one). MLX's own loader checks none of this (it
+    accepts negative or wrapped-around dimensions and overlapping ranges), so this is the
+    only thing standing between a damaged file and undefined behaviour when a tensor is read.
+    """
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise ValueError("__metadata__ is not a map of strings")
+    ranges: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"entry {_show(name)} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"tensor {_show(name)} has unsupported dtype {_show(dtype)}")
+        if not isinstance(shape, list) or not all(_is_count(d) and d <= MAX_DIM for d in shape):
+            raise ValueError(f"tensor {_show(name)} has invalid shape {_show(shape)}")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+        ):
+            raise ValueError(f"tensor {_show(name)} has invalid data_offsets {_show(offsets)}")
+        begin, end = offsets
+        expected = prod(shape) * DTYPES[dtype][1]
+        if end < begin or end - begin != expected:
+            raise ValueError(
+                f"tensor {_show(name)} has inconsistent byte range: {dtype}{_show(shape, 40)} "
+                f"needs {_show(expected, 24)} bytes, data_offsets {_show(offsets, 48)}"
+            )
+        ranges.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            raise ValueError(
+                f"tensor {_show(name)} starts at data byte {begin}, expected {position} "
+                "(tensors overlap or leave a gap)"
+            )
+        position = end
+    if position > data_len:
+        raise ValueError(
+            f"tensors need {position} data bytes but the file holds {data_len} (truncated?)"
+        )
+    if position < data_len:
+        raise ValueError(f"{data_len - position} bytes after the last tensor")
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """Parse and validate a safetensors header; raise :class:`CorruptShardError` if unusable.
 
-    Checks that the header is well formed JSON and that every tensor's byte range lies inside
-    the file, so a truncated download fails here with its file name, not later inside MLX.
+    Checks everything the reference implementation checks (see :func:`_check_entries`), so a
+    truncated download or a damaged file fails here with its file name, not later inside MLX,
+    and a nonsense header length is refused before anything is allocated for it.
     """
     try:
         size = path.stat().st_size
@@ -63,26 +146,21 @@ def read_header(path: Path) -> dict[str, Any]:
             if len(raw_len) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > size - 8 or header_len > 100_000_000:
+            if header_len > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {header_len} exceeds the 100 MB limit")
+            if header_len > size - 8:
                 raise ValueError(f"header length {header_len} exceeds the file size {size}")
-            header = json.loads(f.read(header_len))
+            raw = f.read(header_len)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        data_len = size - 8 - header_len
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            if info["dtype"] not in DTYPES:
-                raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
-            expected = prod(info["shape"]) * DTYPES[info["dtype"]][1]
-            if end - begin != expected or begin < 0:
-                raise ValueError(f"tensor {name} has inconsistent byte range")
-            if end > data_len:
-                raise ValueError(
-                    f"tensor {name} ends at byte {end} but the file holds {data_len} data bytes"
-                )
+        _check_entries(header, size - 8 - header_len)
         return header
+    except RecursionError as e:  # json nests deeper than Python's stack allows
+        raise CorruptShardError(
+            f"{path} is not a valid safetensors file (header nested too deeply); "
+            "re-download or re-create this shard"
+        ) from e
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise CorruptShardError(
             f"{path} is not a valid safetensors file ({e}); re-download or re-create this shard"
@@ -185,13 +263,17 @@ def plan_shards(
 
 
 def array_bytes(array: mx.array) -> memoryview:
-    """Raw little-endian bytes of an MLX array (bfloat16 included, which numpy cannot hold)."""
+    """Raw little-endian bytes of an MLX array (bfloat16 included, which numpy cannot hold).
+
+    Flattened to bytes in numpy rather than with ``memoryview.cast``, which refuses arrays with
+    a zero in their shape (an empty tensor is legal in a checkpoint).
+    """
     array = mx.contiguous(array)
     if array.dtype == mx.bfloat16:
         array = array.view(mx.uint16)
     mx.eval(array)
-    data: np.ndarray = np.asarray(array)
-    return memoryview(data).cast("B")  # type: ignore[arg-type]
+    data: np.ndarray = np.ascontiguousarray(np.asarray(array)).reshape(-1).view(np.uint8)
+    return memoryview(data)  # type: ignore[arg-type]
 
 
 class ShardWriter:

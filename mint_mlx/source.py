@@ -51,6 +51,15 @@ HUB_ALLOW_PATTERNS = [
 ]
 
 
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line`` of an exception, for messages that must stay on one line (errors
+    from mlx-lm's model classes and MLX span many lines)."""
+    lines = str(e).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """A weight tensor that mlx-lm would quantize.
@@ -213,10 +222,18 @@ def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise SourceError(f"{index} is not a valid index ({e}); re-download the model") from e
-        missing = [n for n in names if not (path / n).exists()]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted({str(n) for n in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise SourceError(
+                f"{index} is not a valid index ({_one_line(e)}); re-download the model"
+            ) from e
+        bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+        if bad:
+            raise SourceError(
+                f"{index} names {bad[0]!r}, which is not a shard file; re-download the model"
+            )
+        missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise SourceError(
                 f"shard {missing[0]} listed in {index.name} is missing from {path}; re-download it"
@@ -237,10 +254,12 @@ def _load_config(path: Path) -> dict[str, Any]:
     if not cfg.exists():
         raise SourceError(f"{path} has no config.json; pass an HF-format model directory")
     try:
-        config = json.loads(cfg.read_text())
-    except ValueError as e:
-        raise SourceError(f"{cfg} is not valid JSON ({e}); repair or re-download it") from e
-    if not isinstance(config, dict) or "model_type" not in config:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise SourceError(
+            f"{cfg} is not valid JSON ({_one_line(e)}); repair or re-download it"
+        ) from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise SourceError(f"{cfg} has no model_type; is this an HF-format model directory?")
     if "quantization" in config or "quantization_config" in config:
         raise SourceError(
@@ -259,13 +278,31 @@ def _build_model(config: dict[str, Any]) -> nn.Module:
             f"architecture '{config['model_type']}' is not supported by mlx-lm; "
             "upgrade mlx-lm or pick a supported model"
         ) from e
+    except Exception as e:  # noqa: BLE001 - e.g. "architectures": 1 (TypeError inside mlx-lm)
+        raise SourceError(
+            f"config.json names its architecture in a form mlx-lm cannot read ({_one_line(e)}); "
+            "repair config.json"
+        ) from e
     try:
         return model_class(args_class.from_dict(config))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - a bad config fails a model class in any way:
+        # ZeroDivisionError (0 heads), OverflowError (sizes past int32), MLX's TypeError ...
         raise SourceError(
-            f"config.json does not describe a valid {config['model_type']} model ({type(e).__name__}: "
-            f"{e}); repair config.json"
+            f"config.json does not describe a valid {config['model_type']} model "
+            f"({_one_line(e)}); repair config.json"
         ) from e
+
+
+def _check_layer_count(config: dict[str, Any], tensors: int) -> None:
+    """Refuse a layer count the weights cannot back before building the model: mlx-lm builds
+    each layer in a Python loop, so ``num_hidden_layers: 2147483648`` would hang (and fill
+    memory) instead of failing. Every layer has at least one tensor."""
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > tensors:
+        raise SourceError(
+            f"config.json says num_hidden_layers={layers} but the weights hold only {tensors} "
+            "tensors; repair config.json"
+        )
 
 
 ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -303,8 +340,10 @@ def open_source(hf_path: str | Path) -> Source:
     path = resolve_path(hf_path)
     config = _load_config(path)
     files = _shard_files(path)
+    tensors = 0
     for f in files:
-        read_header(f)  # truncation and corruption fail here, naming the file
+        tensors += len(read_header(f))  # truncation and corruption fail here, naming the file
+    _check_layer_count(config, tensors)
     model = _build_model(config)
     weights: dict[str, mx.array] = {}
     for f in files:

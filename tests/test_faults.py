@@ -313,3 +313,19 @@ def test_ctrl_c_during_analysis_from_the_command_line(
     monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", real)
     code, _, err = run_cli([*args, "--analysis", str(cache)], capsys)
     assert code == 0, err
+
+
+def test_ctrl_c_during_upload_says_how_to_resume(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import mint_mlx.hub
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mint_mlx.hub, "upload", interrupted)
+    out = tmp_path / "o"
+    args = ["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--bpw", "4"]
+    code, _, err = run_cli([*args, "--upload-repo", "me/tiny"], capsys)
+    assert_one_line_error(code, err, "during the upload", "python -m mint_mlx.hub", "me/tiny")
+    assert (out / "config.json").exists()  # the model itself is complete
