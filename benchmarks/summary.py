@@ -50,8 +50,11 @@ def goal_table(state: dict[str, Any]) -> list[str]:
         fits = [r for r in stock if r["bytes"] <= max(mint["bytes"], mint["budget"])]
         best = min(fits, key=lambda r: r["kld_mean"]) if fits else None
         paper = state["rows"].get(f"paper@{target}")
+        paper_note = "not run"
+        if paper and "error" in paper:
+            paper_note, paper = "infeasible at this budget", None
         r_stock = mint["kld_mean"] / best["kld_mean"] if best else None
-        r_paper = mint["kld_mean"] / paper["kld_mean"] if paper and "error" not in paper else None
+        r_paper = mint["kld_mean"] / paper["kld_mean"] if paper else None
         ppl_ok = best is None or mint["ppl"] <= best["ppl"]
         target_stock = state["rows"].get(f"stock:{target}")
         ppl_ok = ppl_ok and (target_stock is None or mint["ppl"] <= target_stock["ppl"])
@@ -62,13 +65,14 @@ def goal_table(state: dict[str, Any]) -> list[str]:
             and r_paper <= PAPER_GOAL
             and ppl_ok
         )
+        best_text = f"{best['name']} ({best['kld_mean']:.4f})" if best else "—"
+        paper_text = f"{paper['kld_mean']:.4f}" if paper else paper_note
         out.append(
-            f"| {target} | {mint['bytes']:,} | {mint['kld_mean']:.4f} "
-            f"| {best['name'] if best else '—'} ({best['kld_mean']:.4f}) "
-            f"| {r_stock:.2f} | {paper['kld_mean'] if paper else float('nan'):.4f} "
-            f"| {r_paper if r_paper is not None else float('nan'):.2f} "
+            f"| {target} | {mint['bytes']:,} | {mint['kld_mean']:.4f} | {best_text} "
+            f"| {r_stock:.2f} | {paper_text} "
+            f"| {'—' if r_paper is None else f'{r_paper:.2f}'} "
             f"| {mint['ppl']:.2f} vs {best['ppl'] if best else float('nan'):.2f} "
-            f"| {'met' if ok else 'NOT met'} |"
+            f"| {'met' if ok else 'NOT met (see text)' if paper is None else 'NOT met'} |"
         )
     return out
 
