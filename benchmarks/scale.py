@@ -230,14 +230,17 @@ def markdown(state: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in state["runs"]:
+        largest = r["max_process_rss_mib"]
+        largest_text = "n/a" if largest is None else f"{largest:.0f}"
         lines.append(
             f"| {r['label']} | {r['wall_seconds']:.0f} | {r['wall_seconds'] / gb:.0f} "
-            f"| {r['cpu_seconds']:.0f} | {r['max_process_rss_mib']:.0f} "
+            f"| {r['cpu_seconds']:.0f} | {largest_text} "
             f"| {r['tree_rss_peak_mib']:.0f} | {r['output_bytes']:,} "
             f"| {8 * r['output_bytes'] / ck['parameters']:.3f} "
             f"| {r['load_average_1min'][0]:.1f} / {r['load_average_1min'][1]:.1f} |"
         )
     lines += ["", "```", *[r["command"] for r in state["runs"]], "```", ""]
+    lines += [f"{n}" for n in state.get("measurement_notes", [])]
     notes = state.get("notes") or []
     if notes:
         lines += ["mint-mlx notes:", "", *[f"- {n}" for n in notes], ""]
@@ -251,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mint-mlx analysis worker processes")
     p.add_argument("--skip-stock", action="store_true", help="do not run mlx_lm convert")
     p.add_argument("--smoke", action="store_true", help="a ~30M-parameter model (a quick check)")
+    p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
 
@@ -258,11 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mint_mlx.testbed import ensure_testbed
 
     work = args.work or cache_root() / ("scale-smoke" if args.smoke else "scale")
-    ckpt = build_checkpoint(
-        work / "synthetic-llama",
-        ensure_testbed("smollm2-135m"),
-        SMOKE_CONFIG if args.smoke else CONFIG,
-    )
+    ckpt = work / "synthetic-llama"
+    if args.build_only:
+        build_checkpoint(
+            ckpt, ensure_testbed("smollm2-135m"), SMOKE_CONFIG if args.smoke else CONFIG
+        )
+        return 0
+    # Built in a child process: on Linux a child's ru_maxrss starts at its parent's resident
+    # size at fork, so a parent grown by generating gigabytes would inflate every measurement.
+    build = [sys.executable, __file__, "--build-only", "--work", str(work)]
+    subprocess.run(build + (["--smoke"] if args.smoke else []), check=True)
     info = json.loads((ckpt / "complete.json").read_text())
     info["shards"] = len(list(ckpt.glob("*.safetensors")))
     runs = []
