@@ -284,49 +284,74 @@ def analyze(
     infos = list(source.quantizable)
     mine = infos if group is None else list(rank_share(infos, group))
     curves: dict[str, RDCurve] = {}
-    todo: list[tuple[TensorInfo, str]] = []
-    for info in mine:
-        digest = source.digest(info.key)  # reads the tensor only if its hash is not known
-        cached = done.get((info.path, digest))
-        if cached is not None:
-            curves[info.path] = cached
-        else:
-            todo.append((info, digest))
-        source.release(info.key)
 
     new_file = not path.exists() or path.stat().st_size == 0
     with open(path, "a") if writer else open(os.devnull, "w") as f:
         if new_file and writer:
             f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
-        bar = tqdm(total=len(todo), desc="analyse", unit="tensor", disable=not progress)
-        digests = dict((info.path, digest) for info, digest in todo)
 
-        def record(curve: RDCurve) -> None:
-            curve.digest = digests[curve.path]
+        def record(curve: RDCurve, digest: str) -> None:
+            curve.digest = digest
             f.write(json.dumps(curve.to_json()) + "\n")
             f.flush()
             curves[curve.path] = curve
-            bar.set_postfix_str(curve.path[-40:], refresh=False)
-            bar.update(1)
 
-        todo_elements = sum(info.numel for info, _ in todo)
-        if jobs > 1 and len(todo) > 1 and todo_elements >= PARALLEL_MIN_ELEMENTS:
-            analyse_in_pool(
-                source,
-                [info for info, _ in todo],
-                formats,
-                dtype,
-                columns,
-                scales,
-                min(jobs, len(todo)),
-                lambda info, d: record(RDCurve.from_json(d)),
-            )
-        else:
-            for info, _ in todo:
-                cols = None if columns is None else columns[info.key].astype(mx.float32)
-                weight = source.tensor(info.key)
-                record(analyze_tensor(info, weight, formats, dtype, cols, scales))
+        def cached(info: TensorInfo) -> tuple[str, bool]:
+            """The tensor's hash (reading it only if the hash is not known) and whether its
+            curve came from the cache."""
+            digest = source.digest(info.key)
+            hit = done.get((info.path, digest))
+            if hit is not None:
+                curves[info.path] = hit
+            return digest, hit is not None
+
+        def measure_here(info: TensorInfo, digest: str) -> None:
+            cols = None if columns is None else columns[info.key].astype(mx.float32)
+            weight = source.tensor(info.key)  # still loaded if it was just hashed
+            record(analyze_tensor(info, weight, formats, dtype, cols, scales), digest)
+            source.release(info.key)
+
+        if jobs > 1 and sum(info.numel for info in mine) >= PARALLEL_MIN_ELEMENTS:
+            # workers read their own tensors: hash everything first to know what to hand out
+            todo: dict[TensorInfo, str] = {}
+            for info in mine:
+                digest, hit = cached(info)
+                if not hit:
+                    todo[info] = digest
                 source.release(info.key)
+            bar = tqdm(total=len(todo), desc="analyse", unit="tensor", disable=not progress)
+            todo_elements = sum(info.numel for info in todo)
+            if len(todo) > 1 and todo_elements >= PARALLEL_MIN_ELEMENTS:
+
+                def pooled(info: TensorInfo, d: dict[str, Any]) -> None:
+                    record(RDCurve.from_json(d), todo[info])
+                    bar.set_postfix_str(info.path[-40:], refresh=False)
+                    bar.update(1)
+
+                analyse_in_pool(
+                    source,
+                    list(todo),
+                    formats,
+                    dtype,
+                    columns,
+                    scales,
+                    min(jobs, len(todo)),
+                    pooled,
+                )
+            else:
+                for info, digest in todo.items():
+                    measure_here(info, digest)
+                    bar.update(1)
+        else:
+            # one read per tensor: hash it, and measure it while it is loaded if not cached
+            bar = tqdm(mine, desc="analyse", unit="tensor", disable=not progress)
+            for info in bar:
+                digest, hit = cached(info)
+                if hit:
+                    source.release(info.key)
+                    continue
+                bar.set_postfix_str(info.path[-40:], refresh=False)
+                measure_here(info, digest)
         bar.close()
 
         if group is not None:  # every rank gets every curve; rank 0 caches the new ones
