@@ -67,6 +67,7 @@ class Prepared:
             lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
         )
 
+    @functools.cached_property
     def _bounds(self) -> tuple[int, int]:
         """(smallest, 16-bit) budgets under the allocator's per-tensor byte bounds.
 
@@ -87,11 +88,11 @@ class Prepared:
         per tensor, so budgets between the exact size of this plan and the bounded one are
         feasible only as this plan.
         """
-        return self._allocate(self._bounds()[0])
+        return self._allocate(self._bounds[0])
 
     def size_range(self) -> tuple[int, int]:
         """(smallest feasible budget, 16-bit size) in bytes; the smallest is exact."""
-        return self.smallest_plan.total_bytes, self._bounds()[1]
+        return self.smallest_plan.total_bytes, self._bounds[1]
 
     def plan(self, budget: int) -> Plan:
         """The allocation for ``budget`` bytes, with its exact size on disk filled in."""
@@ -102,7 +103,7 @@ class Prepared:
                 f"budget {format_size(budget)} is below the smallest feasible size "
                 f"{format_size(low, round_up=True)} ({low} bytes); raise the budget to at least that"
             )
-        if budget < self._bounds()[0]:
+        if budget < self._bounds[0]:
             plan = copy.deepcopy(smallest)
             plan.budget = budget
             return plan
