@@ -16,12 +16,7 @@ import mlx.core as mx
 
 from .formats import COMPACT, Format, compact_groups_per_block
 from .kernels.reference import unpack_affine
-from .scales import _codes, fit_affine, pack_codes
-
-
-def _grouped(weight: mx.array, group_size: int) -> mx.array:
-    lead, n = weight.shape[:-1], weight.shape[-1]
-    return weight.astype(mx.float32).reshape(*lead, n // group_size, group_size)
+from .scales import fit_affine, pack_for
 
 
 def _unpack(packed: mx.array, bits: int) -> mx.array:
@@ -100,10 +95,7 @@ def quantize_extended(
         s, b = _compact_values(out, fmt.group_size)
     else:
         out = {"scales": s[..., 0].astype(dtype), "biases": b[..., 0].astype(dtype)}
-    x = _grouped(weight, fmt.group_size)
-    q = _codes(x, s, b, float(2**fmt.bits - 1))
-    out["weight"] = pack_codes(q.reshape(*weight.shape), fmt.bits)
-    return {"weight": out.pop("weight"), **out}
+    return {"weight": pack_for(weight, s, b, fmt.bits, fmt.group_size), **out}
 
 
 def dequantize_extended(arrays: dict[str, mx.array], fmt: Format) -> mx.array:

@@ -155,6 +155,14 @@ def fit_affine(
     return AffineFit(best_s, best_b, best_w, best_p)
 
 
+def pack_for(weight: mx.array, s: mx.array, b: mx.array, bits: int, group_size: int) -> mx.array:
+    """MLX-packed round-to-nearest codes of ``weight`` for per-group (scale, bias) given as
+    float32 arrays of shape (..., groups, 1): the best codes for what is stored."""
+    lead, n = weight.shape[:-1], weight.shape[-1]
+    x = weight.astype(mx.float32).reshape(*lead, n // group_size, group_size)
+    return pack_codes(_codes(x, s, b, float(2**bits - 1)).reshape(*lead, n), bits)
+
+
 def optimized_affine(
     weight: mx.array,
     bits: int,
@@ -168,10 +176,7 @@ def optimized_affine(
     a 3-D stack); ``None`` weighs every column alike.
     """
     fit = fit_affine(weight, bits, group_size, dtype, columns)
-    lead, n = weight.shape[:-1], weight.shape[-1]
-    x = weight.astype(mx.float32).reshape(*lead, n // group_size, group_size)
-    q = _codes(x, fit.scales, fit.biases, float(2**bits - 1))
-    packed = pack_codes(q.reshape(*lead, n), bits)
+    packed = pack_for(weight, fit.scales, fit.biases, bits, group_size)
     return packed, fit.scales[..., 0].astype(dtype), fit.biases[..., 0].astype(dtype)
 
 
