@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -35,23 +36,66 @@ from typing import Any
 PROMPT = "The history of the city dates back to the Roman period, when"
 
 
-def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def _tree_rss_bytes(root: int) -> int:
+    """Sum of resident memory over ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            pid, ppid = int(entry), int(fields[1])
+            rss[pid] = int(fields[21]) * page
+            children.setdefault(ppid, []).append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_measured(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, sample_tree: bool = False
+) -> dict[str, Any]:
     """Run ``cmd`` as a child process; return exit code, wall seconds, peak RSS (MiB), output.
 
     ``os.wait4`` gives the resource usage of exactly this child (and the children it waited
-    for), so runs measured one after another do not contaminate each other's peak RSS.
+    for), so runs measured one after another do not contaminate each other's peak RSS. With
+    ``sample_tree`` (Linux) the summed RSS of the child and all its descendants is also sampled
+    every 0.2 s (``tree_rss_peak_mib``): worker processes count, and a child's ``ru_maxrss``
+    starts at this process's size at fork, which the sample does not inherit.
     """
     load_before = os.getloadavg()[0]
     with open(log, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _tree_rss_bytes(proc.pid))
+                stop.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        if sample_tree:
+            sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        stop.set()
+        if sample_tree:
+            sampler.join()
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"error: {shlex.join(cmd)} failed ({proc.returncode}):\n{text[-2000:]}")
-    return {
+    result = {
         "command": shlex.join(cmd),
         "wall_seconds": wall,
         "peak_rss_mib": usage.ru_maxrss / 1024.0,  # Linux reports KiB
@@ -60,6 +104,9 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "output_tail": text[-1500:],
     }
+    if sample_tree:
+        result["tree_rss_peak_mib"] = peak[0] / 2**20
+    return result
 
 
 def parse_generate(text: str) -> dict[str, float]:

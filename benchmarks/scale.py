@@ -18,16 +18,15 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from cost import run_measured  # benchmarks/ is on sys.path when run as a script
 
 CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -154,67 +153,6 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, base: dict[str, Any] = CONF
     return out
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def _tree_rss_bytes(root: int) -> int:
-    """Sum of resident memory over ``root`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            pid, ppid = int(entry), int(fields[1])
-            rss[pid] = int(fields[21]) * page
-            children.setdefault(ppid, []).append(pid)
-        except (OSError, ValueError, IndexError):
-            continue
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
-def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd``; wall time, CPU time, ``ru_maxrss`` (largest process) and the sampled peak
-    of the whole process tree's RSS."""
-    load = os.getloadavg()[0]
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        peak = [0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], _tree_rss_bytes(proc.pid))
-                stop.wait(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        stop.set()
-        sampler.join()
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"error: {shlex.join(cmd)} failed ({code}):\n{log.read_text()[-2000:]}")
-    return {
-        "command": shlex.join(cmd),
-        "wall_seconds": wall,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "max_process_rss_mib": usage.ru_maxrss / 1024.0,
-        "tree_rss_peak_mib": peak[0] / 2**20,
-        "load_average_1min": [load, os.getloadavg()[0]],
-    }
-
-
 def markdown(state: dict[str, Any]) -> str:
     ck = state["checkpoint"]
     gb = ck["parameters"] / 1e9
@@ -230,7 +168,7 @@ def markdown(state: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in state["runs"]:
-        largest = r["max_process_rss_mib"]
+        largest = r["peak_rss_mib"]
         largest_text = "n/a" if largest is None else f"{largest:.0f}"
         lines.append(
             f"| {r['label']} | {r['wall_seconds']:.0f} | {r['wall_seconds'] / gb:.0f} "
@@ -317,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         shutil.rmtree(out, ignore_errors=True)
         print(f"running: {label}", flush=True)
-        r = run_measured(cmd, work / f"{out.name}.log", env)
+        r = run_measured(cmd, work / f"{out.name}.log", env, sample_tree=True)
         r["label"] = label
         r["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         print(json.dumps(r), flush=True)
