@@ -1,4 +1,4 @@
-"""The affine qmv Metal kernel (metal/affine_qmv.metal), run through the CPU emulator, against the
+"""The affine qmv Metal kernel (metal/qmv.metal), run through the CPU emulator, against the
 pure-MLX reference; and the reference against MLX's own quantization where MLX has it."""
 
 from __future__ import annotations

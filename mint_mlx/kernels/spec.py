@@ -23,8 +23,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-#: Where the kernel sources live (``metal/*.metal`` at the repository root).
-METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
+#: Where the kernel sources live: ``metal/*.metal`` at the repository root, reached through the
+#: package's ``mint_mlx/metal`` link (a wheel holds a copy there, so installed packages find them).
+METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
 
 #: Marker line in a ``.metal`` file: the header is what comes before it, the body what follows.
 BODY_MARKER = "// @mint:body"
@@ -211,25 +212,38 @@ class KernelSpec:
         template_params: Sequence[str] = (),
         ensure_row_contiguous: bool = True,
         atomic_outputs: bool = False,
+        defines: Sequence[tuple[str, int]] = (),
+        includes: Sequence[str | Path] = (),
     ) -> KernelSpec:
         """Read a ``.metal`` file: header, then a ``// @mint:body`` line, then the body.
 
-        A relative path is taken relative to :data:`METAL_DIR`.
+        A relative path is taken relative to :data:`METAL_DIR`. ``defines`` (``#define NAME
+        value`` lines) and the text of ``includes`` (other ``.metal`` files, no body marker) are
+        put before the file's header, so several kernels can be declared from one source and share
+        helpers: MLX compiles a kernel from strings, so a ``#include`` of our own files could not
+        work on a Mac. ``#line`` directives keep compiler messages pointing into the right file.
         """
-        p = Path(path)
-        if not p.is_absolute():
-            p = METAL_DIR / p
+        p = _metal_path(path)
         lines = p.read_text().splitlines(keepends=True)
         marker = [i for i, line in enumerate(lines) if line.strip() == BODY_MARKER]
         if len(marker) != 1:
             raise ValueError(f"{p}: expected exactly one '{BODY_MARKER}' line, found {len(marker)}")
         m = marker[0]
+        prefix = "".join(f"#define {k} {int(v)}\n" for k, v in defines)
+        for inc in includes:
+            ip = _metal_path(inc)
+            text = ip.read_text()
+            if BODY_MARKER in text:
+                raise ValueError(f"{ip}: an included file must not have a body marker")
+            prefix += f'#line 1 "{ip}"\n' + text + ("" if text.endswith("\n") else "\n")
+        if prefix:
+            prefix += f'#line 1 "{p}"\n'
         return cls(
             name=name or p.stem,
             input_names=tuple(input_names),
             output_names=tuple(output_names),
             source="".join(lines[m + 1 :]),
-            header="".join(lines[:m]),
+            header=prefix + "".join(lines[:m]),
             template_params=tuple(template_params),
             ensure_row_contiguous=ensure_row_contiguous,
             atomic_outputs=atomic_outputs,
@@ -418,6 +432,11 @@ class KernelSpec:
                 **kwargs,
             )
         )
+
+
+def _metal_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else METAL_DIR / p
 
 
 @functools.cache
