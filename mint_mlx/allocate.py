@@ -8,6 +8,11 @@ budget needs no new analysis. Three rules keep the knapsack from doing something
 - the SQNR veto drops candidates below ``min_sqnr`` dB (unless no candidate of that tensor
   passes), so no tensor is ever destroyed to save a few bytes elsewhere;
 - a budget at or above the 16-bit size keeps everything in 16 bits, and says so.
+
+Curves may be whole tensors or single experts of a MoE stack (path ``module#e``, from
+``analyze(..., per_expert=True)``); the allocator chooses for each independently, and prices an
+expert so that the planned size stays an upper bound however its module ends up grouped
+(:func:`mint_mlx.experts.cost_key`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import mlx.core as mx
 
 from .analyze import Candidate, RDCurve
 from .errors import BudgetError
+from .experts import cost_key
 from .formats import PASSTHROUGH, Format, format_by_name
 from .knapsack import Infeasible, solve
 from .layout import candidate_bytes
@@ -93,7 +99,11 @@ class Assignment:
 
 @dataclass
 class Plan:
-    """One format per quantizable tensor, and the byte totals it implies."""
+    """One format per quantizable tensor, and the byte totals it implies.
+
+    A MoE stack analysed per expert has one assignment per expert (``module#e``);
+    :func:`mint_mlx.experts.collapse` turns :attr:`formats` back into one entry per module.
+    """
 
     budget: int
     dtype: str
@@ -187,12 +197,13 @@ def _options_and_costs(
     min_sqnr: float,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int],
 ) -> tuple[list[list[Candidate]], list[list[int]]]:
-    """Each tensor's candidates after the veto, and their bytes on disk."""
+    """Each tensor's candidates after the veto, and their bytes on disk (an expert's priced
+    under :func:`~mint_mlx.experts.cost_key`)."""
     options = [_allowed(c, min_sqnr) for c in curves]
-    costs = [
-        [cost_fn(cv.path, format_by_name(c.format), cv.shape, dtype) for c in opts]
-        for cv, opts in zip(curves, options, strict=True)
-    ]
+    costs = []
+    for cv, opts in zip(curves, options, strict=True):
+        path, shape = cost_key(cv.path, cv.shape)
+        costs.append([cost_fn(path, format_by_name(c.format), shape, dtype) for c in opts])
     return options, costs
 
 

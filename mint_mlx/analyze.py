@@ -11,6 +11,10 @@ module's version. Each line carries the content hash of the tensor it measured
 (:mod:`mint_mlx.digests`): a second run (another budget, or a run that was interrupted) reuses
 every line whose tensor is unchanged and analyses the rest, and a tensor whose data changed is
 measured again rather than taken from the cache.
+
+With ``per_expert=True`` every MoE expert stack of E > 1 experts is measured as E curves, one per
+expert (path ``module#e``, see :mod:`mint_mlx.experts`), so the allocator can give each expert its
+own format. The stack is walked expert by expert either way, so this costs nothing extra.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from .errors import AnalysisCacheError
+from .experts import expert_infos, splits_per_expert
 from .formats import Format
 from .paths import cache_root
 from .quantize import squared_error
@@ -186,16 +191,47 @@ def analyze_tensor(
     )
 
 
+def analyze_stack(
+    info: TensorInfo,
+    weight: mx.array,
+    formats: Sequence[Format],
+    dtype: mx.Dtype,
+    columns: mx.array | None = None,
+    scales: str = "rtn",
+    per_expert: bool = False,
+) -> list[RDCurve]:
+    """The RD curves of one source tensor: one curve, or with ``per_expert`` one per expert of
+    an expert stack (each with its own Fisher columns, ``columns[e]``)."""
+    if not (per_expert and splits_per_expert(info)):
+        return [analyze_tensor(info, weight, formats, dtype, columns, scales)]
+    return [
+        analyze_tensor(
+            sub, weight[e], formats, dtype, None if columns is None else columns[e], scales
+        )
+        for e, sub in enumerate(expert_infos(info))
+    ]
+
+
+def curve_paths(info: TensorInfo, per_expert: bool = False) -> list[str]:
+    """The paths of the curves :func:`analyze_stack` gives for ``info``, in order."""
+    if per_expert and splits_per_expert(info):
+        return [sub.path for sub in expert_infos(info)]
+    return [info.path]
+
+
 def cache_key(
     source: Source,
     formats: Sequence[Format],
     dtype: mx.Dtype,
     calibration: str = "",
     scales: str = "rtn",
+    per_expert: bool = False,
 ) -> str:
     """What an analysis file depends on besides the tensors themselves (which each line
     identifies by content hash): the model's config, candidates, output dtype, calibration (the
-    key of the Fisher weights, empty without), scale method and version."""
+    key of the Fisher weights, empty without), scale method, per-expert curves and version.
+    (Without ``per_expert`` the key is what it was before that option existed, so existing
+    caches stay valid.)"""
     h = hashlib.sha256()
     h.update(json.dumps(source.config, sort_keys=True).encode())
     h.update(calibration.encode())
@@ -203,6 +239,8 @@ def cache_key(
     h.update(",".join(f.name for f in formats).encode())
     h.update(str(dtype).encode())
     h.update(f"v{ANALYSIS_VERSION}".encode())
+    if per_expert:
+        h.update(b"per-expert")
     return h.hexdigest()[:24]
 
 
@@ -212,8 +250,9 @@ def default_cache_path(
     dtype: mx.Dtype,
     calibration: str = "",
     scales: str = "rtn",
+    per_expert: bool = False,
 ) -> Path:
-    key = cache_key(source, formats, dtype, calibration, scales)
+    key = cache_key(source, formats, dtype, calibration, scales, per_expert)
     return cache_root() / "analysis" / f"{key}.jsonl"
 
 
@@ -259,13 +298,15 @@ def analyze(
     calibration: str = "",
     scales: str = "rtn",
     jobs: int = 1,
+    per_expert: bool = False,
 ) -> list[RDCurve]:
     """RD curves for every quantizable tensor of ``source``, reusing and extending the cache.
 
     ``columns`` are per-tensor Fisher column weights (keyed by weight name) and ``calibration``
     their cache key; with them every candidate also gets a weighted error. ``jobs`` worker
     processes share the work; under ``mlx.launch`` the ranks split the tensors between them
-    (:mod:`mint_mlx.parallel`). The result is the same either way.
+    (:mod:`mint_mlx.parallel`). The result is the same either way. ``per_expert`` measures each
+    expert of an expert stack as its own curve (``module#e``), in the stack's place in the list.
     """
     from .parallel import (
         PARALLEL_MIN_ELEMENTS,
@@ -275,8 +316,8 @@ def analyze(
         rank_share,
     )
 
-    key = cache_key(source, formats, dtype, calibration, scales)
-    path = cache_path or default_cache_path(source, formats, dtype, calibration, scales)
+    key = cache_key(source, formats, dtype, calibration, scales, per_expert)
+    path = cache_path or default_cache_path(source, formats, dtype, calibration, scales, per_expert)
     path.parent.mkdir(parents=True, exist_ok=True)
     group = distributed_group()
     writer = group is None or group.rank() == 0  # one process writes the cache file
@@ -298,17 +339,21 @@ def analyze(
 
         def cached(info: TensorInfo) -> tuple[str, bool]:
             """The tensor's hash (reading it only if the hash is not known) and whether its
-            curve came from the cache."""
+            curves came from the cache (all of them: a stack cut short is measured again)."""
             digest = source.digest(info.key)
-            hit = done.get((info.path, digest))
-            if hit is not None:
-                curves[info.path] = hit
-            return digest, hit is not None
+            hits = [done.get((p, digest)) for p in curve_paths(info, per_expert)]
+            found = [h for h in hits if h is not None]
+            if len(found) < len(hits):
+                return digest, False
+            for hit in found:
+                curves[hit.path] = hit
+            return digest, True
 
         def measure_here(info: TensorInfo, digest: str) -> None:
             cols = None if columns is None else columns[info.key].astype(mx.float32)
             weight = source.tensor(info.key)  # still loaded if it was just hashed
-            record(analyze_tensor(info, weight, formats, dtype, cols, scales), digest)
+            for curve in analyze_stack(info, weight, formats, dtype, cols, scales, per_expert):
+                record(curve, digest)
             source.release(info.key)
 
         if jobs > 1 and sum(info.numel for info in mine) >= PARALLEL_MIN_ELEMENTS:
@@ -323,8 +368,9 @@ def analyze(
             todo_elements = sum(info.numel for info in todo)
             if len(todo) > 1 and todo_elements >= PARALLEL_MIN_ELEMENTS:
 
-                def pooled(info: TensorInfo, d: dict[str, Any]) -> None:
-                    record(RDCurve.from_json(d), todo[info])
+                def pooled(info: TensorInfo, records: list[dict[str, Any]]) -> None:
+                    for d in records:
+                        record(RDCurve.from_json(d), todo[info])
                     bar.set_postfix_str(info.path[-40:], refresh=False)
                     bar.update(1)
 
@@ -337,6 +383,7 @@ def analyze(
                     scales,
                     min(jobs, len(todo)),
                     pooled,
+                    per_expert,
                 )
             else:
                 for info, digest in todo.items():
@@ -355,7 +402,9 @@ def analyze(
         bar.close()
 
         if group is not None:  # every rank gets every curve; rank 0 caches the new ones
-            mine_text = "\n".join(json.dumps(curves[i.path].to_json()) for i in mine)
+            mine_text = "\n".join(
+                json.dumps(curves[p].to_json()) for i in mine for p in curve_paths(i, per_expert)
+            )
             for text in all_gather_text(mine_text, group):
                 for line in filter(None, text.split("\n")):
                     curve = RDCurve.from_json(json.loads(line))
@@ -365,4 +414,4 @@ def analyze(
                             f.write(line + "\n")
             f.flush()
     source.digest_memo.save()
-    return [curves[t.path] for t in infos]
+    return [curves[p] for t in infos for p in curve_paths(t, per_expert)]

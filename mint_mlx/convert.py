@@ -1,4 +1,4 @@
-"""``python -m mint_mlx.convert``: the best stock-mlx-lm model that fits a byte budget.
+"""``python -m mint_mlx.convert``: the best mlx-lm model that fits a byte budget.
 
 Flow: open the source -> analyse (cached) -> allocate under the budget -> write to a temporary
 directory -> check it loads as planned -> rename into place -> optionally upload.
@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .errors import BudgetError, DiskFullError, MintError, OutputExistsError
+from .formats import FORMAT_SETS
 from .layout import MAX_SHARD_BYTES
 from .parallel import default_jobs, distributed_group
 from .planner import Prepared, prepare
@@ -115,11 +116,14 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     jobs: int = 1,
+    formats: str = "native",
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
     Exactly one of ``budget`` (bytes or a size like ``"5.5GB"``) and ``bpw`` is given. With
-    ``dry_run`` only the plan is made (and the analysis cached). Raises :class:`MintError`
+    ``dry_run`` only the plan is made (and the analysis cached). ``formats="extended"`` lets the
+    allocator also pick mint-mlx's extended formats; an output that uses one loads with
+    :func:`mint_mlx.load` (stock mlx-lm refuses it by name). Raises :class:`MintError`
     subclasses for anything the user can fix.
     """
     out = Path(mlx_path).expanduser()
@@ -148,6 +152,7 @@ def convert(
         max_shard_bytes=max_shard_bytes,
         progress=progress,
         jobs=jobs,
+        formats=formats,
     )
     plan = prepared.plan(nbytes)
     group = distributed_group()
@@ -257,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_jobs(),
         help="analysis worker processes (default: all cores); under mlx.launch, per rank",
     )
+    p.add_argument(
+        "--formats",
+        choices=FORMAT_SETS,
+        default="native",
+        help="candidate formats: native (stock mlx-lm loads the output, default) or extended "
+        "(adds group 16/256 and compact scales; load with mint_mlx.load)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -290,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             command=command,
             jobs=args.jobs,
+            formats=args.formats,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,11 +8,12 @@ log-softmax and KL(R || Q) are computed in float32, batch by batch, with both mo
 Two backends, chosen explicitly (``backend=``) because they trade speed for fidelity differently:
 
 ``native``
-    Stock ``mlx_lm.load`` with its real quantized layers. The right choice on an Apple GPU, and the
+    :func:`mint_mlx.load` (``mlx_lm.load`` plus mint-mlx's extended formats) with its real
+    quantized layers. The right choice on an Apple GPU, and the
     only one that exercises the actual kernels. On a CPU it is very slow (MLX's CPU
     ``quantized_matmul``) and, with bf16 activations, inaccurate.
 ``dequant-fp32``
-    Load the saved model with ``mlx_lm``'s ``load_model`` (per-layer quantization configs included),
+    Load the saved model with :func:`mint_mlx.load.load_model` (per-layer quantization included),
     then replace every quantized layer by a float32 layer holding ``mx.dequantize`` of exactly what
     was saved (scales and biases cast to float32 *first*: ``mx.dequantize(..., dtype=float32)``
     with bf16 scales still computes in bf16), cast every other parameter to float32, and run fp32
@@ -138,7 +139,8 @@ def _dequantized(module: nn.Module) -> nn.Module | None:
 
     has_bias = "bias" in module
     new: nn.Module
-    if isinstance(module, nn.QuantizedEmbedding):
+    # an embedding table (stock or an opt-in layer such as mint_mlx.runtime's) has as_linear
+    if isinstance(module, nn.QuantizedEmbedding) or hasattr(module, "as_linear"):
         new = nn.Embedding(weight.shape[0], weight.shape[1])
     elif weight.ndim == 2:
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
@@ -224,18 +226,22 @@ def cast_to_float32(model: nn.Module) -> nn.Module:
 
 
 def load_for_eval(path: str | Path, backend: str = "auto") -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from a local MLX (or HF-format) model directory for evaluation."""
-    from mlx_lm.utils import load, load_model, load_tokenizer
+    """Load ``(model, tokenizer)`` from a local MLX (or HF-format) model directory for evaluation.
+
+    Through :func:`mint_mlx.load`, which reads every directory mlx-lm reads plus mint-mlx's
+    extended formats; ``dequant-fp32`` then swaps each quantized layer (extended ones through
+    their ``dequantized_weight()``) for a float32 twin.
+    """
+    from .load import load, load_model, load_tokenizer
 
     p = _check_model_dir(path)
     backend = resolve_backend(backend)
     if backend == "native":
-        loaded = load(str(p))
+        loaded = load(p)
         return loaded[0], loaded[1]
     model, config = load_model(p, lazy=True)
     dequantize_to_float32(model)
-    tokenizer = load_tokenizer(p, eos_token_ids=config.get("eos_token_id", None))
-    return model, tokenizer
+    return model, load_tokenizer(p, config)
 
 
 # --------------------------------------------------------------------------- windows

@@ -8,7 +8,7 @@ affine) in their dtype. The allocator trades these exact costs against measured 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from math import prod
 
@@ -165,7 +165,12 @@ def paper_formats() -> list[Format]:
     return [Format("affine", b, g) for b, g in pairs] + [Format(PASSTHROUGH, 16, 0)]
 
 
-def formats_for(objective: str, scales: str = "rtn") -> list[Format]:
+#: Candidate sets ``--formats`` chooses between: only what stock mlx-lm loads, or that plus the
+#: extended formats (an output that uses any of them loads with ``mint_mlx.load``, not stock mlx-lm).
+FORMAT_SETS: tuple[str, ...] = ("native", "extended")
+
+
+def formats_for(objective: str, scales: str = "rtn", formats: str = "native") -> list[Format]:
     """The candidate set an objective allocates over.
 
     With fitted affine scales the microscaling float modes (mxfp4, nvfp4, mxfp8) are left out:
@@ -173,12 +178,20 @@ def formats_for(objective: str, scales: str = "rtn") -> list[Format]:
     are fitted (fitted affine 4-bit g64 beats nvfp4 at the same 4.5 bits), while on a CPU they
     cost about a third of the whole analysis. With MLX's round-to-nearest scales they do win
     tensors (the fisher/RTN ablation gives them ~40% of the parameters), so they stay there.
+
+    ``formats="extended"`` adds :func:`extended_formats` to that set, so the allocator can only
+    do better at a given budget. Paper mode is the published method and keeps its eight
+    configurations whatever ``formats`` says (the planner notes that).
     """
+    if formats not in FORMAT_SETS:
+        raise ValueError(f"unknown format set {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     if objective == "paper":
         return paper_formats()
     if scales == "optimized":
-        return [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
-    return native_formats()
+        base = [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
+    else:
+        base = native_formats()
+    return base + extended_formats() if formats == "extended" else base
 
 
 def format_from_entry(entry: dict[str, int | str] | bool) -> Format:
@@ -191,6 +204,12 @@ def format_from_entry(entry: dict[str, int | str] | bool) -> Format:
     bits, group = int(entry["bits"]), int(entry["group_size"])
     native = mode != COMPACT and not (mode == "affine" and group in EXTENDED_AFFINE_GROUPS)
     return Format(mode, bits, group, native)
+
+
+def any_extended(formats: Iterable[Format]) -> bool:
+    """Whether any of ``formats`` is extended: then only ``mint_mlx.load`` can run the output,
+    which is written so that stock mlx-lm refuses it (see :mod:`mint_mlx.load`)."""
+    return any(not f.native for f in formats)
 
 
 def by_name(formats: Sequence[Format]) -> dict[str, Format]:

@@ -33,7 +33,7 @@ _FLOAT_TAGS = {"float16": "F16", "bfloat16": "BF16"}
 def _tag(kind: str, dtype: mx.Dtype) -> str:
     if kind == "float":
         return TAG_OF[dtype]
-    return {"uint32": "U32", "uint8": "U8"}[kind]
+    return {"uint32": "U32", "uint8": "U8", "int8": "I8"}[kind]
 
 
 def module_slots(path: str, fmt: Format, shape: Sequence[int], dtype: mx.Dtype) -> list[TensorSlot]:
@@ -104,14 +104,22 @@ def output_layout(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[ShardLayout]:
     """The exact files: tensors in source order; a quantizable module (a key of ``formats``,
-    by module path) expands into its weight/scales/biases."""
+    by module path) expands into its weight/scales/biases. Per-expert keys (``module#e``) are
+    collapsed first: a module whose experts share a format is laid out as that format, any
+    other as its groups (:mod:`mint_mlx.experts`)."""
+    from .experts import collapse, per_expert_slots  # experts builds on module_slots
+
+    modules = collapse(formats)
     slots: list[TensorSlot] = []
     for key in order:
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        if module is not None and module in formats:
-            slots += module_slots(module, formats[module], shapes[key], out_dtype)
-        else:
+        entry = modules.get(module) if module is not None else None
+        if module is None or entry is None:
             slots.append(passthrough_slot(key, shapes[key], dtypes[key], out_dtype))
+        elif isinstance(entry, Format):
+            slots += module_slots(module, entry, shapes[key], out_dtype)
+        else:
+            slots += per_expert_slots(module, entry, shapes[key], out_dtype)
     return plan_shards(slots, max_shard_bytes)
 
 

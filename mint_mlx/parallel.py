@@ -54,17 +54,20 @@ def _analyse_one(
     dtype_name: str,
     columns: np.ndarray | None,
     scales: str,
-) -> dict[str, Any]:
-    from .analyze import analyze_tensor
+    per_expert: bool = False,
+) -> list[dict[str, Any]]:
+    """The records of one source tensor: one, or one per expert (see analyze_stack)."""
+    from .analyze import analyze_stack
 
     source = _WORKER_SOURCE
     assert source is not None, "worker was not initialised"
     info = next(t for t in source.quantizable if t.key == key)
     formats = [format_by_name(n) for n in format_names]
     cols = None if columns is None else mx.array(columns)
-    curve = analyze_tensor(info, source.tensor(key), formats, getattr(mx, dtype_name), cols, scales)
+    dtype = getattr(mx, dtype_name)
+    curves = analyze_stack(info, source.tensor(key), formats, dtype, cols, scales, per_expert)
     source.release(key)
-    return curve.to_json()
+    return [c.to_json() for c in curves]
 
 
 def default_jobs() -> int:
@@ -83,11 +86,13 @@ def analyse_in_pool(
     columns: dict[str, mx.array] | None,
     scales: str,
     jobs: int,
-    on_result: Callable[[TensorInfo, dict[str, Any]], None],
+    on_result: Callable[[TensorInfo, list[dict[str, Any]]], None],
+    per_expert: bool = False,
 ) -> None:
-    """Measure ``infos`` in ``jobs`` worker processes; ``on_result`` gets each record as it
-    arrives (in completion order). At most ``2 * jobs`` tensors are in flight, so memory stays
-    bounded by a few tensors per worker."""
+    """Measure ``infos`` in ``jobs`` worker processes; ``on_result`` gets each tensor's records
+    as they arrive (in completion order; one record, or one per expert with ``per_expert``).
+    At most ``2 * jobs`` tensors are in flight, so memory stays bounded by a few tensors per
+    worker."""
     import multiprocessing
 
     dtype_name = str(dtype).split(".")[-1]
@@ -97,14 +102,15 @@ def analyse_in_pool(
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(str(source.path),)
     ) as pool:
-        running: dict[Future[dict[str, Any]], TensorInfo] = {}
+        running: dict[Future[list[dict[str, Any]]], TensorInfo] = {}
 
         def submit() -> None:
             info = pending.pop()
             cols = None
             if columns is not None:
                 cols = np.array(columns[info.key].astype(mx.float32))
-            running[pool.submit(_analyse_one, info.key, names, dtype_name, cols, scales)] = info
+            fut = pool.submit(_analyse_one, info.key, names, dtype_name, cols, scales, per_expert)
+            running[fut] = info
 
         try:
             while pending and len(running) < 2 * jobs:

@@ -18,19 +18,24 @@ from typing import Any
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
 from .errors import MintError
+from .formats import COMPACT, FORMAT_SETS
 from .parallel import default_jobs
 from .planner import Prepared, prepare
+from .quantize import SCALE_METHODS
 from .sizes import format_size, parse_size
 from .source import open_source
 
 
 def mix(plan: Plan) -> str:
-    """Compact (bits, group) mix by share of parameters, e.g. ``4b/g64 61%, 3b/g64 20%``."""
+    """Compact (bits, group) mix by share of parameters, e.g. ``4b/g64 61%, 3b/g32cs 20%``
+    (``cs``: compact scales)."""
     parts = []
     for row in sorted(plan.distribution(), key=lambda r: -r["pct_params"]):
         if row["pct_params"] < 1.0:
             continue
         label = f"{row['bits']}b/g{row['group_size']}" if row["mode"] == "affine" else row["mode"]
+        if row["mode"] == COMPACT:
+            label = f"{row['bits']}b/g{row['group_size']}cs"
         if row["mode"] == "passthrough":
             label = "16b"
         parts.append(f"{label} {row['pct_params']:.0f}%")
@@ -125,8 +130,14 @@ def plan(
     analysis: str | Path | None = None,
     progress: bool = False,
     jobs: int = 1,
+    formats: str = "native",
+    scales: str | None = None,
 ) -> PlanReport:
-    """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine."""
+    """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine.
+
+    ``formats`` and ``scales`` mean what they mean for :func:`mint_mlx.convert.convert`, so
+    a plan printed here is the plan a conversion with the same flags makes (same cache too).
+    """
     from .convert import output_dtype
 
     source = open_source(hf_path)
@@ -135,11 +146,12 @@ def plan(
         source,
         out_dtype,
         objective=objective,
-        scales="rtn" if objective == "paper" else "optimized",
+        scales=scales or ("rtn" if objective == "paper" else "optimized"),
         min_sqnr=min_sqnr,
         analysis=Path(analysis) if analysis else None,
         progress=progress,
         jobs=jobs,
+        formats=formats,
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -232,6 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=default_jobs(), help="analysis worker processes (all cores)"
     )
+    p.add_argument(
+        "--formats",
+        choices=FORMAT_SETS,
+        default="native",
+        help="candidate formats: native (stock mlx-lm, default) or extended (needs mint_mlx.load)",
+    )
+    p.add_argument(
+        "--scales", choices=SCALE_METHODS, help="affine scales: optimized (default) or rtn"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
@@ -248,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             analysis=args.analysis,
             progress=not args.quiet,
             jobs=args.jobs,
+            formats=args.formats,
+            scales=args.scales,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,8 +17,9 @@ import mlx.core as mx
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, Plan, allocate, feasible_range
 from .analyze import RDCurve, analyze, default_cache_path
-from .errors import BudgetError
-from .formats import formats_for
+from .errors import BudgetError, MintError
+from .experts import splits_per_expert
+from .formats import FORMAT_SETS, formats_for
 from .layout import (
     MAX_OFFSET_DIGITS,
     MAX_SHARD_BYTES,
@@ -144,13 +145,23 @@ def prepare(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     jobs: int = 1,
+    formats: str = "native",
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
     The ``fisher`` objective first estimates output sensitivities: from text the model samples
-    itself, or from the ``calibration`` text file.
+    itself, or from the ``calibration`` text file. ``formats`` is the candidate set
+    (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
+    names, so a native and an extended analysis of the same model never mix.
     """
+    if formats not in FORMAT_SETS:
+        raise MintError(f"unknown --formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     columns, calib_key, notes = None, "", []
+    if formats == "extended" and objective == "paper":
+        notes.append(
+            "--formats extended does not apply to --objective paper: planned over the "
+            "paper's eight configurations"
+        )
     if objective == "fisher":
         from .calibrate import memory_shortfall
 
@@ -171,11 +182,20 @@ def prepare(
                 "planned with --objective nrmse instead"
             )
             objective, columns, calib_key = "nrmse", None, ""
-    formats = formats_for(objective, scales)
-    cache = analysis or default_cache_path(source, formats, dtype, calib_key, scales)
+    candidates = formats_for(objective, scales, formats)
+    # Per-expert configs are an extended format: each expert of a MoE stack is its own item in
+    # the knapsack. Only models that have expert stacks get the flag (it changes the cache key).
+    per_expert = (
+        formats == "extended"
+        and objective != "paper"
+        and any(splits_per_expert(info) for info in source.quantizable)
+    )
+    cache = analysis or default_cache_path(
+        source, candidates, dtype, calib_key, scales, per_expert=per_expert
+    )
     curves = analyze(
         source,
-        formats,
+        candidates,
         dtype,
         cache,
         progress=progress,
@@ -183,6 +203,7 @@ def prepare(
         calibration=calib_key,
         scales=scales,
         jobs=jobs,
+        per_expert=per_expert,
     )
     return Prepared(
         source, dtype, objective, scales, min_sqnr, curves, columns, cache, max_shard_bytes, notes

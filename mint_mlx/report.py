@@ -6,13 +6,17 @@ import re
 from collections.abc import Sequence
 
 from .allocate import Plan
+from .formats import COMPACT, any_extended
 from .sizes import format_size
 
 
 def config_label(row: dict) -> str:
-    """``4-bit g64`` for affine, the mode name for float modes, ``16-bit`` for passthrough."""
+    """``4-bit g64`` for affine, ``4-bit g32, compact scales`` for affine_cs, the mode name for
+    float modes, ``16-bit`` for passthrough."""
     if row["mode"] == "affine":
         return f"{row['bits']}-bit g{row['group_size']}"
+    if row["mode"] == COMPACT:
+        return f"{row['bits']}-bit g{row['group_size']}, compact scales"
     if row["mode"] == "passthrough":
         return "16-bit (unquantized)"
     return f"{row['mode']} ({row['bits']}-bit g{row['group_size']})"
@@ -52,6 +56,43 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
 
 
+def _loads_line(plan: Plan) -> str:
+    if any_extended(plan.formats.values()):
+        return (
+            "- Uses mint-mlx's extended formats: load with `mint_mlx.load` "
+            "(stock mlx-lm refuses the `mint-mlx/` model type by name)."
+        )
+    return "- Loads in stock mlx-lm: no mint-mlx import needed."
+
+
+def _usage_lines(plan: Plan, name: str) -> list[str]:
+    """The card's "Use with mlx" section: stock mlx-lm, or mint-mlx's loader when needed."""
+    if any_extended(plan.formats.values()):
+        install = "pip install mint-mlx"
+        cli = f'python -m mint_mlx.generate --model {name} --prompt "Hello"'
+        imports, loader = ["from mlx_lm import generate", "", "import mint_mlx"], "mint_mlx.load"
+    else:
+        install = "pip install mlx-lm"
+        cli = f'mlx_lm.generate --model {name} --prompt "Hello"'
+        imports, loader = ["from mlx_lm import load, generate"], "load"
+    return [
+        "## Use with mlx",
+        "",
+        "```bash",
+        install,
+        cli,
+        "```",
+        "",
+        "```python",
+        *imports,
+        "",
+        f'model, tokenizer = {loader}("{name}")',
+        'print(generate(model, tokenizer, prompt="Hello", max_tokens=64))',
+        "```",
+        "",
+    ]
+
+
 def model_card(
     plan: Plan, base_model: str, command: str, name: str, images: Sequence[tuple[str, str]] = ()
 ) -> str:
@@ -88,7 +129,7 @@ def model_card(
         ),
         f"- Objective: `{plan.objective}`, SQNR veto {plan.min_sqnr:g} dB, "
         f"output dtype {plan.dtype}",
-        "- Loads in stock mlx-lm: no mint-mlx import needed.",
+        _loads_line(plan),
         "",
         "## Allocation",
         "",
@@ -97,20 +138,7 @@ def model_card(
         "Per-tensor choices, bytes and errors are in `mint_plan.json`.",
         "",
         *[line for alt, file in images for line in (f"![{alt}]({file})", "")],
-        "## Use with mlx",
-        "",
-        "```bash",
-        "pip install mlx-lm",
-        f'mlx_lm.generate --model {name} --prompt "Hello"',
-        "```",
-        "",
-        "```python",
-        "from mlx_lm import load, generate",
-        "",
-        f'model, tokenizer = load("{name}")',
-        'print(generate(model, tokenizer, prompt="Hello", max_tokens=64))',
-        "```",
-        "",
+        *_usage_lines(plan, name),
         "## How it was made",
         "",
         "```bash",

@@ -1,4 +1,5 @@
-"""Apply a plan tensor by tensor and write a model directory stock mlx-lm loads.
+"""Apply a plan tensor by tensor and write a model directory: one stock mlx-lm loads, or, when
+the plan uses an extended format, one :func:`mint_mlx.load` loads (and stock mlx-lm refuses).
 
 The directory is written to a temporary sibling and renamed into place only after the post-save
 check passed, so a failed or interrupted conversion never leaves a directory that looks complete.
@@ -12,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from tqdm import tqdm
 
 from .allocate import Plan
 from .errors import OutputExistsError, SaveCheckError
+from .experts import collapse, is_stock_loadable, module_arrays, module_entry
 from .formats import Format, format_from_entry
 from .layout import MAX_SHARD_BYTES, output_layout, passthrough_dtype, total_file_bytes
-from .quantize import quantize_in_chunks
 from .safetensors_io import ShardLayout, ShardWriter, read_header
 from .source import Source, copy_support_files
 
@@ -38,22 +39,37 @@ def quantization_config(plan: Plan) -> dict[str, Any]:
     mlx-lm reads a module's own entry before any default, so every planned module gets one
     (``False`` for modules kept in 16 bits) and the default never decides anything.
     """
-    formats = plan.formats
+    modules = collapse(plan.formats)
     affine = Counter(
-        (f.group_size, f.bits) for f in formats.values() if f.is_quantized and f.mode == "affine"
+        (f.group_size, f.bits)
+        for f in modules.values()
+        if isinstance(f, Format) and f.native and f.mode == "affine"
     )
     group_size, bits = affine.most_common(1)[0][0] if affine else (64, 4)
     block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    for path, fmt in formats.items():
-        block[path] = fmt.quantization_entry()
+    for path, entry in modules.items():
+        block[path] = module_entry(entry)
     return block
 
 
+def needs_mint(plan: Plan) -> bool:
+    """Whether the output needs mint-mlx to load: an extended format, or a per-expert module
+    (stock mlx-lm knows neither)."""
+    return not is_stock_loadable(collapse(plan.formats))
+
+
 def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]:
+    """config.json of the output. A plan with an extended format gets the ``mint-mlx/`` model
+    type (:func:`mint_mlx.load.mark_config`): stock mlx-lm then stops with "Model type
+    mint-mlx/<type> not supported" instead of loading packed weights it would misread."""
     config = dict(source.config)
     config["quantization"] = quantization_config(plan)
     config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = str(dtype).split(".")[-1]
+    if needs_mint(plan):
+        from .load import mark_config
+
+        config = mark_config(config)
     return config
 
 
@@ -73,20 +89,19 @@ def _arrays(
     columns: dict[str, mx.array] | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) in file order, one source tensor materialized at a time."""
+    modules = collapse(plan_formats)
     for key in list(source.shapes):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         weight = source.tensor(key)
-        if module is not None and module in plan_formats:
-            arrays = quantize_in_chunks(
+        if module is not None and module in modules:
+            yield from module_arrays(
+                module,
+                modules[module],
                 weight,
-                plan_formats[module],
                 dtype,
                 scales,
                 None if columns is None else columns[key],
             )
-            mx.eval(arrays)
-            for suffix, arr in arrays.items():
-                yield f"{module}.{suffix}", arr
         else:
             yield key, weight.astype(passthrough_dtype(weight.dtype, dtype))
         source.release(key)
@@ -134,13 +149,28 @@ def write_weights(
 
 
 def verify_saved(directory: Path, plan: Plan) -> None:
-    """Load the directory the way stock mlx-lm does and check every module against the plan.
+    """Load the directory the way its users will and check every module against the plan.
 
+    A native plan loads through stock mlx-lm's ``load_model`` (the promise is that no mint-mlx
+    import is needed); a plan with extended formats through :func:`mint_mlx.load.load_model`.
     Catches the classic silent failure (a planned layer left unquantized because a default
     config skipped it) and any byte overrun, before the directory is published.
     """
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-    from mlx_lm.utils import load_model
+
+    loader: Callable[..., tuple[nn.Module, dict[str, Any]]]
+    extra_types: tuple[type[nn.Module], ...] = ()
+    if needs_mint(plan):
+        from .expert_layers import PerExpertSwitchLinear
+        from .load import load_model as mint_load_model
+        from .runtime import EXTENDED_LAYERS
+
+        loader, who = mint_load_model, "mint_mlx.load"
+        extra_types = (*EXTENDED_LAYERS, PerExpertSwitchLinear)
+    else:
+        from mlx_lm import utils as mlx_utils
+
+        loader, who = mlx_utils.load_model, "mlx-lm"
 
     files = sorted(directory.glob("*.safetensors"))
     for f in files:
@@ -151,17 +181,26 @@ def verify_saved(directory: Path, plan: Plan) -> None:
     if plan.total_bytes and size != plan.total_bytes:
         raise SaveCheckError(f"saved weights take {size} bytes, the plan said {plan.total_bytes}")
     try:
-        model, config = load_model(directory, lazy=True, strict=True)
+        model, config = loader(directory, lazy=True, strict=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the output is unusable
         raise SaveCheckError(
-            f"the saved model does not load in mlx-lm ({type(e).__name__}: {e})"
+            f"the saved model does not load in {who} ({type(e).__name__}: {e})"
         ) from e
-    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
-    quantized_types = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
-    for path, fmt in plan.formats.items():
+    modules: dict[str, Any] = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    quantized_types: tuple[type[nn.Module], ...] = (
+        nn.QuantizedLinear,
+        nn.QuantizedEmbedding,
+        QuantizedSwitchLinear,
+        *extra_types,
+    )
+    for path, fmt in collapse(plan.formats).items():
         module = modules.get(path)
         if module is None:
             raise SaveCheckError(f"planned module {path} is missing from the loaded model")
+        if not isinstance(fmt, Format):  # per-expert groups
+            if getattr(module, "groups", None) != fmt:
+                raise SaveCheckError(f"{path} was planned per expert but loads differently")
+            continue
         if fmt.is_quantized:
             if not isinstance(module, quantized_types):
                 raise SaveCheckError(f"{path} was planned as {fmt.name} but loads unquantized")
