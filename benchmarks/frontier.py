@@ -40,14 +40,17 @@ from mint_mlx.baselines import baseline_by_name, build_baseline, safetensors_byt
 from mint_mlx.errors import MintError
 from mint_mlx.paths import cache_root
 
-#: Matched methods: (objective, scales). "mint" is the default of convert; "paper" the published
-#: method; "nrmse" and "fisher-rtn" are the ablation steps between them (issue 7): the native
-#: candidate set with a weight-error objective, then output-aware weighting, then fitted scales.
+#: Matched methods: (objective, scales, formats). "mint" is the default of convert; "paper" the
+#: published method; "nrmse" and "fisher-rtn" are the ablation steps between them (issue 7): the
+#: native candidate set with a weight-error objective, then output-aware weighting, then fitted
+#: scales. "mint-ext" is the default with ``--formats extended`` (issue 4): the same objective
+#: over the native and the extended formats, at the same bytes as "mint".
 MATCHED = {
-    "mint": ("fisher", "optimized"),
-    "paper": ("paper", "rtn"),
-    "nrmse": ("nrmse", "rtn"),
-    "fisher-rtn": ("fisher", "rtn"),
+    "mint": ("fisher", "optimized", "native"),
+    "paper": ("paper", "rtn", "native"),
+    "nrmse": ("nrmse", "rtn", "native"),
+    "fisher-rtn": ("fisher", "rtn", "native"),
+    "mint-ext": ("fisher", "optimized", "extended"),
 }
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
@@ -55,6 +58,7 @@ PLOT_LABELS = {
     "paper": "paper mode (MINT)",
     "nrmse": "ablation: native formats, NRMSE objective, RTN",
     "fisher-rtn": "ablation: + Fisher weighting, RTN",
+    "mint-ext": "mint-mlx --formats extended",
 }
 METHODS = ("stock", *MATCHED)
 ISSUE_TARGETS = ("affine-3-g64", "affine-4-g64", "affine-4-g32", "mixed_3_6-g64")
@@ -123,6 +127,15 @@ def _distribution(plan: Any) -> str:
     """The plan's formats by share of parameters, largest first (for the table)."""
     rows = sorted(plan.distribution(), key=lambda r: -r["pct_params"])
     return ", ".join(f"{r['format']} {r['pct_params']:.0f}%" for r in rows if r["pct_params"] >= 1)
+
+
+def _extended_share(plan: Any) -> float:
+    """Percent of the parameters stored in formats stock MLX lacks."""
+    from mint_mlx.formats import format_by_name
+
+    return sum(
+        r["pct_params"] for r in plan.distribution() if not format_by_name(r["format"]).native
+    )
 
 
 # ----------------------------------------------------------------------------- run
@@ -224,9 +237,17 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
         path = work / key.replace("@", "-at-")
         print(f"[{testbed}] {key}: convert at {budget} bytes", flush=True)
         start = time.perf_counter()
-        objective, scales = MATCHED[method]
+        objective, scales, formats = MATCHED[method]
         try:
-            res = convert(ref, path, budget=budget, objective=objective, scales=scales, force=True)
+            res = convert(
+                ref,
+                path,
+                budget=budget,
+                objective=objective,
+                scales=scales,
+                formats=formats,
+                force=True,
+            )
         except MintError as e:  # e.g. below the smallest feasible size: say so in the table
             rows[key] = {"key": key, "method": method, "target": target, "error": str(e)}
             save_state(out_json, state)
@@ -244,12 +265,15 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
             raw_distortion=res.plan.distortion,
             objective=objective,
             scales=scales,
+            formats_set=formats,
             build_seconds=build_seconds,
             command=(
                 f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}"
                 + ("" if method == "mint" else f" --objective {objective} --scales {scales}")
+                + ("" if formats == "native" else f" --formats {formats}")
             ),
             formats=_distribution(res.plan),
+            extended_pct_params=_extended_share(res.plan),
         )
         rows[key] = row
         save_state(out_json, state)
@@ -261,6 +285,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
     order = [
         *args.targets,
         *args.ablation_targets,
+        *args.extended_targets,
         *(args.baselines if "stock" in args.methods else []),
     ]
     for name in dict.fromkeys(order):
@@ -273,6 +298,8 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
             for method in ABLATIONS:
                 if method in args.methods:
                     matched_row(method, name)
+        if name in args.extended_targets and "mint-ext" in args.methods:
+            matched_row("mint-ext", name)
 
     write_reports(args.out, state)
     if not args.keep_reference_cache:
@@ -365,7 +392,45 @@ def markdown(state: dict[str, Any]) -> str:
                 f"| {b['ppl']:.3f} -> {r['ppl']:.3f} | {verdict(r, b)} |"
             )
     lines += vs_every_baseline(state)
+    lines += extended_vs_native(state)
     return "\n".join(lines) + "\n"
+
+
+def extended_vs_native(state: dict[str, Any]) -> list[str]:
+    """Issue 4: ``--formats extended`` against native-only mint at the same budget, with the
+    extended formats' share of the parameters (what the allocator bought with them)."""
+    pairs = []
+    for r in state["rows"].values():
+        if r.get("method") == "mint-ext" and "error" not in r:
+            native = state["rows"].get(f"mint@{r['target']}")
+            if native and "error" not in native:
+                pairs.append((native, r))
+    if not pairs:
+        return []
+    out = [
+        "",
+        "Extended formats (issue 4): mint-mlx with `--formats extended` against native-only "
+        "mint-mlx at the same budget. Ratio = extended KLD / native KLD; verdict from the "
+        f"per-window paired difference (within {LEVEL_SE:g} standard errors is *level*).",
+        "",
+        "| budget of | native bytes | native KLD | extended bytes | extended KLD | ratio "
+        "| PPL (native -> extended) | verdict | params in extended formats | largest of them |",
+        "|---|---:|---:|---:|---:|---:|---|---|---:|---|",
+    ]
+    for native, ext in sorted(pairs, key=lambda p: p[0]["bytes"]):
+        chosen = ", ".join(
+            part.strip()
+            for part in ext.get("formats", "").split(",")
+            if "-g16" in part or "-g256" in part or "-cs" in part
+        )
+        out.append(
+            f"| {ext['target']} | {native['bytes']:,} | {native['kld_mean']:.4f} "
+            f"| {ext['bytes']:,} | {ext['kld_mean']:.4f} "
+            f"| {ext['kld_mean'] / native['kld_mean']:.2f} "
+            f"| {native['ppl']:.3f} -> {ext['ppl']:.3f} | {verdict(ext, native)} "
+            f"| {ext.get('extended_pct_params', 0.0):.1f}% | {chosen or '—'} |"
+        )
+    return out
 
 
 def vs_every_baseline(state: dict[str, Any], method: str = "mint") -> list[str]:
@@ -450,6 +515,7 @@ def plot(state: dict[str, Any], path: Path) -> None:
     styles["paper mode (MINT)"] = dict(color="C4", lw=1.5, marker="s", ls="--")
     styles[PLOT_LABELS["nrmse"]] = dict(color="C8", marker="^", ms=8, ls="none")
     styles[PLOT_LABELS["fisher-rtn"]] = dict(color="C9", marker="v", ms=8, ls="none")
+    styles[PLOT_LABELS["mint-ext"]] = dict(color="C6", lw=1.5, marker="*", ms=10, ls="-.")
     for label in sorted(series):
         pts = sorted(series[label], key=lambda r: r["bits_per_weight"])
         x = [r["bits_per_weight"] for r in pts]
@@ -529,6 +595,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help="baselines whose byte size the ablation rows (nrmse, fisher-rtn) are run at",
     )
+    p.add_argument(
+        "--extended-targets",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="baselines whose byte size mint-mlx --formats extended is run at (method mint-ext)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, help="where models are built (default: cache/frontier)")
     p.add_argument(
@@ -542,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.targets = args.baselines if {"mint", "paper"} & set(args.methods) else []
     if not {"mint", "paper"} & set(args.methods):
         args.targets = []
-    for n in [*args.baselines, *args.targets, *args.ablation_targets]:
+    for n in [*args.baselines, *args.targets, *args.ablation_targets, *args.extended_targets]:
         baseline_by_name(n)
     args.out.mkdir(parents=True, exist_ok=True)
     for testbed in args.testbed:

@@ -1,4 +1,5 @@
-"""Issue 6 and 7 tables from the frontier results: goal comparisons, ablations, prediction error.
+"""Issue 4, 6 and 7 tables from the frontier results: goal comparisons, ablations, prediction
+error, extended formats against native.
 
 Reads ``results/<testbed>.json`` (written by ``frontier.py``) and writes
 ``results/summary-<testbed>.md``. Nothing is measured here; every number comes from the JSON.
@@ -13,6 +14,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from frontier import extended_vs_native  # benchmarks/ is on sys.path when run as a script
 
 GOAL_TARGETS = ("affine-3-g64", "mixed_3_6-g64", "affine-4-g64", "affine-4-g32")
 #: Issue 7: mint KLD at most this times the best stock option that fits the same bytes ...
@@ -147,6 +150,9 @@ def summary(state: dict[str, Any]) -> str:
         *prediction_table(state),
         "",
     ]
+    extended = extended_vs_native(state)
+    if extended:
+        lines += ["### Extended formats against native-only (issue 4)", *extended, ""]
     return "\n".join(lines)
 
 
