@@ -74,3 +74,39 @@ def test_large_instance_is_near_lp_bound() -> None:
     s = solve(costs, dists, cap)
     assert s.cost <= cap
     assert s.cost >= cap * 0.999
+
+
+def dp_optimum(costs, dists, cap):
+    """Exact minimum by dynamic programming over integer costs (small instances)."""
+    inf = float("inf")
+    best = [0.0] + [inf] * cap  # best[c]: least distortion of the items so far at cost exactly c
+    for c_opts, d_opts in zip(costs, dists, strict=True):
+        nxt = [inf] * (cap + 1)
+        for c in range(cap + 1):
+            if best[c] == inf:
+                continue
+            for oc, od in zip(c_opts, d_opts, strict=True):
+                if c + oc <= cap and best[c] + od < nxt[c + oc]:
+                    nxt[c + oc] = best[c] + od
+        best = nxt
+    return min(best)
+
+
+def test_one_large_item_whose_hull_skips_its_middle_option() -> None:
+    # A tied embedding in miniature: one item holds most of the bytes and its middle option lies
+    # above the segment between its ends, so the LP jumps over it; taking it needs many small
+    # items to step down, more than the core method's branch and bound can move.
+    from mint_mlx.knapsack import _solve_core
+
+    rng = random.Random(3)
+    costs = [[2000, 3000, 4000]] + [[10, 20] for _ in range(150)]
+    dists = [[10.0, 5.4, 0.5]] + [
+        [d, 0.3 * d] for d in (rng.uniform(0.005, 0.02) for _ in range(150))
+    ]
+    cap = 4000 + 150 * 15 - 900
+    best = dp_optimum(costs, dists, cap)
+    assert _solve_core(costs, dists, cap).distortion > best + 1e-6  # the trap is real
+    s = solve(costs, dists, cap)
+    assert s.cost <= cap
+    assert s.distortion == pytest.approx(best, abs=1e-9)
+    assert s.choice[0] == 1  # the middle option
