@@ -180,8 +180,12 @@ def formats_for(objective: str, scales: str = "rtn", formats: str = "native") ->
     tensors (the fisher/RTN ablation gives them ~40% of the parameters), so they stay there.
 
     ``formats="extended"`` adds :func:`extended_formats` to that set, so the allocator can only
-    do better at a given budget. Paper mode is the published method and keeps its eight
-    configurations whatever ``formats`` says (the planner notes that).
+    do better at a given budget, except affine group 16 with 16-bit scales: compact scales at
+    group 16 store the same groups for 1 bit per weight less, and across both testbeds'
+    frontier budgets the allocator never chose the full-scale version (dropping it left all ten
+    plans byte-identical; benchmarks/RESULTS.md). It stays in the registry, so such files load.
+    Paper mode is the published method and keeps its eight configurations whatever
+    ``formats`` says (the planner notes that).
     """
     if formats not in FORMAT_SETS:
         raise ValueError(f"unknown format set {formats!r}; use one of {', '.join(FORMAT_SETS)}")
@@ -191,7 +195,9 @@ def formats_for(objective: str, scales: str = "rtn", formats: str = "native") ->
         base = [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
     else:
         base = native_formats()
-    return base + extended_formats() if formats == "extended" else base
+    if formats == "native":
+        return base
+    return base + [f for f in extended_formats() if not (f.mode == "affine" and f.group_size == 16)]
 
 
 def format_from_entry(entry: dict[str, int | str] | bool) -> Format:

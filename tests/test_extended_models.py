@@ -285,6 +285,11 @@ def test_candidate_sets_and_cache_keys(tiny_llama: Path) -> None:
     native = formats_for("fisher", "optimized")
     extended = formats_for("fisher", "optimized", "extended")
     assert set(native) < set(extended) and any(not f.native for f in extended)
+    # full-scale affine g16 never earned a place (compact g16 dominates it); g256 and every
+    # compact group size did
+    names = {f.name for f in extended}
+    assert "affine-4-g16" not in names and "affine-4-g16-cs" in names
+    assert {"affine-4-g256", "affine-4-g32-cs", "affine-4-g64-cs"} <= names
     assert formats_for("paper", "rtn", "extended") == paper_formats()
     assert all(f in formats_for("fisher", "rtn", "extended") for f in formats_for("fisher", "rtn"))
     source = open_source(tiny_llama)
