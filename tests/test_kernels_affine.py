@@ -13,7 +13,7 @@ from test_metal_harness import mlx_generated_source
 
 from mint_mlx.kernels import affine
 from mint_mlx.kernels.affine import affine_qmv, affine_qmv_call, affine_qmv_spec
-from mint_mlx.kernels.emulate import emulate, find_compiler, run_call
+from mint_mlx.kernels.emulate import emulate_call, find_compiler, run_call
 from mint_mlx.kernels.reference import (
     affine_qmv_reference,
     dequantize_affine,
@@ -195,15 +195,7 @@ def test_kernel_checks_ran() -> None:
     w, s, b = random_qmatrix(rng, 13, 256, 5, 32, mx.float16)
     x = mx.array(rng.normal(size=(2, 256)).astype(np.float16))
     call = affine_qmv_call(x, w, s, b, 5, 32)
-    res = emulate(
-        affine_qmv_spec(),
-        call.inputs,
-        call.output_shapes,
-        call.output_dtypes,
-        call.grid,
-        call.threadgroup,
-        call.template,
-    )
+    res = emulate_call(affine_qmv_spec(), call)
     assert res.error is None
     assert res.stats["threadgroups"] == 2 * 2  # 2 tiles of 8 rows x 2 batch rows
     assert res.stats["collectives"] == 2 * 2 * 2 * 4  # per simdgroup: one simd_sum per row

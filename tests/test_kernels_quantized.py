@@ -19,7 +19,7 @@ import pytest
 from mint_mlx.formats import COMPACT, Format
 from mint_mlx.kernels import ops, quantized
 from mint_mlx.kernels.cases import TOLERANCE, random_quantized, random_x, relative_error
-from mint_mlx.kernels.emulate import emulate, find_compiler, run_call
+from mint_mlx.kernels.emulate import emulate_call, find_compiler, run_call
 from mint_mlx.kernels.spec import KernelCall, KernelSpec
 
 pytestmark = pytest.mark.skipif(
@@ -169,15 +169,7 @@ def test_qmm_checks_ran() -> None:
     x = random_x(rng, (33, 96), mx.float16)
     call = quantized.qmm_call(x, arrays, fmt)
     spec = quantized.qmm_spec(fmt.mode)
-    res = emulate(
-        spec,
-        call.inputs,
-        call.output_shapes,
-        call.output_dtypes,
-        call.grid,
-        call.threadgroup,
-        call.template,
-    )
+    res = emulate_call(spec, call)
     assert res.error is None
     assert res.stats["threadgroups"] == 2 * 2
     assert res.stats["barriers"] == 2 * 2 * 3 * 2  # per threadgroup: 2 per K step of 32

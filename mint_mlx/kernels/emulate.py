@@ -707,9 +707,10 @@ def run_emulated(
     return result.outputs
 
 
-def run_call(spec: KernelSpec, call: KernelCall, **options: Any) -> list[np.ndarray]:
-    """:func:`run_emulated` for a :class:`KernelCall` (the launch a kernel's Python side builds)."""
-    return run_emulated(
+def emulate_call(spec: KernelSpec, call: KernelCall, **options: Any) -> EmulationResult:
+    """:func:`emulate` for a :class:`KernelCall` (the launch a kernel's Python side builds):
+    the result with its error and statistics, for tests that inspect them."""
+    return emulate(
         spec,
         call.inputs,
         call.output_shapes,
@@ -720,3 +721,11 @@ def run_call(spec: KernelSpec, call: KernelCall, **options: Any) -> list[np.ndar
         init_value=call.init_value,
         **options,
     )
+
+
+def run_call(spec: KernelSpec, call: KernelCall, **options: Any) -> list[np.ndarray]:
+    """:func:`run_emulated` for a :class:`KernelCall`: the outputs, or the kernel's error."""
+    result = emulate_call(spec, call, **options)
+    if result.error is not None:
+        raise result.error
+    return result.outputs
