@@ -32,33 +32,9 @@ from .experts import (
     quantize_per_expert,
 )
 from .formats import Format
+from .kernels.ops import gather_quantized_matmul
 
 _KIND_DTYPES: dict[str, mx.Dtype] = {"uint32": mx.uint32, "uint8": mx.uint8, "int8": mx.int8}
-
-
-def _extended_gather_matmul(
-    x: mx.array,
-    arrays: dict[str, mx.array],
-    fmt: Format,
-    rhs_indices: mx.array,
-    sorted_indices: bool,
-) -> mx.array:
-    """``gather_qmm`` for an extended format: mint-mlx's kernels when they are importable, else
-    the float32 reference (dequantize, then ``mx.gather_mm``), which is exact and slow."""
-    try:
-        from .kernels.ops import gather_quantized_matmul
-    except ImportError:
-        from .extended import dequantize_extended
-
-        w = dequantize_extended(arrays, fmt)
-        y = mx.gather_mm(
-            x.astype(mx.float32),
-            w.swapaxes(-1, -2),
-            rhs_indices=rhs_indices,
-            sorted_indices=sorted_indices,
-        )
-        return y.astype(x.dtype)
-    return gather_quantized_matmul(x, arrays, fmt, rhs_indices, sorted_indices=sorted_indices)
 
 
 def gather_matmul(
@@ -78,7 +54,7 @@ def gather_matmul(
             x, w.swapaxes(-1, -2), rhs_indices=rhs_indices, sorted_indices=sorted_indices
         )
     if not fmt.native:
-        return _extended_gather_matmul(x, arrays, fmt, rhs_indices, sorted_indices)
+        return gather_quantized_matmul(x, arrays, fmt, rhs_indices, sorted_indices)
     return mx.gather_qmm(
         x,
         arrays["weight"],

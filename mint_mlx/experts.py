@@ -178,6 +178,12 @@ def is_stock_loadable(modules: Mapping[str, ModuleEntry]) -> bool:
     return all(isinstance(m, Format) and m.native for m in modules.values())
 
 
+def needs_mint(formats: Mapping[str, Format]) -> bool:
+    """Whether a plan's output needs mint-mlx to load: an extended format, or a per-expert
+    module (stock mlx-lm knows neither). Save marks the config by it, the card says so by it."""
+    return not is_stock_loadable(collapse(formats))
+
+
 # ----------------------------------------------------------------------------- config entry
 
 

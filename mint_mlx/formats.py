@@ -8,7 +8,7 @@ affine) in their dtype. The allocator trades these exact costs against measured 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 
@@ -210,12 +210,6 @@ def format_from_entry(entry: dict[str, int | str] | bool) -> Format:
     bits, group = int(entry["bits"]), int(entry["group_size"])
     native = mode != COMPACT and not (mode == "affine" and group in EXTENDED_AFFINE_GROUPS)
     return Format(mode, bits, group, native)
-
-
-def any_extended(formats: Iterable[Format]) -> bool:
-    """Whether any of ``formats`` is extended: then only ``mint_mlx.load`` can run the output,
-    which is written so that stock mlx-lm refuses it (see :mod:`mint_mlx.load`)."""
-    return any(not f.native for f in formats)
 
 
 def by_name(formats: Sequence[Format]) -> dict[str, Format]:

@@ -6,7 +6,8 @@ import re
 from collections.abc import Sequence
 
 from .allocate import Plan
-from .formats import COMPACT, any_extended
+from .experts import needs_mint
+from .formats import COMPACT
 from .sizes import format_size
 
 
@@ -57,7 +58,7 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _loads_line(plan: Plan) -> str:
-    if any_extended(plan.formats.values()):
+    if needs_mint(plan.formats):
         return (
             "- Uses mint-mlx's extended formats: load with `mint_mlx.load` "
             "(stock mlx-lm refuses the `mint-mlx/` model type by name)."
@@ -67,7 +68,7 @@ def _loads_line(plan: Plan) -> str:
 
 def _usage_lines(plan: Plan, name: str) -> list[str]:
     """The card's "Use with mlx" section: stock mlx-lm, or mint-mlx's loader when needed."""
-    if any_extended(plan.formats.values()):
+    if needs_mint(plan.formats):
         install = "pip install mint-mlx"
         cli = f'python -m mint_mlx.generate --model {name} --prompt "Hello"'
         imports, loader = ["from mlx_lm import generate", "", "import mint_mlx"], "mint_mlx.load"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .allocate import Plan
 from .errors import OutputExistsError, SaveCheckError
-from .experts import collapse, is_stock_loadable, module_arrays, module_entry
+from .experts import collapse, module_arrays, module_entry, needs_mint
 from .formats import Format, format_from_entry
 from .layout import MAX_SHARD_BYTES, output_layout, passthrough_dtype, total_file_bytes
 from .safetensors_io import ShardLayout, ShardWriter, read_header
@@ -52,12 +52,6 @@ def quantization_config(plan: Plan) -> dict[str, Any]:
     return block
 
 
-def needs_mint(plan: Plan) -> bool:
-    """Whether the output needs mint-mlx to load: an extended format, or a per-expert module
-    (stock mlx-lm knows neither)."""
-    return not is_stock_loadable(collapse(plan.formats))
-
-
 def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]:
     """config.json of the output. A plan with an extended format gets the ``mint-mlx/`` model
     type (:func:`mint_mlx.load.mark_config`): stock mlx-lm then stops with "Model type
@@ -66,7 +60,7 @@ def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]
     config["quantization"] = quantization_config(plan)
     config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = str(dtype).split(".")[-1]
-    if needs_mint(plan):
+    if needs_mint(plan.formats):
         from .load import mark_config
 
         config = mark_config(config)
@@ -160,7 +154,7 @@ def verify_saved(directory: Path, plan: Plan) -> None:
 
     loader: Callable[..., tuple[nn.Module, dict[str, Any]]]
     extra_types: tuple[type[nn.Module], ...] = ()
-    if needs_mint(plan):
+    if needs_mint(plan.formats):
         from .expert_layers import PerExpertSwitchLinear
         from .load import load_model as mint_load_model
         from .runtime import EXTENDED_LAYERS

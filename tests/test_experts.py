@@ -35,6 +35,7 @@ from mint_mlx.experts import (
     is_stock_loadable,
     module_arrays,
     module_entry,
+    needs_mint,
     per_expert_entry,
     per_expert_slots,
     quantize_per_expert,
@@ -110,6 +111,10 @@ def test_paths_and_grouping_round_trip() -> None:
     assert module_entry(modules["m.e"]) == A4.quantization_entry()
     assert not is_stock_loadable(modules)
     assert is_stock_loadable(collapse({"m.embed": A8, "m.e#0": A4, "m.e#1": A4}))
+    # experts in different *native* formats still need mint-mlx (no stock per-expert layer):
+    # save marks the config and the card says so by this one predicate
+    assert needs_mint({"m.embed": A8, "m.e#0": A4, "m.e#1": A8})
+    assert not needs_mint({"m.embed": A8, "m.e#0": A4, "m.e#1": A4})
     with pytest.raises(ValueError, match="lacks expert"):
         collapse({"m.e#0": A4, "m.e#2": A4})
     with pytest.raises(ValueError, match="both whole and per expert"):
