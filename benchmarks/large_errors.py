@@ -144,14 +144,19 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def replan(
-    testbed: str, penalties: Sequence[float], targets: Sequence[str], tokens: int, text: str
+    testbed: str,
+    penalties: Sequence[float],
+    targets: Sequence[str],
+    tokens: int,
+    text: str,
+    formats: str = "native",
 ) -> dict:
     """KLD of plans made with each penalty, at each target's byte size, on ``text`` (``tune``
     to choose a penalty, ``heldout`` to check it)."""
     ref = ensure_testbed(testbed, progress=True)
     frontier = json.loads((RESULTS / f"{testbed}.json").read_text())
     source = open_source(ref)
-    prep = prepare(source, output_dtype(source, None), progress=True)
+    prep = prepare(source, output_dtype(source, None), progress=True, formats=formats)
     where = "frontier" if text == "heldout" else "large-errors"
     cache = ev.build_reference_cache(
         ref,
@@ -195,7 +200,46 @@ def replan(
             }
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "kld_windows"}), flush=True)
-    return {"testbed": testbed, "text": text, "tokens": int(cache.nll.size), "rows": rows}
+    return {
+        "testbed": testbed,
+        "text": text,
+        "formats": formats,
+        "tokens": int(cache.nll.size),
+        "rows": rows,
+    }
+
+
+def single_table(result: dict[str, Any]) -> list[str]:
+    """Markdown: measured / predicted KL by role and bits (geometric mean over tensors)."""
+    roles = sorted({r["role"] for r in result["rows"]})
+    out = [
+        f"{result['tokens']} tokens of tune.txt; one tensor quantized at a time; ratio = "
+        "measured KL / predicted distortion (1/2 x Fisher-weighted squared error), geometric "
+        "mean over the tensors of that role.",
+        "",
+        "| role | tensors | " + " | ".join(SINGLE_FORMATS) + " |",
+        "|---|---:|" + "---:|" * len(SINGLE_FORMATS),
+    ]
+    for role in roles:
+        cells = []
+        for name in SINGLE_FORMATS:
+            ratios = [
+                r["measured"] / r["predicted"]
+                for r in result["rows"]
+                if r["role"] == role and r["format"] == name and r["predicted"] > 0
+            ]
+            cells.append(f"{math.exp(np.mean(np.log(ratios))):.2f}" if ratios else "—")
+        n = len({r["path"] for r in result["rows"] if r["role"] == role})
+        out.append(f"| {role} | {n} | " + " | ".join(cells) + " |")
+    f = result["fit"]
+    out += [
+        "",
+        f"Growth of the ratio from 4 bits, inside the network: 2-bit x{f['growth_affine-2-g64']:.2f}, "
+        f"3-bit x{f['growth_affine-3-g64']:.2f} ({f['pairs']} pairs). Fitted penalty "
+        f"a = {f['penalty']:g} in 1 + a nrmse^2 (log-space loss {f['loss']:.3f}, "
+        f"{f['loss_at_0']:.3f} at a = 0).",
+    ]
+    return out
 
 
 def paired(rows: list[dict[str, Any]]) -> list[str]:
@@ -235,15 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     r.add_argument("--tokens", type=int, default=8192)
     r.add_argument("--text", choices=("tune", "heldout"), default="heldout")
+    r.add_argument("--formats", choices=("native", "extended"), default="native")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.command == "single":
         result = single(args.testbed, args.windows)
         out = RESULTS / f"large-errors-single-{args.testbed}.json"
+        (out.with_suffix(".md")).write_text("\n".join(single_table(result)) + "\n")
         print(json.dumps(result["fit"]))
     else:
-        result = replan(args.testbed, args.penalties, args.targets, args.tokens, args.text)
-        out = RESULTS / f"large-errors-replan-{args.text}-{args.testbed}.json"
+        result = replan(
+            args.testbed, args.penalties, args.targets, args.tokens, args.text, args.formats
+        )
+        out = RESULTS / f"large-errors-replan-{args.text}-{args.formats}-{args.testbed}.json"
         (out.with_suffix(".md")).write_text("\n".join(paired(result["rows"])) + "\n")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
