@@ -61,11 +61,19 @@ def _key(params: dict[str, mx.array], path: str) -> str:
     return path if path in params else path + ".weight"
 
 
-def single(testbed: str, windows: int) -> dict[str, Any]:
-    """Per-tensor measured KL against predicted distortion, on tune text."""
+def single(
+    testbed: str,
+    windows: int,
+    roles: Sequence[str] | None = None,
+    formats: Sequence[str] = SINGLE_FORMATS,
+    candidates: str = "native",
+) -> dict[str, Any]:
+    """Per-tensor measured KL against predicted distortion, on tune text: the tensors of four
+    layers and the embedding, or only those of ``roles``; ``candidates="extended"`` makes the
+    extended formats measurable."""
     ref = ensure_testbed(testbed, progress=True)
     source = open_source(ref)
-    prep = prepare(source, output_dtype(source, None), progress=True)
+    prep = prepare(source, output_dtype(source, None), progress=True, formats=candidates)
     allocate.LARGE_ERROR_PENALTY = 0.0  # the raw second-order prediction
     model, tokenizer = load_float32_model(source)
     text = (ensure_wiki_text() / "tune.txt").read_text(encoding="utf-8")
@@ -80,11 +88,15 @@ def single(testbed: str, windows: int) -> dict[str, Any]:
     params = dict(tree_flatten(model.parameters()))
     n = source.num_layers
     layers = {0, n // 3, 2 * n // 3, n - 1}
-    chosen = [c for c in prep.curves if c.layer in layers or c.role in ("embedding", "lm_head")]
+    chosen = [
+        c
+        for c in prep.curves
+        if (c.role in roles if roles else c.layer in layers or c.role in ("embedding", "lm_head"))
+    ]
     rows = []
     for curve in chosen:
         key = _key(params, curve.path)
-        for cand in (c for c in curve.candidates if c.format in SINGLE_FORMATS):
+        for cand in (c for c in curve.candidates if c.format in formats):
             model.load_weights(
                 [(key, _quantized(prep, key, params[key], cand.format))], strict=False
             )
@@ -101,7 +113,13 @@ def single(testbed: str, windows: int) -> dict[str, Any]:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"testbed": testbed, "tokens": int(inputs.size), "rows": rows, "fit": fit(rows)}
+    return {
+        "testbed": testbed,
+        "tokens": int(inputs.size),
+        "formats": list(formats),
+        "rows": rows,
+        "fit": fit(rows),
+    }
 
 
 def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,6 +141,8 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     top["measured"] / top["predicted"]
                 )
                 pairs.append((name, d[name]["nrmse"], top["nrmse"], growth))
+    if not pairs:  # e.g. only the embedding was measured
+        return {"penalty": None, "pairs": 0}
 
     def loss(a: float) -> float:
         return sum(
@@ -212,17 +232,18 @@ def replan(
 def single_table(result: dict[str, Any]) -> list[str]:
     """Markdown: measured / predicted KL by role and bits (geometric mean over tensors)."""
     roles = sorted({r["role"] for r in result["rows"]})
+    formats = result.get("formats", SINGLE_FORMATS)
     out = [
         f"{result['tokens']} tokens of tune.txt; one tensor quantized at a time; ratio = "
         "measured KL / predicted distortion (1/2 x Fisher-weighted squared error), geometric "
         "mean over the tensors of that role.",
         "",
-        "| role | tensors | " + " | ".join(SINGLE_FORMATS) + " |",
-        "|---|---:|" + "---:|" * len(SINGLE_FORMATS),
+        "| role | tensors | " + " | ".join(formats) + " |",
+        "|---|---:|" + "---:|" * len(formats),
     ]
     for role in roles:
         cells = []
-        for name in SINGLE_FORMATS:
+        for name in formats:
             ratios = [
                 r["measured"] / r["predicted"]
                 for r in result["rows"]
@@ -232,6 +253,8 @@ def single_table(result: dict[str, Any]) -> list[str]:
         n = len({r["path"] for r in result["rows"] if r["role"] == role})
         out.append(f"| {role} | {n} | " + " | ".join(cells) + " |")
     f = result["fit"]
+    if not f["pairs"]:
+        return out
     out += [
         "",
         f"Growth of the ratio from 4 bits, inside the network: 2-bit x{f['growth_affine-2-g64']:.2f}, "
@@ -269,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("single", help="per-tensor measured KL against the prediction (tune text)")
     s.add_argument("--testbed", default="smollm2-135m")
     s.add_argument("--windows", type=int, default=2, help="512-token windows of tune.txt")
+    s.add_argument("--roles", nargs="+", help="only tensors of these roles (e.g. embedding)")
+    s.add_argument("--formats", nargs="+", default=list(SINGLE_FORMATS), help="candidates to try")
+    s.add_argument("--candidates", choices=("native", "extended"), default="native")
     r = sub.add_parser("replan", help="plans with each penalty, KLD on heldout.txt")
     r.add_argument("--testbed", default="smollm2-135m")
     r.add_argument(
@@ -283,8 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.command == "single":
-        result = single(args.testbed, args.windows)
-        out = RESULTS / f"large-errors-single-{args.testbed}.json"
+        result = single(args.testbed, args.windows, args.roles, args.formats, args.candidates)
+        tag = "-".join(args.roles) + "-" if args.roles else ""
+        out = RESULTS / f"large-errors-single-{tag}{args.testbed}.json"
         (out.with_suffix(".md")).write_text("\n".join(single_table(result)) + "\n")
         print(json.dumps(result["fit"]))
     else:
