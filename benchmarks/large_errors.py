@@ -57,10 +57,6 @@ def _quantized(prep: Prepared, key: str, weight: mx.array, fmt_name: str) -> mx.
     return dequantize_weight(arrays, fmt).astype(mx.float32)
 
 
-def _key(params: dict[str, mx.array], path: str) -> str:
-    return path if path in params else path + ".weight"
-
-
 def single(
     testbed: str,
     windows: int,
@@ -74,6 +70,7 @@ def single(
     ref = ensure_testbed(testbed, progress=True)
     source = open_source(ref)
     prep = prepare(source, output_dtype(source, None), progress=True, formats=candidates)
+    keys = {t.path: t.key for t in source.quantizable}
     allocate.LARGE_ERROR_PENALTY = 0.0  # the raw second-order prediction
     model, tokenizer = load_float32_model(source)
     text = (ensure_wiki_text() / "tune.txt").read_text(encoding="utf-8")
@@ -91,11 +88,11 @@ def single(
     chosen = [
         c
         for c in prep.curves
-        if (c.role in roles if roles else c.layer in layers or c.role in ("embedding", "lm_head"))
+        if (c.role in roles if roles else c.layer in layers or c.role in allocate.HEAD_ROLES)
     ]
     rows = []
     for curve in chosen:
-        key = _key(params, curve.path)
+        key = keys[curve.path]
         for cand in (c for c in curve.candidates if c.format in formats):
             model.load_weights(
                 [(key, _quantized(prep, key, params[key], cand.format))], strict=False
@@ -128,7 +125,7 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
     least squares in log space over a grid (the tensor's own scale cancels)."""
     by: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
-        if r["role"] not in ("embedding", "lm_head"):
+        if r["role"] not in allocate.HEAD_ROLES:
             by.setdefault(r["path"], {})[r["format"]] = r
     pairs = []
     for d in by.values():
@@ -188,6 +185,7 @@ def replan(
     )
     model, _ = load_float32_model(source)
     params = dict(tree_flatten(model.parameters()))
+    keys = {t.path: t.key for t in source.quantizable}
     rows = []
     for penalty in penalties:
         allocate.LARGE_ERROR_PENALTY = penalty
@@ -197,7 +195,7 @@ def replan(
             plan = prep.plan(budget)
             weights = []
             for a in plan.assignments:
-                key = _key(params, a.path)
+                key = keys[a.path]
                 weights.append((key, _quantized(prep, key, params[key], a.format)))
                 mx.eval(weights[-1][1])
             model.load_weights(weights, strict=False)
@@ -214,7 +212,7 @@ def replan(
                 "two_bit_tensors": sum(
                     1 for a in plan.assignments if a.format.startswith("affine-2")
                 ),
-                "head": [a.format for a in plan.assignments if a.role in ("embedding", "lm_head")],
+                "head": [a.format for a in plan.assignments if a.role in allocate.HEAD_ROLES],
                 "kld_windows": kld.reshape(cache.n_windows, -1).mean(axis=1).tolist(),
                 "seconds": time.perf_counter() - start,
             }

@@ -47,8 +47,10 @@ PREDICTION_SCALE = 0.6
 #: measured/predicted ratio does not grow with the error. Without it, the knapsack trades a few
 #: 3-bit tensors for many 2-bit ones at ~3.5 bits per weight and measures 10-20% worse.
 LARGE_ERROR_PENALTY = 1.4
-#: Roles whose error enters linearly (input embedding) or straight into the logits (head).
-_LINEAR_ROLES = ("embedding", "lm_head")
+#: The two ends of the network: the input embedding (its error enters linearly) and the output
+#: head (its error goes straight into the logits). They get the largest prior and are exempt
+#: from the large-error term.
+HEAD_ROLES = ("embedding", "lm_head")
 OBJECTIVES = ("fisher", "nrmse", "paper")
 DEFAULT_OBJECTIVE = "fisher"
 
@@ -56,7 +58,7 @@ DEFAULT_OBJECTIVE = "fisher"
 def role_prior(curve: RDCurve, num_layers: int) -> float:
     """Hand-set sensitivity priors (as in the MINT paper): embedding/head 10, router 8,
     first layer 3, last layer 2, everything else 1."""
-    if curve.role in ("embedding", "lm_head"):
+    if curve.role in HEAD_ROLES:
         return 10.0
     if curve.role == "router":
         return 8.0
@@ -81,7 +83,7 @@ def weighted_distortion(curve: RDCurve, c: Candidate, num_layers: int, objective
     if objective == "fisher":
         if c.wsse is None:
             raise ValueError(f"{curve.path}: the fisher objective needs a calibrated analysis")
-        if curve.role in _LINEAR_ROLES:
+        if curve.role in HEAD_ROLES:
             return 0.5 * c.wsse
         return 0.5 * c.wsse * (1.0 + LARGE_ERROR_PENALTY * curve.nrmse(c) ** 2)
     if objective in ("nrmse", "paper"):
