@@ -548,11 +548,15 @@ def _reference_logprobs(zp: mx.array, targets: mx.array) -> tuple[mx.array, ...]
     return nll, mx.argmax(lp, axis=-1).astype(mx.int32), lp.astype(mx.float16)
 
 
-def _log_softmax_np(a: np.ndarray) -> np.ndarray:
-    """float32 log-softmax over the last axis, in place."""
+#: Rows (token positions) per chunk in :func:`_compare_cached`: 8 x vocab float32 stays in cache.
+_COMPARE_ROWS = 8
+
+
+def _log_softmax_rows(a: np.ndarray, scratch: np.ndarray) -> None:
+    """float32 log-softmax over the last axis of ``a``, in place; ``scratch`` has its shape."""
     a -= a.max(axis=-1, keepdims=True)
-    a -= np.log(np.exp(a).sum(axis=-1, keepdims=True))
-    return a
+    np.exp(a, out=scratch)
+    a -= np.log(scratch.sum(axis=-1, keepdims=True))
 
 
 def _compare_cached(
@@ -564,14 +568,35 @@ def _compare_cached(
     the rounding then only perturbs KL to second order. This runs in numpy, not MLX: over a
     vocabulary-wide axis it is ``exp`` that costs, and numpy's vectorized float32 ``exp`` measured
     ~20x faster than MLX's CPU ``exp`` here (0.6 vs 12 ns per element).
+
+    It works through a few token positions at a time in buffers it reuses: whole-batch temporaries
+    (hundreds of MB each) spent most of their time in page faults, and chunking measured 11x
+    faster with bit-identical results (every reduction runs along the same contiguous rows).
     """
-    lq = _log_softmax_np(zq.astype(np.float32, copy=True))
-    lp = _log_softmax_np(lp16.astype(np.float32))
-    nll_q = -np.take_along_axis(lq, targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    lp_minus_lq = lp - lq
-    kld = np.einsum("...v,...v->...", np.exp(lp, out=lp), lp_minus_lq)
-    same = (lq.argmax(axis=-1) == top1_ref).astype(np.float32)
-    return nll_q, kld, same
+    vocab = zq.shape[-1]
+    shape = zq.shape[:-1]
+    zq2, lp2 = zq.reshape(-1, vocab), lp16.reshape(-1, vocab)
+    tgt = targets.reshape(-1).astype(np.int64)
+    n = zq2.shape[0]
+    nll_q = np.empty(n, np.float32)
+    kld = np.empty(n, np.float32)
+    top1 = np.empty(n, np.int64)
+    rows = min(_COMPARE_ROWS, n)
+    lq_buf, lp_buf, scratch_buf = (np.empty((rows, vocab), np.float32) for _ in range(3))
+    for s in range(0, n, rows):
+        r = min(rows, n - s)
+        lq, lp, scratch = lq_buf[:r], lp_buf[:r], scratch_buf[:r]
+        np.copyto(lq, zq2[s : s + r], casting="unsafe")
+        np.copyto(lp, lp2[s : s + r], casting="unsafe")
+        _log_softmax_rows(lq, scratch)
+        _log_softmax_rows(lp, scratch)
+        nll_q[s : s + r] = -lq[np.arange(r), tgt[s : s + r]]
+        top1[s : s + r] = lq.argmax(axis=-1)
+        np.subtract(lp, lq, out=lq)  # lq now holds lp - lq
+        np.exp(lp, out=lp)
+        kld[s : s + r] = np.einsum("...v,...v->...", lp, lq)
+    same = (top1.reshape(shape) == top1_ref).astype(np.float32)
+    return nll_q.reshape(shape), kld.reshape(shape), same
 
 
 _reference_compiled = mx.compile(_reference_logprobs)
@@ -697,7 +722,7 @@ def score_against_cache(
                 f"{cache.vocab}); compare models that share a tokenizer"
             )
         arrays = _compare_cached(
-            np.array(zq.astype(mx.float32)),
+            np.asarray(zq.astype(mx.float32)),
             np.asarray(logprobs[s:e]),
             cache.top1[s:e],
             np.asarray(cache.windows[s:e, 1:]),

@@ -482,3 +482,31 @@ def test_cli_several_models(tiny: dict[str, Path], capsys: pytest.CaptureFixture
     assert isinstance(out, list) and len(out) == 2
     assert out[0]["kld_mean"] > out[1]["kld_mean"] > 0  # 4-bit is further away than 1% noise
     assert ev.main(args[:4] + ["--text", str(text)]) == 2  # several models, no reference
+
+
+def test_cached_comparison_matches_a_direct_float64_computation() -> None:
+    """The chunked numpy comparison (row chunks and reused buffers) gives, for every position,
+    what a direct whole-array computation gives: a row count that is not a multiple of the chunk
+    and a vocabulary wider than it included."""
+    rng = np.random.default_rng(0)
+    batch, seq, vocab = 3, 7, 53  # 21 positions: two full chunks of 8 and a partial one
+    zq = (rng.standard_normal((batch, seq, vocab)) * 3).astype(np.float32)
+    zp = zq + rng.standard_normal((batch, seq, vocab)).astype(np.float32)
+    lp64 = zp - np.log(np.exp(zp.astype(np.float64)).sum(-1, keepdims=True))
+    lp16 = lp64.astype(np.float16)
+    targets = rng.integers(0, vocab, (batch, seq))
+    top1_ref = lp64.argmax(-1)
+    top1_ref[0, 0] = (zq[0, 0].argmax() + 1) % vocab  # one sure disagreement
+    nll, kld, same = ev._compare_cached(zq, lp16, top1_ref, targets)
+
+    lq = zq.astype(np.float64)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    p = lp16.astype(np.float64)
+    p -= np.log(np.exp(p).sum(-1, keepdims=True))
+    want_kld = (np.exp(p) * (p - lq)).sum(-1)
+    want_nll = -np.take_along_axis(lq, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kld, want_kld, rtol=1e-4, atol=1e-6)
+    assert kld.shape == nll.shape == same.shape == (batch, seq)
+    np.testing.assert_array_equal(same, zq.argmax(-1) == top1_ref)
+    assert same[0, 0] == 0 and 0 < same.sum() < batch * seq
