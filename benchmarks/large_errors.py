@@ -24,6 +24,7 @@ from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
 
 # isort: split
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -71,7 +72,6 @@ def single(
     source = open_source(ref)
     prep = prepare(source, output_dtype(source, None), progress=True, formats=candidates)
     keys = {t.path: t.key for t in source.quantizable}
-    allocate.LARGE_ERROR_PENALTY = 0.0  # the raw second-order prediction
     model, tokenizer = load_float32_model(source)
     text = (ensure_wiki_text() / "tune.txt").read_text(encoding="utf-8")
     inputs = ev.make_windows(tokenizer, text, 512, windows * 512)[:, :-1]
@@ -105,7 +105,9 @@ def single(
                 "role": curve.role,
                 "format": cand.format,
                 "nrmse": curve.nrmse(cand),
-                "predicted": allocate.weighted_distortion(curve, cand, n, "fisher"),
+                "predicted": allocate.weighted_distortion(
+                    curve, cand, n, "fisher", large_error_penalty=0.0
+                ),
                 "measured": kl,
             }
             rows.append(row)
@@ -188,11 +190,11 @@ def replan(
     keys = {t.path: t.key for t in source.quantizable}
     rows = []
     for penalty in penalties:
-        allocate.LARGE_ERROR_PENALTY = penalty
+        penalized = dataclasses.replace(prep, large_error_penalty=penalty)
         for target in targets:
             budget = frontier["rows"][f"stock:{target}"]["bytes"]
             start = time.perf_counter()
-            plan = prep.plan(budget)
+            plan = penalized.plan(budget)
             weights = []
             for a in plan.assignments:
                 key = keys[a.path]

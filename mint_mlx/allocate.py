@@ -69,13 +69,19 @@ def role_prior(curve: RDCurve, num_layers: int) -> float:
     return 1.0
 
 
-def weighted_distortion(curve: RDCurve, c: Candidate, num_layers: int, objective: str) -> float:
+def weighted_distortion(
+    curve: RDCurve,
+    c: Candidate,
+    num_layers: int,
+    objective: str,
+    large_error_penalty: float = LARGE_ERROR_PENALTY,
+) -> float:
     """The quantity the allocator minimizes, summed over tensors.
 
     ``fisher``: 1/2 x Fisher-weighted squared error, the second-order prediction of the mean
     per-token KL divergence this tensor's error adds (see :mod:`mint_mlx.calibrate`), grown by
-    :data:`LARGE_ERROR_PENALTY` for large relative errors inside the network, where the
-    second-order term under-counts.
+    ``large_error_penalty`` (default :data:`LARGE_ERROR_PENALTY`) for large relative errors
+    inside the network, where the second-order term under-counts; 0 gives the raw prediction.
     ``nrmse``: role prior x NRMSE, weight-space only: the published MINT loss, but over every
     native format. ``paper``: the same loss restricted to the paper's eight configurations
     (:func:`mint_mlx.formats.paper_formats`), a faithful reimplementation for benchmarks.
@@ -85,7 +91,7 @@ def weighted_distortion(curve: RDCurve, c: Candidate, num_layers: int, objective
             raise ValueError(f"{curve.path}: the fisher objective needs a calibrated analysis")
         if curve.role in HEAD_ROLES:
             return 0.5 * c.wsse
-        return 0.5 * c.wsse * (1.0 + LARGE_ERROR_PENALTY * curve.nrmse(c) ** 2)
+        return 0.5 * c.wsse * (1.0 + large_error_penalty * curve.nrmse(c) ** 2)
     if objective in ("nrmse", "paper"):
         return role_prior(curve, num_layers) * curve.nrmse(c)
     raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -259,10 +265,12 @@ def allocate(
     objective: str = DEFAULT_OBJECTIVE,
     num_layers: int | None = None,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
+    large_error_penalty: float = LARGE_ERROR_PENALTY,
 ) -> Plan:
     """Solve the multiple-choice knapsack of ``curves`` within ``budget - fixed_bytes`` bytes.
 
-    ``cost_fn`` gives each candidate's bytes on disk (data plus header bound).
+    ``cost_fn`` gives each candidate's bytes on disk (data plus header bound);
+    ``large_error_penalty`` is :func:`weighted_distortion`'s (fisher objective).
     Raises :class:`BudgetError` with the smallest feasible size when the budget is too small.
     """
     if objective not in OBJECTIVES:
@@ -271,7 +279,7 @@ def allocate(
         num_layers = 1 + max((c.layer for c in curves if c.layer is not None), default=-1)
     options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
     dists = [
-        [weighted_distortion(cv, c, num_layers, objective) for c in opts]
+        [weighted_distortion(cv, c, num_layers, objective, large_error_penalty) for c in opts]
         for cv, opts in zip(curves, options, strict=True)
     ]
     notes: list[str] = []
@@ -312,7 +320,7 @@ def allocate(
                 nbytes=fmt.nbytes(cv.shape, dtype.size),
                 nrmse=cv.nrmse(c),
                 sqnr_db=cv.sqnr_db(c),
-                distortion=weighted_distortion(cv, c, num_layers, objective),
+                distortion=weighted_distortion(cv, c, num_layers, objective, large_error_penalty),
                 fixed=cv.fixed,
                 note=cv.note,
             )

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, Plan, allocate, feasible_range
+from .allocate import (
+    DEFAULT_MIN_SQNR,
+    DEFAULT_OBJECTIVE,
+    LARGE_ERROR_PENALTY,
+    Plan,
+    allocate,
+    feasible_range,
+)
 from .analyze import RDCurve, analyze, default_cache_path
 from .errors import BudgetError, MintError
 from .experts import splits_per_expert
@@ -47,6 +54,8 @@ class Prepared:
     cache: Path
     max_shard_bytes: int = MAX_SHARD_BYTES
     notes: list[str] = field(default_factory=list)  # said with every plan
+    #: The fisher objective's large-error term (benchmarks vary it; users keep the default).
+    large_error_penalty: float = LARGE_ERROR_PENALTY
 
     def fixed(self, budget: int) -> int:
         """Bytes outside the allocator's control at this budget (see layout.fixed_bytes)."""
@@ -122,6 +131,7 @@ class Prepared:
             objective=self.objective,
             num_layers=self.source.num_layers,
             cost_fn=lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
+            large_error_penalty=self.large_error_penalty,
         )
         plan.scales = self.scales
         plan.notes = [*self.notes, *plan.notes]

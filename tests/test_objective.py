@@ -76,3 +76,20 @@ def test_allocator_spends_bytes_on_the_tensor_whose_low_bits_hurt_more() -> None
         plan.distortion,
         0.5 * emb.candidates[0].wsse + weighted_distortion(mlp, mlp.candidates[1], 8, "fisher"),
     )
+
+
+def test_penalty_is_a_parameter_and_zero_gives_the_raw_prediction() -> None:
+    """Benchmarks vary the term per call (no module state): at 0 the plan is the second-order
+    one, where the embedding wins the 4-bit slot by its hair."""
+    emb = _curve("model.embed_tokens", "embedding", 0.4, 1.0 + 1e-6)
+    mlp = _curve("model.layers.3.mlp.up_proj", "mlp", 0.4, 1.0)
+    low = mlp.candidates[0]
+    assert weighted_distortion(mlp, low, 8, "fisher", large_error_penalty=0.0) == 0.5 * low.wsse
+    raw = allocate(
+        [emb, mlp], 6000, 0, 2000, mx.float16, min_sqnr=0.0, cost_fn=_cost, large_error_penalty=0.0
+    )
+    assert {a.path: a.format for a in raw.assignments} == {
+        "model.embed_tokens": "affine-4-g64",
+        "model.layers.3.mlp.up_proj": "affine-2-g64",
+    }
+    assert weighted_distortion(mlp, low, 8, "fisher") > 0.5 * low.wsse  # the default is unchanged
