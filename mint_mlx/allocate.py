@@ -306,7 +306,7 @@ def allocate(
         choice, exact = solution.choice, solution.exact
     assignments = []
     planned = fixed_bytes
-    for cv, opts, cost, k in zip(curves, options, costs, choice, strict=True):
+    for cv, opts, cost, dist, k in zip(curves, options, costs, dists, choice, strict=True):
         c = opts[k]
         planned += cost[k]
         fmt = format_by_name(c.format)
@@ -320,7 +320,7 @@ def allocate(
                 nbytes=fmt.nbytes(cv.shape, dtype.size),
                 nrmse=cv.nrmse(c),
                 sqnr_db=cv.sqnr_db(c),
-                distortion=weighted_distortion(cv, c, num_layers, objective, large_error_penalty),
+                distortion=dist[k],  # what the solver minimized, not a recomputation
                 fixed=cv.fixed,
                 note=cv.note,
             )
