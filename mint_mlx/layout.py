@@ -103,7 +103,8 @@ def output_layout(
     out_dtype: mx.Dtype,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[ShardLayout]:
-    """The exact files: tensors in source order; a quantizable module (a key of ``formats``,
+    """The exact files: tensors written in source order (each shard's data is laid out smallest
+    first, see :class:`ShardLayout`); a quantizable module (a key of ``formats``,
     by module path) expands into its weight/scales/biases. Per-expert keys (``module#e``) are
     collapsed first: a module whose experts share a format is laid out as that format, any
     other as its groups (:mod:`mint_mlx.experts`)."""

@@ -201,7 +201,13 @@ class TensorSlot:
 
 @dataclass
 class ShardLayout:
-    """One output file: its tensors in order and the serialized header."""
+    """One output file: its tensors in the order they are written, and the serialized header.
+
+    The data is laid out smallest tensor first, whatever order the tensors arrive in: most
+    offsets then have few digits, which keeps the header ~3% (1.5 KB on Gemma 3 270M) smaller
+    than source order or mlx-lm's order. That is the difference between fitting and missing a
+    budget equal to a stock mlx-lm model of the same tensors.
+    """
 
     filename: str
     slots: list[TensorSlot] = field(default_factory=list)
@@ -216,12 +222,14 @@ class ShardLayout:
         return 8 + len(self.header) + self.data_bytes
 
     def finalize(self) -> None:
-        """Assign byte ranges and serialize the header (padded to 8 bytes, as the spec asks)."""
+        """Assign byte ranges, smallest tensor first (ties in write order), and serialize the
+        header with its entries in write order (padded to 8 bytes, as the spec asks)."""
         offset = 0
-        entries: dict[str, Any] = {"__metadata__": MLX_METADATA}
-        for slot in self.slots:
+        for slot in sorted(self.slots, key=lambda s: s.nbytes):  # sorted() is stable
             slot.begin, slot.end = offset, offset + slot.nbytes
             offset = slot.end
+        entries: dict[str, Any] = {"__metadata__": MLX_METADATA}
+        for slot in self.slots:
             entries[slot.name] = {
                 "dtype": slot.dtype,
                 "shape": list(slot.shape),
@@ -277,10 +285,11 @@ def array_bytes(array: mx.array) -> memoryview:
 
 
 class ShardWriter:
-    """Writes one shard: header first, then tensors in exactly the planned order.
+    """Writes one shard: the header, then each tensor at its planned byte range.
 
-    Every write is checked against the plan (name, dtype, shape), so the file on disk is the
-    file that was budgeted.
+    Tensors must arrive in the planned order (the order the source streams them), and every
+    write is checked against the plan (name, dtype, shape), so the file on disk is the file
+    that was budgeted.
     """
 
     def __init__(self, directory: Path, layout: ShardLayout):
@@ -300,6 +309,7 @@ class ShardWriter:
             raise RuntimeError(
                 f"{name}: planned {slot.dtype}{list(slot.shape)}, got {tag}{list(array.shape)}"
             )
+        self._file.seek(8 + len(self.layout.header) + slot.begin)
         self._file.write(array_bytes(array))
         self._next += 1
 
