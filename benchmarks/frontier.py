@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -439,6 +440,11 @@ def vs_every_baseline(state: dict[str, Any], method: str = "mint") -> list[str]:
     KLD); else by log-linear interpolation of its KLD between the two measured sizes around
     the baseline's (labelled as such: an estimate, not a measurement)."""
     rows = [r for r in state["rows"].values() if "error" not in r]
+    refused = {
+        r["target"]: r["error"]
+        for r in state["rows"].values()
+        if "error" in r and r["method"] == method and "target" in r
+    }
     ours = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bytes"])
     stock = sorted((r for r in rows if r["method"] == "stock"), key=lambda r: r["bytes"])
     if not ours or not stock:
@@ -479,9 +485,20 @@ def vs_every_baseline(state: dict[str, Any], method: str = "mint") -> list[str]:
                 how = f"interpolated between {a['name']} and {c['name']}"
                 v = "ahead" if k < b["kld_mean"] else "behind"
             else:
+                why = "outside the measured range"
+                verdict_text = "no data"
+                if b["name"] in refused:  # e.g. below the smallest size the method can build
+                    verdict_text = f"no {method} model this small"
+                    floor = re.search(r"\((\d+) bytes\)", refused[b["name"]])
+                    if floor:  # bits per weight scale with bytes (same parameter count)
+                        least = int(floor[1])
+                        bpw = b["bits_per_weight"] * least / b["bytes"]
+                        why = f"its smallest is {least:,} bytes ({bpw:.2f} bits/weight)"
+                    else:
+                        why = refused[b["name"]]
                 out.append(
                     f"| {b['name']} | {b['bits_per_weight']:.3f} | {b['kld_mean']:.4f} | — | — "
-                    "| no data | outside the measured range |"
+                    f"| {verdict_text} | {why} |"
                 )
                 continue
         out.append(
