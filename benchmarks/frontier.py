@@ -434,6 +434,11 @@ def extended_vs_native(state: dict[str, Any]) -> list[str]:
     return out
 
 
+def _ratio(x: float) -> str:
+    """Two decimals, or two significant digits below 0.01 (near-lossless rows would read 0.00)."""
+    return f"{x:.2f}" if x >= 0.01 else f"{x:.2g}"
+
+
 def vs_every_baseline(state: dict[str, Any], method: str = "mint") -> list[str]:
     """``method`` against every stock row: measured at the same size where it was run; else by
     dominance (a ``method`` row no larger and with lower KLD, or no smaller and with higher
@@ -503,7 +508,7 @@ def vs_every_baseline(state: dict[str, Any], method: str = "mint") -> list[str]:
                 continue
         out.append(
             f"| {b['name']} | {b['bits_per_weight']:.3f} | {b['kld_mean']:.4f} | {k:.4f} "
-            f"| {k / b['kld_mean']:.2f} | {v} | {how} |"
+            f"| {_ratio(k / b['kld_mean'])} | {v} | {how} |"
         )
     return out
 
