@@ -389,7 +389,7 @@ def markdown(state: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {r['target']} | {b['bytes']} | {b['kld_mean']:.4f} | {r['method']} "
-                f"| {r['bytes']} | {r['kld_mean']:.4f} | {r['kld_mean'] / b['kld_mean']:.2f} "
+                f"| {r['bytes']} | {r['kld_mean']:.4f} | {_ratio(r['kld_mean'] / b['kld_mean'])} "
                 f"| {b['ppl']:.3f} -> {r['ppl']:.3f} | {verdict(r, b)} |"
             )
     lines += vs_every_baseline(state)
