@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from frontier import save_state  # benchmarks/ is on sys.path when run as a script
+
 
 def merge(into: Path, sources: list[Path]) -> list[str]:
     """Add to ``into`` the rows (and commands) of ``sources`` it lacks; return the new keys."""
@@ -36,9 +38,7 @@ def merge(into: Path, sources: list[Path]) -> list[str]:
         for command in other.get("commands", []):
             if command not in state.setdefault("commands", []):
                 state["commands"].append(command)
-    tmp = into.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(into)
+    save_state(into, state)
     return added
 
 

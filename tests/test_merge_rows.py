@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_rows.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SETTINGS = {"tokens": 32768, "seq_len": 512, "backend": "auto"}
 
 
-def _load_merge():
-    spec = importlib.util.spec_from_file_location("merge_rows", SCRIPT)
+def _load_merge(monkeypatch: pytest.MonkeyPatch):
+    # the script imports frontier.py beside it, as it does when run from benchmarks/
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("merge_rows", BENCHMARKS / "merge_rows.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -29,8 +31,10 @@ def _write(path: Path, rows: dict, commands: list[str], settings: dict = SETTING
     return path
 
 
-def test_union_keeps_destination_rows_and_adds_the_rest(tmp_path: Path) -> None:
-    merge = _load_merge()
+def test_union_keeps_destination_rows_and_adds_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merge = _load_merge(monkeypatch)
     into = _write(
         tmp_path / "a.json",
         {"stock:affine-4-g64": {"kld_mean": 0.43}, "mint@affine-4-g64": {"kld_mean": 0.16}},
@@ -52,8 +56,10 @@ def test_union_keeps_destination_rows_and_adds_the_rest(tmp_path: Path) -> None:
     assert merge(into, [source]) == []  # merging again adds nothing
 
 
-def test_rows_measured_differently_are_refused(tmp_path: Path) -> None:
-    merge = _load_merge()
+def test_rows_measured_differently_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merge = _load_merge(monkeypatch)
     into = _write(tmp_path / "a.json", {"stock:mxfp4": {}}, [])
     before = into.read_text()
     source = _write(tmp_path / "b.json", {"mint@mxfp4": {}}, [], {**SETTINGS, "tokens": 8192})
