@@ -37,7 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import mint_mlx.allocate as allocate
-from mint_mlx.calibrate import load_float32_model
+from mint_mlx.calibrate import load_float32_model, load_source_tokenizer
 from mint_mlx.convert import output_dtype
 from mint_mlx.formats import format_by_name
 from mint_mlx.paths import cache_root
@@ -72,7 +72,7 @@ def single(
     source = open_source(ref)
     prep = prepare(source, output_dtype(source, None), progress=True, formats=candidates)
     keys = {t.path: t.key for t in source.quantizable}
-    model, tokenizer = load_float32_model(source)
+    model, tokenizer = load_float32_model(source), load_source_tokenizer(source)
     text = (ensure_wiki_text() / "tune.txt").read_text(encoding="utf-8")
     inputs = ev.make_windows(tokenizer, text, 512, windows * 512)[:, :-1]
 
@@ -185,7 +185,7 @@ def replan(
         seq_len=512,
         progress=True,
     )
-    model, _ = load_float32_model(source)
+    model = load_float32_model(source)
     params = dict(tree_flatten(model.parameters()))
     keys = {t.path: t.key for t in source.quantizable}
     rows = []

@@ -136,8 +136,11 @@ class Plan:
     total_parameters: int
     exact: bool
     notes: list[str] = field(default_factory=list)
-    total_bytes: int = 0
-    scales: str = "rtn"  # how affine scales were chosen: "rtn" (MLX's rule) or "optimized"  # exact size of all .safetensors files, filled in from the layout
+    total_bytes: int = 0  # exact size of all .safetensors files, filled in from the layout
+    scales: str = "rtn"  # how affine scales were chosen: "rtn" (MLX's rule) or "optimized"
+    #: Measured peak resident memory of the conversion up to planning (sensitivity pass and
+    #: analysis), in bytes; 0 where not measured (a plan made by the library alone).
+    peak_memory: int = 0
 
     @property
     def formats(self) -> dict[str, Format]:

@@ -18,6 +18,7 @@ squared errors by these column weights.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 from collections.abc import Sequence
@@ -31,9 +32,18 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .errors import MintError, SourceError
+from .fisher import FisherSums
 from .paths import cache_root
+from .sampling import sample_sequences, start_token, text_sequences
 from .sizes import format_size
 from .source import Source
+from .streamed import (
+    RUNTIME_BYTES,
+    STREAMABLE_ARCHITECTURES,
+    streamed_column_fisher,
+    streamed_memory,
+    streamed_sample,
+)
 
 
 class CalibrationMemoryError(MintError):
@@ -42,6 +52,9 @@ class CalibrationMemoryError(MintError):
 
 #: Bump when the estimate changes meaning.
 CALIBRATION_VERSION = 2
+
+#: How the pass may run: chosen by memory, or forced (tests, users who know better).
+SENSITIVITY_PASSES = ("auto", "in-memory", "streamed")
 
 
 @dataclass(frozen=True)
@@ -62,50 +75,29 @@ class CalibrationConfig:
         return h.hexdigest()[:24]
 
 
-def load_float32_model(source: Source) -> tuple[nn.Module, Any]:
-    """The source model in float32 (fast BLAS path on CPUs) with its tokenizer."""
-    from mlx_lm.utils import load_model, load_tokenizer
+def load_float32_model(source: Source) -> nn.Module:
+    """The whole source model in float32 (the fast BLAS path on CPUs)."""
+    from mlx_lm.utils import load_model
 
     from .evaluate import cast_to_float32
 
-    model, config = load_model(source.path, lazy=True)
+    model, _ = load_model(source.path, lazy=True)
     cast_to_float32(model)
-    tokenizer = load_tokenizer(source.path, eos_token_ids=config.get("eos_token_id", None))
-    return model, tokenizer
+    return model
 
 
-def _start_token(tokenizer: Any) -> int:
-    for attr in ("bos_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
+def load_source_tokenizer(source: Source) -> Any:
+    """The source's tokenizer, needed only to encode a ``--calibration`` text."""
+    from mlx_lm.utils import load_tokenizer
 
-
-def sample_sequences(model: nn.Module, start: int, n: int, length: int, seed: int) -> mx.array:
-    """``n`` sequences of ``length`` tokens sampled from the model at temperature 1 from ``start``."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    mx.random.seed(seed)
-    cache = make_prompt_cache(model)
-    tokens = mx.full((n, 1), start, dtype=mx.int32)
-    out = [tokens]
-    for _ in range(length - 1):
-        logits = model(tokens, cache=cache)[:, -1, :]
-        tokens = mx.random.categorical(logits)[:, None].astype(mx.int32)
-        mx.eval(tokens)
-        out.append(tokens)
-    return mx.concatenate(out, axis=1)
-
-
-def text_sequences(tokenizer: Any, path: Path, n: int, length: int) -> mx.array:
-    ids = tokenizer.encode(path.read_text())
-    if len(ids) < length + 1:
+    try:
+        return load_tokenizer(source.path, eos_token_ids=source.config.get("eos_token_id"))
+    except Exception as e:  # noqa: BLE001 - transformers fails in many ways without the files
         raise SourceError(
-            f"calibration text {path} has {len(ids)} tokens; need at least {length + 1}"
-        )
-    n = min(n, len(ids) // length)
-    return mx.array([ids[i * length : (i + 1) * length] for i in range(n)], dtype=mx.int32)
+            f"--calibration needs the model's tokenizer, which {source.path} lacks or cannot "
+            f"load ({type(e).__name__}); copy the tokenizer files into it, or drop --calibration "
+            "to sample text from the model itself"
+        ) from e
 
 
 def column_fisher(
@@ -123,86 +115,177 @@ def column_fisher(
         return nn.losses.cross_entropy(logits, y, reduction="sum")
 
     grad_fn = nn.value_and_grad(model, loss_fn)
-    totals: dict[str, mx.array] = {}
+    sums = FisherSums(keys)
     n = sequences.shape[0]
     for i in tqdm(range(n), desc="calibrate", unit="seq", disable=not progress):
         x = sequences[i : i + 1, :-1]
         y = sequences[i : i + 1, 1:]
         _, grads = grad_fn(model, x, y)
         flat = dict(tree_flatten(grads))
-        t = y.size
         for key in keys:
-            g = flat[key]
-            # mean over output rows: the per-element Fisher of column j, assuming rows alike
-            col = (g * g).mean(axis=-2) / t  # (in,) or (experts, in)
-            totals[key] = totals[key] + col if key in totals else col
-        mx.eval(list(totals.values()))
+            sums.add(key, flat[key], y.size)
+        mx.eval(sums.arrays())
         del grads, flat
-    out = {}
-    for k, v in totals.items():
-        v = v / n
-        # A floor of 5% of the tensor's mean: a column (or an expert the calibration text never
-        # routed to) with zero measured Fisher must still not count as free to destroy.
-        out[k] = v + 0.05 * v.mean()
-    return out
+    return sums.finish(n)
 
 
-def physical_memory() -> int:
-    """Bytes of RAM (unified memory on Apple Silicon); 0 if unknown."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0
+def add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-memory`` and ``--sensitivity-pass``, the same on ``convert`` and ``plan``."""
+    parser.add_argument(
+        "--max-memory",
+        help="memory the conversion may use: 12GB, 1.5GiB (default: on Apple Silicon the GPU's "
+        "wired limit, elsewhere 80%% of RAM); picks the sensitivity pass",
+    )
+    parser.add_argument(
+        "--sensitivity-pass",
+        choices=SENSITIVITY_PASSES,
+        default="auto",
+        help="auto (default): in memory when it fits under --max-memory, else streamed "
+        "block by block (same numbers, one block resident)",
+    )
 
 
-def required_memory(source: Source) -> int:
-    """Rough peak of the calibration pass: float32 weights and gradients, plus activations."""
-    return int(source.total_parameters * 4 * 2.5)
+def in_memory_need(source: Source) -> int:
+    """Rough peak of the in-memory pass: float32 weights and gradients, plus activations."""
+    return int(source.total_parameters * 4 * 2.5) + RUNTIME_BYTES
 
 
-def memory_shortfall(source: Source) -> str | None:
-    """Why the in-memory sensitivity pass cannot run here, or None if it can."""
-    need, have = required_memory(source), physical_memory()
-    if have and need > 0.8 * have:
-        return (
-            f"the fisher objective's sensitivity pass needs about {format_size(need)} of memory "
-            f"and this machine has {format_size(have)}"
+def sampler_need(source: Source) -> int:
+    """The float32 model alone, as the in-memory sampler holds it."""
+    return source.total_parameters * 4 + RUNTIME_BYTES
+
+
+@dataclass(frozen=True)
+class PassChoice:
+    """How the sensitivity pass runs, and why that fits."""
+
+    kind: str  # "in-memory" or "streamed"
+    sampler: str  # "in-memory" or "streamed": either samples the same tokens from the source
+    activations_on_disk: bool
+    need: int  # estimated peak bytes
+
+    def describe(self, max_memory: int | None) -> str:
+        limit = "" if max_memory is None else f" of --max-memory {format_size(max_memory)}"
+        how = {
+            "in-memory": "in memory (the float32 model and its gradients)",
+            "streamed": "streamed (one block resident"
+            + (", activations on disk)" if self.activations_on_disk else ")"),
+        }[self.kind]
+        return f"sensitivity pass {how}, estimated peak {format_size(self.need)}{limit}"
+
+
+def choose_pass(
+    source: Source, config: CalibrationConfig, requested: str, max_memory: int | None
+) -> PassChoice:
+    """The pass ``requested`` (``auto``: in memory when it fits under ``max_memory``, else
+    streamed), or a one-line error when nothing fits, which names the smallest limit that
+    does. Never a silent switch to another objective."""
+    if requested not in SENSITIVITY_PASSES:
+        raise MintError(
+            f"unknown --sensitivity-pass {requested!r}; use one of {', '.join(SENSITIVITY_PASSES)}"
         )
-    return None
+    limit = max_memory if max_memory is not None else 2**63
+    whole = in_memory_need(source)
+    streamable = source.model_type in STREAMABLE_ARCHITECTURES
+    if requested == "in-memory" or (requested == "auto" and (whole <= limit or not streamable)):
+        if whole > limit:
+            alternative = (
+                "use --sensitivity-pass streamed"
+                if streamable
+                else f"{source.model_type} cannot be streamed block by block yet, so choose "
+                "--objective nrmse explicitly (weight error only: measured worse than stock "
+                "uniform quantization)"
+            )
+            raise CalibrationMemoryError(
+                f"the in-memory sensitivity pass needs about {format_size(whole)}, over "
+                f"--max-memory {format_size(limit)}; raise --max-memory or {alternative}"
+            )
+        return PassChoice("in-memory", "in-memory", False, whole)
+    if not streamable:
+        raise CalibrationMemoryError(
+            f"--sensitivity-pass streamed does not support {source.model_type} yet (supported: "
+            f"{', '.join(sorted(STREAMABLE_ARCHITECTURES))}); use --sensitivity-pass in-memory"
+        )
+    n, length = config.sequences, config.seq_len
+    for on_disk in (False, True):
+        need = streamed_memory(source, n, length, on_disk)
+        if need <= limit:
+            sampler = "in-memory" if sampler_need(source) <= limit else "streamed"
+            return PassChoice("streamed", sampler, on_disk, need)
+    raise CalibrationMemoryError(
+        f"--max-memory {format_size(limit)} is below the smallest the sensitivity pass can run "
+        f"in ({format_size(need, round_up=True)}: one block, the head and the activations); "
+        f"raise --max-memory to at least {format_size(need, round_up=True)}"
+    )
 
 
-def calibrate(
-    source: Source, config: CalibrationConfig | None = None, progress: bool = False
-) -> dict[str, mx.array]:
+@dataclass
+class Sensitivity:
+    """The column Fisher weights, and how they were obtained (for the plan's notes)."""
+
+    columns: dict[str, mx.array]
+    choice: PassChoice | None  # None: read from the cache
+    text: str  # which model or file produced the calibration text
+
+
+def calibration_path(source: Source, config: CalibrationConfig) -> Path:
+    return cache_root() / "calibration" / f"{config.key(source)}.safetensors"
+
+
+def sensitivity(
+    source: Source,
+    config: CalibrationConfig | None = None,
+    progress: bool = False,
+    sensitivity_pass: str = "auto",
+    max_memory: int | None = None,
+) -> Sensitivity:
     """Column Fisher weights for every quantizable tensor of ``source`` (cached on disk).
 
-    The pass holds the whole model in float32 with its gradients, so a model too large for
-    this machine's memory is refused up front with the alternative, rather than swapping.
+    In memory or block by block (:mod:`mint_mlx.streamed`), as :func:`choose_pass` decides
+    from ``max_memory``: both give the same numbers, so they share the cache entry.
     """
     config = config or CalibrationConfig()
-    path = cache_root() / "calibration" / f"{config.key(source)}.safetensors"
+    text = (
+        f"the calibration file {Path(config.text_file).name}"
+        if config.text_file
+        else "text the source model sampled itself (float32, from its start token)"
+    )
+    path = calibration_path(source, config)
     if path.exists():
         loaded = mx.load(str(path))
         assert isinstance(loaded, dict)
-        return loaded
-    shortfall = memory_shortfall(source)
-    if shortfall:
-        raise CalibrationMemoryError(
-            f"{shortfall}; use --objective nrmse (weight error only) or run on a machine with "
-            "more memory"
-        )
-    model, tokenizer = load_float32_model(source)
-    if config.text_file:
-        seqs = text_sequences(tokenizer, Path(config.text_file), config.sequences, config.seq_len)
-    else:
-        seqs = sample_sequences(
-            model, _start_token(tokenizer), config.sequences, config.seq_len, config.seed
-        )
+        return Sensitivity(loaded, None, text)
+    choice = choose_pass(source, config, sensitivity_pass, max_memory)
     keys = [t.key for t in source.quantizable]
-    weights = column_fisher(model, seqs, keys, progress)
-    del model
+    if config.text_file:
+        tokenizer = load_source_tokenizer(source)
+        seqs = text_sequences(tokenizer, Path(config.text_file), config.sequences, config.seq_len)
+    model = load_float32_model(source) if choice.sampler == "in-memory" else None
+    if not config.text_file:
+        n, length, seed = config.sequences, config.seq_len, config.seed
+        if model is not None:
+            seqs = sample_sequences(model, start_token(source), n, length, seed, progress)
+        else:
+            seqs = streamed_sample(source, start_token(source), n, length, seed, progress)
+    if choice.kind == "in-memory":
+        model = model if model is not None else load_float32_model(source)
+        weights = column_fisher(model, seqs, keys, progress)
+    else:
+        del model  # the sampler's copy: the streamed pass holds one block at a time
+        weights = streamed_column_fisher(source, seqs, keys, choice.activations_on_disk, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.safetensors")  # ranks may share the cache
     mx.save_safetensors(str(tmp), weights)
     tmp.replace(path)
-    return weights
+    return Sensitivity(weights, choice, text)
+
+
+def calibrate(
+    source: Source,
+    config: CalibrationConfig | None = None,
+    progress: bool = False,
+    sensitivity_pass: str = "auto",
+    max_memory: int | None = None,
+) -> dict[str, mx.array]:
+    """The column weights of :func:`sensitivity`."""
+    return sensitivity(source, config, progress, sensitivity_pass, max_memory).columns

@@ -18,9 +18,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from .calibrate import add_sensitivity_arguments
 from .errors import BudgetError, DiskFullError, MintError, OutputExistsError
 from .formats import FORMAT_SETS
 from .layout import MAX_SHARD_BYTES
+from .memory import peak_rss, resolve_max_memory
 from .parallel import default_jobs, distributed_group
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
@@ -117,13 +119,17 @@ def convert(
     command: str | None = None,
     jobs: int = 1,
     formats: str = "native",
+    sensitivity_pass: str = "auto",
+    max_memory: str | int | None = None,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
     Exactly one of ``budget`` (bytes or a size like ``"5.5GB"``) and ``bpw`` is given. With
     ``dry_run`` only the plan is made (and the analysis cached). ``formats="extended"`` lets the
     allocator also pick mint-mlx's extended formats; an output that uses one loads with
-    :func:`mint_mlx.load` (stock mlx-lm refuses it by name). Raises :class:`MintError`
+    :func:`mint_mlx.load` (stock mlx-lm refuses it by name). ``max_memory`` (bytes or a size;
+    default :func:`mint_mlx.memory.default_max_memory`) bounds the sensitivity pass, which runs
+    in memory or block by block as ``sensitivity_pass`` says. Raises :class:`MintError`
     subclasses for anything the user can fix.
     """
     out = Path(mlx_path).expanduser()
@@ -153,8 +159,11 @@ def convert(
         progress=progress,
         jobs=jobs,
         formats=formats,
+        sensitivity_pass=sensitivity_pass,
+        max_memory=resolve_max_memory(max_memory),
     )
     plan = prepared.plan(nbytes)
+    plan.peak_memory = peak_rss()
     group = distributed_group()
     if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
         return ConvertResult(plan, None, prepared.cache, rank=group.rank())
@@ -269,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="candidate formats: native (stock mlx-lm loads the output, default) or extended "
         "(adds group 16/256 and compact scales; load with mint_mlx.load)",
     )
+    add_sensitivity_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -303,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=command,
             jobs=args.jobs,
             formats=args.formats,
+            sensitivity_pass=args.sensitivity_pass,
+            max_memory=args.max_memory,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

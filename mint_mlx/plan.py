@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from .calibrate import add_sensitivity_arguments
 from .devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
 from .errors import MintError
 from .formats import COMPACT, FORMAT_SETS
+from .memory import resolve_max_memory
 from .parallel import default_jobs
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
@@ -132,6 +134,8 @@ def plan(
     jobs: int = 1,
     formats: str = "native",
     scales: str | None = None,
+    sensitivity_pass: str = "auto",
+    max_memory: str | int | None = None,
 ) -> PlanReport:
     """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine.
 
@@ -152,6 +156,8 @@ def plan(
         progress=progress,
         jobs=jobs,
         formats=formats,
+        sensitivity_pass=sensitivity_pass,
+        max_memory=resolve_max_memory(max_memory),
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -253,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--scales", choices=SCALE_METHODS, help="affine scales: optimized (default) or rtn"
     )
+    add_sensitivity_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
@@ -271,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs=args.jobs,
             formats=args.formats,
             scales=args.scales,
+            sensitivity_pass=args.sensitivity_pass,
+            max_memory=args.max_memory,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

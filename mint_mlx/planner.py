@@ -24,6 +24,7 @@ from .allocate import (
     feasible_range,
 )
 from .analyze import RDCurve, analyze, default_cache_path
+from .calibrate import CalibrationConfig, sensitivity
 from .errors import BudgetError, MintError
 from .experts import splits_per_expert
 from .formats import FORMAT_SETS, formats_for
@@ -37,7 +38,7 @@ from .layout import (
 )
 from .save import exact_total_bytes
 from .sizes import format_size
-from .source import Source
+from .source import Source, has_tokenizer
 
 
 @dataclass
@@ -156,13 +157,18 @@ def prepare(
     progress: bool = False,
     jobs: int = 1,
     formats: str = "native",
+    sensitivity_pass: str = "auto",
+    max_memory: int | None = None,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
     The ``fisher`` objective first estimates output sensitivities: from text the model samples
     itself, or from the ``calibration`` text file. ``formats`` is the candidate set
     (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
-    names, so a native and an extended analysis of the same model never mix.
+    names, so a native and an extended analysis of the same model never mix. The sensitivity
+    pass runs in memory or block by block as ``sensitivity_pass`` and ``max_memory`` (bytes)
+    decide (:func:`mint_mlx.calibrate.choose_pass`); when neither fits, a one-line error says
+    what would, never a silent switch to weight error.
     """
     if formats not in FORMAT_SETS:
         raise MintError(f"unknown --formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
@@ -172,19 +178,18 @@ def prepare(
             "--formats extended does not apply to --objective paper: planned over the "
             "paper's eight configurations"
         )
+    if not has_tokenizer(source.path):
+        notes.append(
+            f"{source.path.name} has no tokenizer files, so neither has the output: copy them "
+            "in before generating text"
+        )
     if objective == "fisher":
-        from .calibrate import memory_shortfall
-
-        shortfall = memory_shortfall(source)
-        if shortfall:  # a model larger than memory still converts, by weight error
-            notes.append(f"{shortfall}: planned with --objective nrmse instead")
-            objective = "nrmse"
-    if objective == "fisher":
-        from .calibrate import CalibrationConfig, calibrate
-
         config = CalibrationConfig(text_file=calibration)
         calib_key = config.key(source)
-        columns = calibrate(source, config, progress=progress)
+        found = sensitivity(source, config, progress, sensitivity_pass, max_memory)
+        columns = found.columns
+        how = "read from the cache" if found.choice is None else found.choice.describe(max_memory)
+        notes.append(f"sensitivity from {found.text}; {how}")
         if not all(bool(mx.all(mx.isfinite(c)).item()) for c in columns.values()):
             # NaN/Inf weights make every gradient NaN: weigh by weight error instead, and say so
             notes.append(

@@ -50,6 +50,11 @@ def summary_lines(plan: Plan) -> list[str]:
     ]
     if kld is not None:
         lines.append(f"predicted mean KL divergence to the 16-bit model: {kld:.4f} nats")
+    if plan.peak_memory:
+        lines.append(
+            f"peak memory while planning (sensitivity pass and analysis): "
+            f"{format_size(plan.peak_memory)}"
+        )
     return lines + [f"note: {n}" for n in plan.notes]
 
 

@@ -406,6 +406,14 @@ def open_source(hf_path: str | Path) -> Source:
     return Source(path, config, model, weights, quantizable, passthrough, shapes, dtypes, files)
 
 
+#: Files without which a model directory has no tokenizer (mlx-lm loads one of these).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "*.tiktoken")
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES)
+
+
 def copy_support_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer, generation config and chat template files; return their names."""
     import shutil

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import mint_mlx  # noqa: E402, F401  (first: it loads OpenBLAS before mlx.core; see mint_mlx.blas)
 
-from tiny_models import LLAMA_CONFIG, QWEN3_MOE_CONFIG, build_model_dir  # noqa: E402
+from tiny_models import GEMMA3_CONFIG, LLAMA_CONFIG, QWEN3_MOE_CONFIG, build_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,11 @@ def deep_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight layers: enough tensors that a budget can be filled to within 0.5%."""
     config = dict(LLAMA_CONFIG, num_hidden_layers=8)
     return build_model_dir(tmp_path_factory.mktemp("src") / "deep-llama", config, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("src") / "tiny-gemma3", GEMMA3_CONFIG)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,485 @@
+"""The sensitivity pass with one transformer block resident: models larger than memory keep the
+fisher objective.
+
+The in-memory pass (:func:`mint_mlx.calibrate.column_fisher`) holds the float32 model and its
+gradients, about 10 bytes per parameter, so the models people quantize for a Mac (8B to 400B)
+could not use it. This pass computes the same numbers with one block's float32 weights (and
+their gradients) in memory at a time. It runs mlx-lm's own ``Model.__call__`` (so masks,
+embedding scales, per-layer attention types and the tied head come from the architecture, not
+from a copy of it) with the model's block list replaced by :class:`_Slot` objects that decide,
+per stage, what a block call does:
+
+1. **capture** (per sequence): the embedding output ``x_0`` and the arguments (masks) each block
+   is called with; no block runs. It also checks that each block's input is the previous
+   block's output, which is what lets the blocks run one at a time;
+2. **forward**: block by block over all sequences, keeping every block's input (on disk when the
+   activations do not fit in memory);
+3. **head**: from the last block's output, the loss, the head's gradients and ``dL/dx_L``;
+4. **backward**: from the last block to the first, each block's forward recomputed from its
+   saved input and back-propagated: its weights' gradients and its input's gradient;
+5. **embedding**: the gradient of the embedding rows the sequence used (only those rows are
+   loaded into the model: the gradient of a lookup is zero elsewhere). A tied head's gradient
+   is added to it row by row before squaring, as the in-memory pass's single backward does.
+
+Per sequence every tensor's squared gradient goes through the same accumulator as the in-memory
+pass (:class:`mint_mlx.fisher.FisherSums`), so both give the same column weights to float
+rounding and share one cache entry.
+
+Weights are read through :meth:`Source.tensor` / :meth:`Source.release`: each tensor is read
+from its shard when a block needs it and dropped after, so nothing but the current block (and
+the saved activations) stays in memory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from .errors import MintError
+from .fisher import FisherSums
+from .sampling import sample_sequences
+from .source import Source
+
+#: Architectures whose forward is "embedding, blocks in sequence, head" with nothing between two
+#: blocks (read in mlx-lm's ``models/``), each checked against the in-memory pass in the tests.
+STREAMABLE_ARCHITECTURES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral"}
+)
+
+#: Memory the process needs besides the pass's arrays (Python, MLX, mlx-lm, the source's index).
+RUNTIME_BYTES = 400 * 2**20
+
+
+class NotStreamableError(MintError):
+    """The architecture's forward cannot be cut into blocks that run one at a time."""
+
+
+class _Stop(Exception):
+    """Raised inside the model's forward to stop it once the stage has what it needs."""
+
+    def __init__(self, x: mx.array) -> None:
+        super().__init__("stop")
+        self.x = x
+
+
+def _float32(a: mx.array) -> mx.array:
+    return a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a
+
+
+def blocks_prefix(source: Source) -> str:
+    """The module path of the model's block list (``model.layers`` for every mlx-lm LLM)."""
+    found = {m.group(1) for k in source.shapes if (m := re.match(r"^(.*?layers)\.\d+\.", k))}
+    if len(found) != 1:
+        raise NotStreamableError(
+            f"cannot find one block list in {source.model_type} (found {sorted(found) or 'none'}); "
+            "use --sensitivity-pass in-memory"
+        )
+    return found.pop()
+
+
+def _attribute(module: nn.Module, path: str) -> Any:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Which weights belong to which stage, and the sizes that bound the pass's memory."""
+
+    prefix: str
+    blocks: list[list[str]]  # weight keys of each block
+    embedding: str  # the embedding's weight key
+    head: list[str]  # quantizable weights outside the blocks that the head uses
+    small: list[str]  # other weights outside the blocks (final norm, ...): kept resident
+    tied: bool
+    hidden: int
+    vocab: int
+
+    @classmethod
+    def of(cls, source: Source) -> StreamLayout:
+        prefix = blocks_prefix(source)
+        n = len(_attribute(source.model, prefix))
+        blocks: list[list[str]] = [[] for _ in range(n)]
+        rest: list[str] = []
+        pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+        for key in source.shapes:
+            m = pattern.match(key)
+            if m and int(m.group(1)) < n:
+                blocks[int(m.group(1))].append(key)
+            else:
+                rest.append(key)
+        embeddings = [t.key for t in source.quantizable if t.role == "embedding"]
+        if len(embeddings) != 1 or embeddings[0] in sum(blocks, []):
+            raise NotStreamableError(
+                f"{source.model_type} has no single token embedding outside its blocks; "
+                "use --sensitivity-pass in-memory"
+            )
+        embedding = embeddings[0]
+        quantizable = {t.key for t in source.quantizable}
+        head = [k for k in rest if k in quantizable and k != embedding]
+        small = [k for k in rest if k not in quantizable and k != embedding]
+        vocab, hidden = source.shapes[embedding][-2:]
+        return cls(prefix, blocks, embedding, head, small, source.tied_embeddings, hidden, vocab)
+
+
+def _nbytes32(source: Source, keys: Sequence[str]) -> int:
+    return sum(4 * prod(source.shapes[k]) for k in keys)
+
+
+def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on_disk: bool) -> int:
+    """Estimated peak of the streamed pass: the largest stage plus the saved activations.
+
+    A block stage holds the block's float32 weights, the 16-bit tensors they are read from,
+    their gradients and the vjp's temporaries (4x the float32 weights, measured on a 12-layer
+    model in tests/test_sensitivity_pass.py), plus a few tokens x width activations per
+    projection; the head stage the head weights and gradients and the logits with their
+    gradient. Activations are every block's input for every sequence, or three blocks' worth
+    when they live on disk.
+    """
+    layout = StreamLayout.of(source)
+    tokens = seq_len - 1
+    widest = max((max(source.shapes[k][-2:]) for b in layout.blocks for k in b), default=1)
+    block = max(4 * _nbytes32(source, b) for b in layout.blocks) + 8 * 4 * tokens * widest
+    head_keys = [*layout.head, *([layout.embedding] if layout.tied else [])]
+    head = 3 * _nbytes32(source, head_keys) + 4 * 4 * tokens * layout.vocab
+    one = 4 * sequences * tokens * layout.hidden
+    saved = 3 * one if activations_on_disk else (len(layout.blocks) + 2) * one
+    return RUNTIME_BYTES + max(block, head) + saved
+
+
+class _Slot:
+    """Stands where block ``index`` stood in the model's list; the stream decides what a call
+    does. Attribute reads (``use_sliding``, ``is_sliding``...) go to the real block."""
+
+    def __init__(self, stream: BlockStream, index: int, block: nn.Module) -> None:
+        self._stream = stream
+        self._index = index
+        self._block = block
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._block, name)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return self._stream.on_block(self._index, x, args, kwargs)
+
+
+class ActivationStore:
+    """Each block's input for every sequence: in memory, or as .npy files in a temp directory."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._memory: dict[int, list[mx.array]] = {}
+
+    def put(self, index: int, xs: list[mx.array]) -> None:
+        if self.directory is None:
+            self._memory[index] = xs
+        else:
+            np.save(self.directory / f"{index}.npy", np.array(mx.concatenate(xs, axis=0)))
+
+    def get(self, index: int) -> list[mx.array]:
+        if self.directory is None:
+            return self._memory[index]
+        stacked = mx.array(np.load(self.directory / f"{index}.npy"))
+        return [stacked[i : i + 1] for i in range(stacked.shape[0])]
+
+    def drop(self, index: int) -> None:
+        if self.directory is None:
+            self._memory.pop(index, None)
+        else:
+            (self.directory / f"{index}.npy").unlink(missing_ok=True)
+
+
+class BlockStream:
+    """A source's model whose blocks load their weights only while they run.
+
+    Use as a context manager: inside it the model's block list holds :class:`_Slot` objects,
+    and the model answers ``model(tokens, cache=...)`` with one block resident at a time
+    (:meth:`generate_mode`), which is what the streamed sampler needs. The Fisher stages use
+    the other modes. On exit the model is restored.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.model: nn.Module = source.model
+        self.layout = StreamLayout.of(source)
+        # the list itself, found by its path (``Model.layers`` may return a copy of it)
+        self.blocks: list[Any] = _attribute(self.model, self.layout.prefix)
+        self.originals: list[nn.Module] = list(self.blocks)
+        self._initial = [dict(tree_flatten(b.parameters())) for b in self.originals]
+        everything: list[tuple[str, mx.array]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]
+        self._rest_initial = {k: v for k, v in everything if not self._in_block(k)}
+        self.mode = "generate"
+        self.captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self._first: mx.array | None = None
+        self._last: mx.array | None = None
+        self._head_input: mx.array | None = None
+
+    def _in_block(self, key: str) -> bool:
+        return key.startswith(self.layout.prefix + ".")
+
+    def __enter__(self) -> BlockStream:
+        for i, block in enumerate(self.originals):
+            self.blocks[i] = _Slot(self, i, block)
+        self.set_weights(self.layout.small)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for i, block in enumerate(self.originals):
+            self.unload_block(i)
+            self.blocks[i] = block
+        self.model.update(tree_unflatten(list(self._rest_initial.items())))
+
+    # ------------------------------------------------------------------ weights
+
+    def read(self, key: str) -> mx.array:
+        """One source tensor in float32, read now and dropped from the source's cache."""
+        w = _float32(self.source.tensor(key))
+        mx.eval(w)
+        self.source.release(key)
+        return w
+
+    def set_weights(self, keys: Sequence[str]) -> dict[str, mx.array]:
+        """Read ``keys`` into the model (block keys go into their block); return them."""
+        weights = {k: self.read(k) for k in keys}
+        self.model.update(tree_unflatten(list(weights.items())))
+        return weights
+
+    def load_block(self, index: int) -> None:
+        block = self.originals[index]
+        start = len(f"{self.layout.prefix}.{index}.")
+        weights = [(k[start:], self.read(k)) for k in self.layout.blocks[index]]
+        block.update(tree_unflatten(weights))
+
+    def unload_block(self, index: int) -> None:
+        """Put back the block's never-evaluated initial arrays: its weights are freed."""
+        self.originals[index].update(tree_unflatten(list(self._initial[index].items())))
+
+    def unload_rest(self, keys: Sequence[str]) -> None:
+        self.model.update(tree_unflatten([(k, self._rest_initial[k]) for k in keys]))
+
+    # ------------------------------------------------------------------ the slots
+
+    def on_block(self, index: int, x: mx.array, args: tuple[Any, ...], kwargs: dict) -> mx.array:
+        last = len(self.originals) - 1
+        if self.mode == "generate":
+            self.load_block(index)
+            y = self.originals[index](x, *args, **kwargs)
+            mx.eval(y)
+            self.unload_block(index)
+            return y
+        if self.mode == "capture":
+            if index == 0:
+                self._first, self.captured = x, []
+            elif x is not self._last:
+                raise NotStreamableError(
+                    f"{self.source.model_type} changes the hidden state between blocks "
+                    f"{index - 1} and {index}, so its blocks cannot run one at a time; "
+                    "use --sensitivity-pass in-memory"
+                )
+            self.captured.append((args, kwargs))
+            self._last = x
+            if index == last:
+                assert self._first is not None
+                raise _Stop(self._first)
+            return x
+        if self.mode == "embed":
+            raise _Stop(x)
+        assert self.mode == "head" and self._head_input is not None
+        return self._head_input
+
+    def run_until_stop(self, tokens: mx.array) -> mx.array:
+        try:
+            self.model(tokens)
+        except _Stop as stop:
+            return stop.x
+        raise NotStreamableError(
+            f"{self.source.model_type}'s forward did not call its blocks; "
+            "use --sensitivity-pass in-memory"
+        )
+
+
+@contextmanager
+def activation_store(on_disk: bool) -> Iterator[ActivationStore]:
+    if not on_disk:
+        yield ActivationStore(None)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="mint-mlx-activations-"))
+    try:
+        yield ActivationStore(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def streamed_column_fisher(
+    source: Source,
+    sequences: mx.array,
+    keys: Sequence[str],
+    activations_on_disk: bool = False,
+    progress: bool = False,
+) -> dict[str, mx.array]:
+    """The column Fisher of :func:`mint_mlx.calibrate.column_fisher`, one block resident."""
+    with BlockStream(source) as stream, activation_store(activations_on_disk) as store:
+        layout = stream.layout
+        n = sequences.shape[0]
+        inputs = [sequences[i : i + 1, :-1] for i in range(n)]
+        labels = [sequences[i : i + 1, 1:] for i in range(n)]
+        steps = 2 * len(layout.blocks) + 3
+        bar = tqdm(total=steps, desc="sensitivity (streamed)", unit="stage", disable=not progress)
+
+        # rows of the embedding the sequences use: the lookup reads nothing else
+        rows, local = np.unique(np.array(sequences[:, :-1]), return_inverse=True)
+        local = local.reshape(n, -1)
+        row_ids = mx.array(rows.astype(np.int32))
+        remapped = [mx.array(local[i : i + 1].astype(np.int32)) for i in range(n)]
+        embedding_rows = stream.read(layout.embedding)[row_ids]
+        mx.eval(embedding_rows)
+        stream.model.update(tree_unflatten([(layout.embedding, embedding_rows)]))
+
+        # 1. capture: x_0 and every block's arguments, per sequence
+        stream.mode = "capture"
+        xs, block_args = [], []
+        for i in range(n):
+            x0 = stream.run_until_stop(remapped[i])
+            mx.eval(x0)
+            xs.append(x0)
+            block_args.append(stream.captured)
+        bar.update()
+
+        # 2. forward, keeping each block's input
+        for b, block in enumerate(stream.originals):
+            stream.load_block(b)
+            store.put(b, xs)
+            nxt = []
+            for i in range(n):
+                args, kwargs = block_args[i][b]
+                y = block(xs[i], *args, **kwargs)
+                mx.eval(y)
+                nxt.append(y)
+            xs = nxt
+            stream.unload_block(b)
+            bar.update()
+
+        # 3. head: loss, head gradients, dL/dx_L
+        sums = FisherSums(keys)
+        head_keys = [*layout.head, *([layout.embedding] if layout.tied else [])]
+        head_weights = stream.set_weights(head_keys)
+        if not layout.tied:  # the unused lookup in front of the head reads only the rows
+            stream.model.update(tree_unflatten([(layout.embedding, embedding_rows)]))
+        tied_rows: list[mx.array] = []
+        tied_sums: list[mx.array] = []
+        grads_out = []
+        stream.mode = "head"
+        for i in range(n):
+            tokens = inputs[i] if layout.tied else remapped[i]
+
+            def head_loss(x_last: mx.array, *ws: mx.array) -> mx.array:
+                stream.model.update(tree_unflatten(list(zip(head_keys, ws, strict=True))))
+                stream._head_input = x_last
+                logits = stream.model(tokens)  # noqa: B023 - called at once, inside the loop
+                return nn.losses.cross_entropy(logits, labels[i], reduction="sum")  # noqa: B023
+
+            _, grads = mx.vjp(
+                head_loss, [xs[i], *head_weights.values()], [mx.array(1.0, mx.float32)]
+            )
+            grads_out.append(grads[0])
+            t = labels[i].size
+            for key, g in zip(head_keys, grads[1:], strict=True):
+                if key == layout.embedding:  # tied: combined with the lookup's rows below
+                    used = mx.array(np.unique(np.array(inputs[i])).astype(np.int32))
+                    tied_rows.append(g[used])
+                    tied_sums.append((g * g).sum(axis=0))
+                    mx.eval(tied_rows[-1], tied_sums[-1])
+                else:
+                    sums.add(key, g, t)
+            mx.eval(grads_out[-1], sums.arrays())
+        stream.model.update(tree_unflatten(list(head_weights.items())))
+        del head_weights
+        stream.unload_rest(head_keys)
+        stream._head_input = None
+        xs = []
+        bar.update()
+
+        # 4. backward through the blocks, last to first
+        quantizable = set(keys)
+        for b in reversed(range(len(layout.blocks))):
+            stream.load_block(b)
+            block = stream.originals[b]
+            start = len(f"{layout.prefix}.{b}.")
+            wanted = [k for k in layout.blocks[b] if k in quantizable]
+            rel = [k[start:] for k in wanted]
+            flat = dict(tree_flatten(block.parameters()))
+            weights = [flat[r] for r in rel]
+            saved = store.get(b)
+            for i in range(n):
+                args, kwargs = block_args[i][b]
+
+                def block_out(x: mx.array, *ws: mx.array) -> mx.array:
+                    block.update(tree_unflatten(list(zip(rel, ws, strict=True))))  # noqa: B023
+                    return block(x, *args, **kwargs)  # noqa: B023
+
+                _, grads = mx.vjp(block_out, [saved[i], *weights], [grads_out[i]])
+                grads_out[i] = grads[0]
+                t = labels[i].size
+                for key, g in zip(wanted, grads[1:], strict=True):
+                    sums.add(key, g, t)
+                mx.eval(grads_out[i], sums.arrays())
+            block.update(tree_unflatten(list(zip(rel, weights, strict=True))))
+            del saved, weights, flat
+            store.drop(b)
+            stream.unload_block(b)
+            bar.update()
+
+        # 5. the embedding rows each sequence looked up (+ the tied head's part of them)
+        stream.mode = "embed"
+        for i in range(n):
+            ids = remapped[i]
+
+            def lookup(rows_in: mx.array) -> mx.array:
+                stream.model.update(tree_unflatten([(layout.embedding, rows_in)]))
+                return stream.run_until_stop(ids)  # noqa: B023
+
+            _, (g_rows,) = mx.vjp(lookup, [embedding_rows], [grads_out[i]])
+            t = labels[i].size
+            used = mx.array(np.unique(local[i]).astype(np.int32))
+            g_used = g_rows[used]
+            if layout.tied:
+                h = tied_rows[i]
+                total = tied_sums[i] + ((h + g_used) ** 2 - h * h).sum(axis=0)
+            else:
+                total = (g_used * g_used).sum(axis=0)
+            sums.add_row_sums(layout.embedding, total, layout.vocab, t)
+            mx.eval(sums.arrays())
+        bar.update()
+        bar.close()
+        return sums.finish(n)
+
+
+def streamed_sample(
+    source: Source, start: int, sequences: int, length: int, seed: int, progress: bool = False
+) -> mx.array:
+    """:func:`mint_mlx.sampling.sample_sequences` from the source model itself, in float32,
+    with only the embedding, the head and one block resident: the same tokens as sampling
+    from the whole model in memory, at the price of reading every block once per token."""
+    with BlockStream(source) as stream:
+        layout = stream.layout
+        keys = [layout.embedding, *layout.head]
+        stream.set_weights(keys)
+        try:
+            return sample_sequences(stream.model, start, sequences, length, seed, progress)
+        finally:
+            stream.unload_rest(keys)
