@@ -135,6 +135,11 @@ def model_card(
         ),
         f"- Objective: `{plan.objective}`, SQNR veto {plan.min_sqnr:g} dB, "
         f"output dtype {plan.dtype}",
+        *(
+            [f"- Peak memory of the conversion while planning: {format_size(plan.peak_memory)}"]
+            if plan.peak_memory
+            else []
+        ),
         _loads_line(plan),
         "",
         "## Allocation",
@@ -151,5 +156,7 @@ def model_card(
         command,
         "```",
         "",
+        *[f"- {note}" for note in plan.notes],
+        *([""] if plan.notes else []),
     ]
     return "\n".join(front + [""] + body)

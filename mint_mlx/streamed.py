@@ -14,7 +14,9 @@ per stage, what a block call does:
    block's output, which is what lets the blocks run one at a time;
 2. **forward**: block by block over all sequences, keeping every block's input (on disk when the
    activations do not fit in memory);
-3. **head**: from the last block's output, the loss, the head's gradients and ``dL/dx_L``;
+3. **head**: from the last block's output, the loss, the head's gradients and ``dL/dx_L``,
+   with the head's matmul over row chunks of its 16-bit weight (:class:`ChunkedHead`): a
+   large vocabulary's float32 head and its gradient never exist whole;
 4. **backward**: from the last block to the first, each block's forward recomputed from its
    saved input and back-propagated: its weights' gradients and its input's gradient;
 5. **embedding**: the gradient of the embedding rows the sequence used (only those rows are
@@ -142,24 +144,30 @@ def _nbytes32(source: Source, keys: Sequence[str]) -> int:
 
 
 def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on_disk: bool) -> int:
-    """Estimated peak of the streamed pass: the largest stage plus the saved activations.
+    """Estimated peak of the streamed pass and its sampler.
 
     A block stage holds the block's float32 weights, the 16-bit tensors they are read from,
-    their gradients and the vjp's temporaries (4x the float32 weights, measured on a 12-layer
+    their gradients and the vjp's temporaries (4x the float32 weights, measured on a 24-layer
     model in tests/test_sensitivity_pass.py), plus a few tokens x width activations per
-    projection; the head stage the head weights and gradients and the logits with their
-    gradient. Activations are every block's input for every sequence, or three blocks' worth
-    when they live on disk.
+    projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
+    the logits with their gradient; the streamed sampler the 16-bit embedding and head and one
+    block. Saved activations are every block's input for every sequence, or three blocks'
+    worth when they live on disk.
     """
     layout = StreamLayout.of(source)
     tokens = seq_len - 1
     widest = max((max(source.shapes[k][-2:]) for b in layout.blocks for k in b), default=1)
-    block = max(4 * _nbytes32(source, b) for b in layout.blocks) + 8 * 4 * tokens * widest
-    head_keys = [*layout.head, *([layout.embedding] if layout.tied else [])]
-    head = 3 * _nbytes32(source, head_keys) + 4 * 4 * tokens * layout.vocab
+    largest = max(_nbytes32(source, b) for b in layout.blocks)
+    block = 4 * largest + 8 * 4 * tokens * widest
+    head_key = layout.embedding if layout.tied else layout.head[0]
+    head16 = _nbytes32(source, [head_key]) // 2
+    chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)  # a few float32 chunks of the head
+    head = head16 + chunks + 4 * 4 * tokens * layout.vocab
+    embedding16 = 0 if layout.tied else _nbytes32(source, [layout.embedding]) // 2
+    sampler = embedding16 + head16 + chunks + 2 * largest
     one = 4 * sequences * tokens * layout.hidden
     saved = 3 * one if activations_on_disk else (len(layout.blocks) + 2) * one
-    return RUNTIME_BYTES + max(block, head) + saved
+    return RUNTIME_BYTES + max(max(block, head) + saved, sampler)
 
 
 class _Slot:
@@ -176,6 +184,74 @@ class _Slot:
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         return self._stream.on_block(self._index, x, args, kwargs)
+
+
+class _Capture(nn.Module):
+    """Stands where the embedding or the output head stood. A lookup (integer ids) reads rows
+    of ``weight`` (16-bit, or the float32 rows a stage loaded) as float32; a head call (a tied
+    embedding's ``as_linear``, or an ``lm_head``) stops the forward with the head's input, so
+    that the head's matmul runs in row chunks (:class:`ChunkedHead`) instead of holding its
+    float32 weight and gradient."""
+
+    def __init__(self, weight: mx.array | None) -> None:
+        super().__init__()
+        self._rows = weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.issubdtype(x.dtype, mx.integer) and self._rows is not None:
+            return self._rows[x].astype(mx.float32)
+        raise _Stop(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        raise _Stop(x)
+
+
+#: Bytes of float32 head weight materialized at once (one chunk of rows).
+HEAD_CHUNK_BYTES = 64 * 2**20
+
+
+class ChunkedHead:
+    """The output head (a linear layer over the final hidden state, as in every streamable
+    architecture) computed over row chunks of its 16-bit weight: the float32 weight and its
+    gradient never exist whole. Chunking the vocabulary does not change any logit's sum (one
+    dot product per logit), so logits equal the whole matmul's."""
+
+    def __init__(self, weight: mx.array) -> None:
+        self.weight = weight
+        hidden = weight.shape[-1]
+        self.rows = max(1, HEAD_CHUNK_BYTES // (4 * hidden))
+
+    def _chunks(self) -> Iterator[tuple[int, mx.array]]:
+        for start in range(0, self.weight.shape[0], self.rows):
+            yield start, self.weight[start : start + self.rows].astype(mx.float32)
+
+    def logits(self, z: mx.array) -> mx.array:
+        return mx.concatenate([z @ w.T for _, w in self._chunks()], axis=-1)
+
+    def backward(
+        self, z: mx.array, dlogits: mx.array, used: np.ndarray | None = None
+    ) -> tuple[mx.array, mx.array, mx.array | None]:
+        """(dL/dz, the weight gradient's squares summed over rows, its rows ``used``).
+
+        ``z`` (1, T, H) and ``dlogits`` (1, T, V) are one sequence's; the gradient of a chunk
+        of rows is ``dlogits[:, rows].T @ z``, squared and summed at once."""
+        z2 = z.reshape(-1, z.shape[-1])
+        d2 = dlogits.reshape(-1, dlogits.shape[-1])
+        dz = mx.zeros_like(z2)
+        squares = mx.zeros((z2.shape[-1],), mx.float32)
+        picked: list[mx.array] = []
+        for start, w in self._chunks():
+            d = d2[:, start : start + w.shape[0]]
+            g = d.T @ z2
+            squares = squares + (g * g).sum(axis=0)
+            dz = dz + d @ w
+            if used is not None:
+                inside = used[(used >= start) & (used < start + w.shape[0])] - start
+                if inside.size:
+                    picked.append(g[mx.array(inside.astype(np.int32))])
+            mx.eval(dz, squares, *picked[-1:])
+        rows = mx.concatenate(picked, axis=0) if used is not None else None
+        return dz.reshape(z.shape), squares, rows
 
 
 class ActivationStore:
@@ -269,8 +345,36 @@ class BlockStream:
         """Put back the block's never-evaluated initial arrays: its weights are freed."""
         self.originals[index].update(tree_unflatten(list(self._initial[index].items())))
 
-    def unload_rest(self, keys: Sequence[str]) -> None:
-        self.model.update(tree_unflatten([(k, self._rest_initial[k]) for k in keys]))
+    @contextmanager
+    def captures(self, embedding_rows: mx.array | None) -> Iterator[None]:
+        """Put :class:`_Capture` where the embedding (looking up ``embedding_rows``) and, if
+        it is separate, the output head stood; restore them after."""
+        paths = [self.layout.embedding]
+        if not self.layout.tied:
+            if len(self.layout.head) != 1:
+                raise NotStreamableError(
+                    f"{self.source.model_type} has no single output head "
+                    f"({self.layout.head}); use --sensitivity-pass in-memory"
+                )
+            paths.append(self.layout.head[0])
+        swapped = []
+        for i, key in enumerate(paths):
+            parent_path, _, name = key[: -len(".weight")].rpartition(".")
+            parent = _attribute(self.model, parent_path) if parent_path else self.model
+            swapped.append((parent, name, parent[name]))
+            parent[name] = _Capture(embedding_rows if i == 0 else None)
+        try:
+            yield
+        finally:
+            for parent, name, original in swapped:
+                parent[name] = original
+
+    def head_weight(self) -> mx.array:
+        """The output head's 16-bit weight (the embedding's, when tied), read whole."""
+        key = self.layout.embedding if self.layout.tied else self.layout.head[0]
+        weight = self.source.tensor(key)
+        self.source.release(key)
+        return weight
 
     # ------------------------------------------------------------------ the slots
 
@@ -374,42 +478,40 @@ def streamed_column_fisher(
             stream.unload_block(b)
             bar.update()
 
-        # 3. head: loss, head gradients, dL/dx_L
+        # 3. head: loss, head gradients, dL/dx_L (the head's matmul in row chunks)
         sums = FisherSums(keys)
-        head_keys = [*layout.head, *([layout.embedding] if layout.tied else [])]
-        head_weights = stream.set_weights(head_keys)
-        if not layout.tied:  # the unused lookup in front of the head reads only the rows
-            stream.model.update(tree_unflatten([(layout.embedding, embedding_rows)]))
+        head = ChunkedHead(stream.head_weight())
+        head_key = layout.embedding if layout.tied else layout.head[0]
         tied_rows: list[mx.array] = []
         tied_sums: list[mx.array] = []
         grads_out = []
         stream.mode = "head"
-        for i in range(n):
-            tokens = inputs[i] if layout.tied else remapped[i]
+        with stream.captures(embedding_rows):
+            for i in range(n):
 
-            def head_loss(x_last: mx.array, *ws: mx.array) -> mx.array:
-                stream.model.update(tree_unflatten(list(zip(head_keys, ws, strict=True))))
-                stream._head_input = x_last
-                logits = stream.model(tokens)  # noqa: B023 - called at once, inside the loop
-                return nn.losses.cross_entropy(logits, labels[i], reduction="sum")  # noqa: B023
+                def head_input(x_last: mx.array) -> mx.array:
+                    stream._head_input = x_last
+                    return stream.run_until_stop(remapped[i])  # noqa: B023 - called at once
 
-            _, grads = mx.vjp(
-                head_loss, [xs[i], *head_weights.values()], [mx.array(1.0, mx.float32)]
-            )
-            grads_out.append(grads[0])
-            t = labels[i].size
-            for key, g in zip(head_keys, grads[1:], strict=True):
-                if key == layout.embedding:  # tied: combined with the lookup's rows below
-                    used = mx.array(np.unique(np.array(inputs[i])).astype(np.int32))
-                    tied_rows.append(g[used])
-                    tied_sums.append((g * g).sum(axis=0))
-                    mx.eval(tied_rows[-1], tied_sums[-1])
+                z = head_input(xs[i])
+                logits = head.logits(z)
+                _, (dlogits,) = mx.vjp(
+                    lambda lg: nn.losses.cross_entropy(lg, labels[i], reduction="sum"),  # noqa: B023
+                    [logits],
+                    [mx.array(1.0, mx.float32)],
+                )
+                used_ids = np.unique(np.array(inputs[i])) if layout.tied else None
+                dz, squares, rows_used = head.backward(z, dlogits, used_ids)
+                _, (dx,) = mx.vjp(head_input, [xs[i]], [dz])
+                grads_out.append(dx)
+                if layout.tied:  # combined with the lookup's rows in stage 5
+                    assert rows_used is not None
+                    tied_rows.append(rows_used)
+                    tied_sums.append(squares)
                 else:
-                    sums.add(key, g, t)
-            mx.eval(grads_out[-1], sums.arrays())
-        stream.model.update(tree_unflatten(list(head_weights.items())))
-        del head_weights
-        stream.unload_rest(head_keys)
+                    sums.add_row_sums(head_key, squares, layout.vocab, labels[i].size)
+                mx.eval(grads_out[-1], sums.arrays(), *tied_rows[-1:], *tied_sums[-1:])
+        del head
         stream._head_input = None
         xs = []
         bar.update()
@@ -447,11 +549,10 @@ def streamed_column_fisher(
         # 5. the embedding rows each sequence looked up (+ the tied head's part of them)
         stream.mode = "embed"
         for i in range(n):
-            ids = remapped[i]
 
             def lookup(rows_in: mx.array) -> mx.array:
                 stream.model.update(tree_unflatten([(layout.embedding, rows_in)]))
-                return stream.run_until_stop(ids)  # noqa: B023
+                return stream.run_until_stop(remapped[i])  # noqa: B023
 
             _, (g_rows,) = mx.vjp(lookup, [embedding_rows], [grads_out[i]])
             t = labels[i].size
@@ -469,17 +570,41 @@ def streamed_column_fisher(
         return sums.finish(n)
 
 
+class _StreamedLM:
+    """What :func:`mint_mlx.sampling.sample_sequences` calls: the source model, one block
+    resident, the embedding and head as 16-bit weights (the head in row chunks)."""
+
+    def __init__(self, stream: BlockStream, head: ChunkedHead) -> None:
+        self._stream = stream
+        self._head = head
+
+    def __getattr__(self, name: str) -> Any:  # make_cache, layers ... (for the KV cache)
+        return getattr(self._stream.model, name)
+
+    def __call__(self, tokens: mx.array, cache: Any = None) -> mx.array:
+        try:
+            self._stream.model(tokens, cache=cache)
+        except _Stop as stop:
+            return self._head.logits(stop.x)
+        raise NotStreamableError(
+            f"{self._stream.source.model_type}'s forward did not call its head; "
+            "use --sensitivity-pass in-memory"
+        )
+
+
 def streamed_sample(
     source: Source, start: int, sequences: int, length: int, seed: int, progress: bool = False
 ) -> mx.array:
     """:func:`mint_mlx.sampling.sample_sequences` from the source model itself, in float32,
-    with only the embedding, the head and one block resident: the same tokens as sampling
-    from the whole model in memory, at the price of reading every block once per token."""
+    with one block resident and the embedding and head as their 16-bit weights: the same
+    tokens as sampling from the whole float32 model (lookups of 16-bit rows cast exactly, and
+    chunked head logits equal the whole matmul's), at the price of reading every block once
+    per token."""
     with BlockStream(source) as stream:
         layout = stream.layout
-        keys = [layout.embedding, *layout.head]
-        stream.set_weights(keys)
-        try:
-            return sample_sequences(stream.model, start, sequences, length, seed, progress)
-        finally:
-            stream.unload_rest(keys)
+        embedding = source.tensor(layout.embedding)
+        source.release(layout.embedding)
+        head = ChunkedHead(embedding if layout.tied else stream.head_weight())
+        with stream.captures(embedding):
+            lm = _StreamedLM(stream, head)
+            return sample_sequences(lm, start, sequences, length, seed, progress)  # type: ignore[arg-type]

@@ -67,3 +67,20 @@ def test_real_model_perplexity_close_to_reference(converted: Path, smollm2: Path
     assert result.n_tokens >= PPL_TOKENS - 8 * 2
     assert result.ppl <= 1.5 * result.ppl_reference
     assert result.kld_mean > 0.0
+
+
+def test_forced_streaming_gives_the_same_plan(
+    smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block-streamed sensitivity pass on the real model plans exactly as the in-memory
+    pass at 4.5 bits per weight: its own cache (nothing shared), its own analysis."""
+    from mint_mlx.convert import convert
+
+    expected = convert(
+        smollm2, tmp_path / "a", bpw=4.5, dry_run=True, sensitivity_pass="in-memory"
+    ).plan
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
+    got = convert(smollm2, tmp_path / "b", bpw=4.5, dry_run=True, sensitivity_pass="streamed").plan
+    assert any("sensitivity pass streamed" in n for n in got.notes), got.notes
+    assert got.formats == expected.formats
+    assert abs(got.distortion - expected.distortion) <= 1e-3 * expected.distortion

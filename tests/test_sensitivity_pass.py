@@ -177,6 +177,9 @@ def test_no_tokenizer_converts_with_self_sampled_text(
     assert (out / "config.json").exists() and not list(out.glob("tokenizer*"))
     plan = json.loads((out / "mint_plan.json").read_text())
     assert plan["objective"] == "fisher" and plan["peak_memory"] > 0
+    card = (out / "README.md").read_text()
+    assert "Peak memory of the conversion" in card
+    assert "sensitivity from text the source model sampled itself" in card
 
 
 def test_calibration_file_without_tokenizer_is_one_line(
