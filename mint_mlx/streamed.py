@@ -146,10 +146,10 @@ def _nbytes32(source: Source, keys: Sequence[str]) -> int:
 def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on_disk: bool) -> int:
     """Estimated peak of the streamed pass and its sampler.
 
-    A block stage holds the block's float32 weights, the 16-bit tensors they are read from,
-    their gradients and the vjp's temporaries (4x the float32 weights, measured on a 24-layer
-    model in tests/test_sensitivity_pass.py), plus a few tokens x width activations per
-    projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
+    A block stage holds the block's float32 weights, the 16-bit tensor being read and the
+    vjp's temporaries, but no weight gradient (:class:`_Probe`): 3x the float32 weights
+    (2.3x measured with 50 MB blocks, 4x with 12.6 MB ones, where fixed costs weigh more),
+    plus a few tokens x width activations per projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
     the logits with their gradient; the streamed sampler the 16-bit embedding and head and one
     block. Saved activations are every block's input for every sequence, or three blocks'
     worth when they live on disk.
@@ -158,7 +158,7 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     tokens = seq_len - 1
     widest = max((max(source.shapes[k][-2:]) for b in layout.blocks for k in b), default=1)
     largest = max(_nbytes32(source, b) for b in layout.blocks)
-    block = 4 * largest + 8 * 4 * tokens * widest
+    block = 3 * largest + 8 * 4 * tokens * widest
     head_key = layout.embedding if layout.tied else layout.head[0]
     head16 = _nbytes32(source, [head_key]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)  # a few float32 chunks of the head
@@ -254,6 +254,66 @@ class ChunkedHead:
         return dz.reshape(z.shape), squares, rows
 
 
+class _Probe(nn.Module):
+    """Stands where a linear layer stood during a block's backward: adds a zero
+    ``perturbation`` to its output, whose gradient is the output's gradient ``dy``, and keeps
+    its input ``x``. A linear layer's weight gradient is ``dy.T @ x``; its squares summed over
+    output rows are ``sum_t,t' (dy dy^T)[t,t'] x[t,j] x[t',j]``, computed from two (tokens x
+    tokens) and (tokens x in) products: the (out x in) gradient never exists."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self._linear = linear
+        self.perturbation: mx.array | None = None
+        self.inputs: mx.array | None = None
+
+    def zeros(self, x: mx.array) -> mx.array:
+        rows = self._linear.weight.shape[0]
+        return mx.zeros((*x.shape[:-1], rows), mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.inputs is not None:
+            raise NotStreamableError(
+                "a linear layer ran twice in one block; use --sensitivity-pass in-memory"
+            )
+        self.inputs = x
+        assert self.perturbation is not None
+        return self._linear(x) + self.perturbation
+
+    def column_squares(self, dy: mx.array) -> tuple[mx.array, int]:
+        """(the weight gradient's squares summed over rows, the number of rows)."""
+        assert self.inputs is not None
+        x = self.inputs.reshape(-1, self.inputs.shape[-1])
+        d = dy.reshape(-1, dy.shape[-1])
+        self.inputs = None
+        return (x * ((d @ d.T) @ x)).sum(axis=0), d.shape[-1]
+
+
+@contextmanager
+def _probes(block: nn.Module, rels: Sequence[str]) -> Iterator[tuple[dict[str, _Probe], list[str]]]:
+    """Probes in place of the block's plain linear layers among ``rels`` (weight paths); the
+    others (MoE expert stacks) keep their weight gradients. Yields (probes, other paths)."""
+    probes: dict[str, _Probe] = {}
+    stacks: list[str] = []
+    swapped = []
+    for rel in rels:
+        parent_path, _, name = rel[: -len(".weight")].rpartition(".")
+        parent = _attribute(block, parent_path) if parent_path else block
+        module = parent[name]
+        if type(module) is nn.Linear:
+            probe = _Probe(module)
+            probes[rel] = probe
+            swapped.append((parent, name, module))
+            parent[name] = probe
+        else:
+            stacks.append(rel)
+    try:
+        yield probes, stacks
+    finally:
+        for parent, name, module in swapped:
+            parent[name] = module
+
+
 class ActivationStore:
     """Each block's input for every sequence: in memory, or as .npy files in a temp directory."""
 
@@ -342,8 +402,11 @@ class BlockStream:
         block.update(tree_unflatten(weights))
 
     def unload_block(self, index: int) -> None:
-        """Put back the block's never-evaluated initial arrays: its weights are freed."""
+        """Put back the block's never-evaluated initial arrays: its weights are freed, and
+        MLX's buffer cache returns them to the system (else the next block's reads, of other
+        sizes, would add to them)."""
         self.originals[index].update(tree_unflatten(list(self._initial[index].items())))
+        mx.clear_cache()
 
     @contextmanager
     def captures(self, embedding_rows: mx.array | None) -> Iterator[None]:
@@ -517,31 +580,42 @@ def streamed_column_fisher(
         bar.update()
 
         # 4. backward through the blocks, last to first
+        def rel_to_key(block_index: int, rel: str) -> str:
+            return f"{layout.prefix}.{block_index}.{rel}"
+
         quantizable = set(keys)
         for b in reversed(range(len(layout.blocks))):
             stream.load_block(b)
             block = stream.originals[b]
             start = len(f"{layout.prefix}.{b}.")
             wanted = [k for k in layout.blocks[b] if k in quantizable]
-            rel = [k[start:] for k in wanted]
-            flat = dict(tree_flatten(block.parameters()))
-            weights = [flat[r] for r in rel]
             saved = store.get(b)
-            for i in range(n):
-                args, kwargs = block_args[i][b]
+            with _probes(block, [k[start:] for k in wanted]) as (probes, stacks):
+                flat = dict(tree_flatten(block.parameters()))
+                weights = [flat[r] for r in stacks]
+                for i in range(n):
+                    args, kwargs = block_args[i][b]
+                    zeros = [p.zeros(saved[i]) for p in probes.values()]
 
-                def block_out(x: mx.array, *ws: mx.array) -> mx.array:
-                    block.update(tree_unflatten(list(zip(rel, ws, strict=True))))  # noqa: B023
-                    return block(x, *args, **kwargs)  # noqa: B023
+                    def block_out(x: mx.array, *rest: mx.array) -> mx.array:
+                        for probe, z in zip(probes.values(), rest, strict=False):
+                            probe.perturbation = z
+                        ws = rest[len(probes) :]
+                        block.update(tree_unflatten(list(zip(stacks, ws, strict=True))))  # noqa: B023
+                        return block(x, *args, **kwargs)  # noqa: B023
 
-                _, grads = mx.vjp(block_out, [saved[i], *weights], [grads_out[i]])
-                grads_out[i] = grads[0]
-                t = labels[i].size
-                for key, g in zip(wanted, grads[1:], strict=True):
-                    sums.add(key, g, t)
-                mx.eval(grads_out[i], sums.arrays())
-            block.update(tree_unflatten(list(zip(rel, weights, strict=True))))
-            del saved, weights, flat
+                    _, grads = mx.vjp(block_out, [saved[i], *zeros, *weights], [grads_out[i]])
+                    grads_out[i] = grads[0]
+                    t = labels[i].size
+                    for (rel, probe), dy in zip(probes.items(), grads[1:], strict=False):
+                        squares, out_rows = probe.column_squares(dy)
+                        sums.add_row_sums(rel_to_key(b, rel), squares, out_rows, t)
+                    for rel, g in zip(stacks, grads[1 + len(probes) :], strict=True):
+                        sums.add(rel_to_key(b, rel), g, t)
+                    mx.eval(grads_out[i], sums.arrays())
+                block.update(tree_unflatten(list(zip(stacks, weights, strict=True))))
+                del weights, flat
+            del saved
             store.drop(b)
             stream.unload_block(b)
             bar.update()
