@@ -10,6 +10,11 @@
    tree sampled every 0.2 s from /proc (worker processes count).
 
     python benchmarks/scale.py --jobs 1
+
+``--sensitivity-only --max-memory 1.5GB`` runs the fisher objective's sensitivity pass alone
+(the default 8 x 256 self-sampled tokens) under that limit, as its own measured child process,
+and reports its wall time, peak RSS, the pass it chose and its FLOP rate beside this machine's
+float32 matmul rate measured in the same run (``scale-sensitivity.json`` / ``.md``).
 """
 
 from __future__ import annotations
@@ -153,6 +158,82 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, base: dict[str, Any] = CONF
     return out
 
 
+#: The child of ``--sensitivity-only``: the pass alone, timed inside the process.
+SENSITIVITY_CHILD = """
+import json, sys, time
+import mint_mlx
+from mint_mlx.calibrate import sensitivity
+from mint_mlx.sizes import parse_size
+from mint_mlx.source import open_source
+
+source = open_source(sys.argv[1])
+start = time.perf_counter()
+found = sensitivity(source, progress=True, max_memory=parse_size(sys.argv[2]))
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "choice": found.choice.describe(parse_size(sys.argv[2]))}))
+"""
+
+
+def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> dict[str, Any]:
+    """The sensitivity pass alone under ``max_memory``, cold, measured as a child process."""
+    from math import prod
+
+    from mint_mlx.blas import matmul_gflops, openblas_active
+    from mint_mlx.source import open_source
+
+    source = open_source(ckpt)
+    weights = sum(prod(t.shape) for t in source.quantizable if t.role != "embedding")
+    tokens = 8 * 255
+    env = dict(os.environ, MINT_MLX_CACHE=str(work / "sensitivity-cache"))
+    shutil.rmtree(work / "sensitivity-cache", ignore_errors=True)
+    gflops_machine = matmul_gflops(2048, 5)
+    cmd = [sys.executable, "-c", SENSITIVITY_CHILD, str(ckpt), max_memory]
+    r = run_measured(cmd, work / "sensitivity.log", env, sample_tree=True)
+    inner = json.loads(r["output_tail"].strip().splitlines()[-1])
+    flops = 8 * weights * tokens  # forward, backward, each block's forward again
+    state = {
+        "parameters": source.total_parameters,
+        "matmul_weights": weights,
+        "tokens": tokens,
+        "max_memory": max_memory,
+        "choice": inner["choice"],
+        "pass_seconds": inner["seconds"],
+        "wall_seconds": r["wall_seconds"],
+        "tree_rss_peak_mib": r["tree_rss_peak_mib"],
+        "peak_rss_mib": r["peak_rss_mib"],
+        "load_average_1min": r["load_average_1min"],
+        "pass_gflops_lower_bound": flops / inner["seconds"] / 1e9,
+        "fp32_matmul_gflops": gflops_machine,
+        "openblas": openblas_active(),
+        "command": f"python benchmarks/scale.py --sensitivity-only --max-memory {max_memory}",
+        "machine": platform.platform(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scale-sensitivity.json").write_text(json.dumps(state, indent=1))
+    lines = [
+        f"### Sensitivity pass alone: synthetic llama, {state['parameters']:,} parameters, "
+        f"--max-memory {max_memory}",
+        "",
+        f"`{state['command']}` on {state['machine']}, OpenBLAS {state['openblas']}.",
+        "",
+        f"- pass chosen: {state['choice']}",
+        f"- wall {state['wall_seconds']:.0f} s (sampling included), of which the pass "
+        f"{state['pass_seconds']:.0f} s; {tokens:,} tokens",
+        f"- peak RSS: {state['peak_rss_mib']:.0f} MiB (kernel, the process), "
+        f"{state['tree_rss_peak_mib']:.0f} MiB (process tree, sampled)",
+        f"- rate: at least {state['pass_gflops_lower_bound']:.1f} GFLOP/s "
+        f"(8 x {weights:,} matmul weights x tokens over the whole wall time of the call, "
+        f"sampling included) against {gflops_machine:.1f} GFLOP/s for a 2048^3 float32 "
+        "matmul measured in the same run",
+        f"- load average before / after: {r['load_average_1min'][0]:.1f} / "
+        f"{r['load_average_1min'][1]:.1f}",
+        "",
+    ]
+    (out_dir / "scale-sensitivity.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return state
+
+
 def markdown(state: dict[str, Any]) -> str:
     ck = state["checkpoint"]
     gb = ck["parameters"] / 1e9
@@ -193,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-stock", action="store_true", help="do not run mlx_lm convert")
     p.add_argument("--smoke", action="store_true", help="a ~30M-parameter model (a quick check)")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sensitivity-only", action="store_true", help="run the sensitivity pass alone")
+    p.add_argument("--max-memory", default="1.5GB", help="with --sensitivity-only")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
 
@@ -210,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # size at fork, so a parent grown by generating gigabytes would inflate every measurement.
     build = [sys.executable, __file__, "--build-only", "--work", str(work)]
     subprocess.run(build + (["--smoke"] if args.smoke else []), check=True)
+    if args.sensitivity_only:
+        sensitivity_only(ckpt, work, args.max_memory, args.out)
+        return 0
     info = json.loads((ckpt / "complete.json").read_text())
     info["shards"] = len(list(ckpt.glob("*.safetensors")))
     runs = []

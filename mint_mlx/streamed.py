@@ -61,8 +61,12 @@ STREAMABLE_ARCHITECTURES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral"}
 )
 
-#: Memory the process needs besides the pass's arrays (Python, MLX, mlx-lm, the source's index).
-RUNTIME_BYTES = 400 * 2**20
+#: Memory the process needs besides the pass's arrays (Python, MLX, mlx-lm, the source's
+#: index): twice the ~96 MB measured after opening a source on Linux.
+RUNTIME_BYTES = 200 * 2**20
+
+#: A block stage's costs that do not grow with the block (measured with small blocks).
+BLOCK_FIXED_BYTES = 32 * 2**20
 
 
 class NotStreamableError(MintError):
@@ -147,9 +151,10 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     """Estimated peak of the streamed pass and its sampler.
 
     A block stage holds the block's float32 weights, the 16-bit tensor being read and the
-    vjp's temporaries, but no weight gradient (:class:`_Probe`): 3x the float32 weights
-    (2.3x measured with 50 MB blocks, 4x with 12.6 MB ones, where fixed costs weigh more),
-    plus a few tokens x width activations per projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
+    vjp's temporaries, but no weight gradient (:class:`_Probe`): measured 2.0x the float32
+    weights for 403 MB blocks (8 x 255 tokens), 2.3x for 50 MB and 4x for 12.6 MB ones, where
+    fixed costs weigh more; estimated 2.5x plus :data:`BLOCK_FIXED_BYTES`, plus a few
+    tokens x width activations per projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
     the logits with their gradient; the streamed sampler the 16-bit embedding and head and one
     block. Saved activations are every block's input for every sequence, or three blocks'
     worth when they live on disk.
@@ -158,7 +163,7 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     tokens = seq_len - 1
     widest = max((max(source.shapes[k][-2:]) for b in layout.blocks for k in b), default=1)
     largest = max(_nbytes32(source, b) for b in layout.blocks)
-    block = 3 * largest + 8 * 4 * tokens * widest
+    block = int(2.5 * largest) + BLOCK_FIXED_BYTES + 8 * 4 * tokens * widest
     head_key = layout.embedding if layout.tied else layout.head[0]
     head16 = _nbytes32(source, [head_key]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)  # a few float32 chunks of the head

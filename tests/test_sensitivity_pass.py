@@ -87,7 +87,7 @@ def test_max_memory_below_the_minimum_is_one_line(
 ) -> None:
     out = tmp_path / "o"
     args = ["--hf-path", str(wide_llama), "--mlx-path", str(out), "--bpw", "4"]
-    code, _, err = run_cli([*args, "--max-memory", "300MB"], capsys)
+    code, _, err = run_cli([*args, "--max-memory", "100MB"], capsys)
     source = open_source(wide_llama)
     config = CalibrationConfig()
     minimum = streamed_memory(source, config.sequences, config.seq_len, True)
