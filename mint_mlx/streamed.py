@@ -103,6 +103,25 @@ def _attribute(module: nn.Module, path: str) -> Any:
     return obj
 
 
+def _owner(root: nn.Module, weight_key: str) -> tuple[nn.Module, str]:
+    """The parent module and attribute name of the module that owns ``weight_key``."""
+    parent_path, _, name = weight_key[: -len(".weight")].rpartition(".")
+    return (_attribute(root, parent_path) if parent_path else root), name
+
+
+@contextmanager
+def _standing_in(swaps: Sequence[tuple[nn.Module, str, nn.Module]]) -> Iterator[None]:
+    """Each (parent, name, stand-in): the stand-in replaces ``parent.name`` until exit."""
+    originals = [(parent, name, parent[name]) for parent, name, _ in swaps]
+    for parent, name, stand_in in swaps:
+        parent[name] = stand_in
+    try:
+        yield
+    finally:
+        for parent, name, original in originals:
+            parent[name] = original
+
+
 @dataclass(frozen=True)
 class StreamLayout:
     """Which weights belong to which stage, and the sizes that bound the pass's memory."""
@@ -110,7 +129,7 @@ class StreamLayout:
     prefix: str
     blocks: list[list[str]]  # weight keys of each block
     embedding: str  # the embedding's weight key
-    head: list[str]  # quantizable weights outside the blocks that the head uses
+    head: list[str]  # the output head's weight key (none when tied to the embedding)
     small: list[str]  # other weights outside the blocks (final norm, ...): kept resident
     tied: bool
     hidden: int
@@ -138,6 +157,11 @@ class StreamLayout:
         embedding = embeddings[0]
         quantizable = {t.key for t in source.quantizable}
         head = [k for k in rest if k in quantizable and k != embedding]
+        if len(head) != (0 if source.tied_embeddings else 1):
+            raise NotStreamableError(
+                f"{source.model_type} has no single output head ({head}); "
+                "use --sensitivity-pass in-memory"
+            )
         small = [k for k in rest if k not in quantizable and k != embedding]
         vocab, hidden = source.shapes[embedding][-2:]
         return cls(prefix, blocks, embedding, head, small, source.tied_embeddings, hidden, vocab)
@@ -300,23 +324,16 @@ def _probes(block: nn.Module, rels: Sequence[str]) -> Iterator[tuple[dict[str, _
     others (MoE expert stacks) keep their weight gradients. Yields (probes, other paths)."""
     probes: dict[str, _Probe] = {}
     stacks: list[str] = []
-    swapped = []
+    swaps = []
     for rel in rels:
-        parent_path, _, name = rel[: -len(".weight")].rpartition(".")
-        parent = _attribute(block, parent_path) if parent_path else block
-        module = parent[name]
-        if type(module) is nn.Linear:
-            probe = _Probe(module)
-            probes[rel] = probe
-            swapped.append((parent, name, module))
-            parent[name] = probe
+        parent, name = _owner(block, rel)
+        if type(parent[name]) is nn.Linear:
+            probes[rel] = _Probe(parent[name])
+            swaps.append((parent, name, probes[rel]))
         else:
             stacks.append(rel)
-    try:
+    with _standing_in(swaps):
         yield probes, stacks
-    finally:
-        for parent, name, module in swapped:
-            parent[name] = module
 
 
 class ActivationStore:
@@ -389,9 +406,8 @@ class BlockStream:
 
     def read(self, key: str) -> mx.array:
         """One source tensor in float32, read now and dropped from the source's cache."""
-        w = _float32(self.source.tensor(key))
+        w = _float32(self.read16(key))
         mx.eval(w)
-        self.source.release(key)
         return w
 
     def set_weights(self, keys: Sequence[str]) -> dict[str, mx.array]:
@@ -417,32 +433,23 @@ class BlockStream:
     def captures(self, embedding_rows: mx.array | None) -> Iterator[None]:
         """Put :class:`_Capture` where the embedding (looking up ``embedding_rows``) and, if
         it is separate, the output head stood; restore them after."""
-        paths = [self.layout.embedding]
-        if not self.layout.tied:
-            if len(self.layout.head) != 1:
-                raise NotStreamableError(
-                    f"{self.source.model_type} has no single output head "
-                    f"({self.layout.head}); use --sensitivity-pass in-memory"
-                )
-            paths.append(self.layout.head[0])
-        swapped = []
+        paths = [self.layout.embedding, *([] if self.layout.tied else self.layout.head)]
+        swaps = []
         for i, key in enumerate(paths):
-            parent_path, _, name = key[: -len(".weight")].rpartition(".")
-            parent = _attribute(self.model, parent_path) if parent_path else self.model
-            swapped.append((parent, name, parent[name]))
-            parent[name] = _Capture(embedding_rows if i == 0 else None)
-        try:
+            parent, name = _owner(self.model, key)
+            swaps.append((parent, name, _Capture(embedding_rows if i == 0 else None)))
+        with _standing_in(swaps):
             yield
-        finally:
-            for parent, name, original in swapped:
-                parent[name] = original
 
-    def head_weight(self) -> mx.array:
-        """The output head's 16-bit weight (the embedding's, when tied), read whole."""
-        key = self.layout.embedding if self.layout.tied else self.layout.head[0]
+    def read16(self, key: str) -> mx.array:
+        """One source tensor as stored (16-bit), read now and dropped from the source's cache."""
         weight = self.source.tensor(key)
         self.source.release(key)
         return weight
+
+    def head_weight(self) -> mx.array:
+        """The output head's 16-bit weight (the embedding's, when tied), read whole."""
+        return self.read16(self.layout.embedding if self.layout.tied else self.layout.head[0])
 
     # ------------------------------------------------------------------ the slots
 
@@ -681,8 +688,7 @@ def streamed_sample(
     per token."""
     with BlockStream(source) as stream:
         layout = stream.layout
-        embedding = source.tensor(layout.embedding)
-        source.release(layout.embedding)
+        embedding = stream.read16(layout.embedding)
         head = ChunkedHead(embedding if layout.tied else stream.head_weight())
         with stream.captures(embedding):
             lm = _StreamedLM(stream, head)
