@@ -177,8 +177,9 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     A block stage holds the block's float32 weights, the 16-bit tensor being read and the
     vjp's temporaries, but no weight gradient (:class:`_Probe`): measured 2.0x the float32
     weights for 403 MB blocks (8 x 255 tokens), 2.3x for 50 MB and 4x for 12.6 MB ones, where
-    fixed costs weigh more; estimated 2.5x plus :data:`BLOCK_FIXED_BYTES`, plus a few
-    tokens x width activations per projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
+    fixed costs weigh more; estimated 2.5x plus :data:`BLOCK_FIXED_BYTES`, plus the gradient of
+    any MoE expert stack (those are not probed), plus a few tokens x width activations per
+    projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
     the logits with their gradient; the streamed sampler the 16-bit embedding and head and one
     block. Saved activations are every block's input for every sequence, or three blocks'
     worth when they live on disk.
@@ -187,7 +188,11 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     tokens = seq_len - 1
     widest = max((max(source.shapes[k][-2:]) for b in layout.blocks for k in b), default=1)
     largest = max(_nbytes32(source, b) for b in layout.blocks)
-    block = int(2.5 * largest) + BLOCK_FIXED_BYTES + 8 * 4 * tokens * widest
+    # MoE expert stacks keep a weight gradient as large as themselves (no probe for them)
+    stacks = max(
+        _nbytes32(source, [k for k in b if len(source.shapes[k]) == 3]) for b in layout.blocks
+    )
+    block = int(2.5 * largest) + stacks + BLOCK_FIXED_BYTES + 8 * 4 * tokens * widest
     head_key = layout.embedding if layout.tied else layout.head[0]
     head16 = _nbytes32(source, [head_key]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)  # a few float32 chunks of the head
