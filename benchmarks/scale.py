@@ -190,7 +190,7 @@ def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> 
     cmd = [sys.executable, "-c", SENSITIVITY_CHILD, str(ckpt), max_memory]
     r = run_measured(cmd, work / "sensitivity.log", env, sample_tree=True)
     inner = json.loads(r["output_tail"].strip().splitlines()[-1])
-    flops = 8 * weights * tokens  # forward, backward, each block's forward again
+    flops = 6 * weights * tokens  # forward, its repeat in the backward walk, dL/dx (no dW)
     state = {
         "parameters": source.total_parameters,
         "matmul_weights": weights,
@@ -222,7 +222,7 @@ def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> 
         f"- peak RSS: {state['peak_rss_mib']:.0f} MiB (kernel, the process), "
         f"{state['tree_rss_peak_mib']:.0f} MiB (process tree, sampled)",
         f"- rate: at least {state['pass_gflops_lower_bound']:.1f} GFLOP/s "
-        f"(8 x {weights:,} matmul weights x tokens over the whole wall time of the call, "
+        f"(6 x {weights:,} matmul weights x tokens over the whole wall time of the call, "
         f"sampling included) against {gflops_machine:.1f} GFLOP/s for a 2048^3 float32 "
         "matmul measured in the same run",
         f"- load average before / after: {r['load_average_1min'][0]:.1f} / "

@@ -43,6 +43,7 @@ from .streamed import (
     streamed_column_fisher,
     streamed_memory,
     streamed_sample,
+    streamed_sampler_memory,
 )
 
 
@@ -160,7 +161,7 @@ class PassChoice:
     """How the sensitivity pass runs, and why that fits."""
 
     kind: str  # "in-memory" or "streamed"
-    sampler: str  # "in-memory" or "streamed": either samples the same tokens from the source
+    sampler: str  # "in-memory" or "streamed" (the same tokens either way), "none" for a text file
     activations_on_disk: bool
     need: int  # estimated peak bytes
 
@@ -207,15 +208,23 @@ def choose_pass(
             f"{', '.join(sorted(STREAMABLE_ARCHITECTURES))}); use --sensitivity-pass in-memory"
         )
     n, length = config.sequences, config.seq_len
+    if config.text_file:  # nothing to sample: the text is the user's
+        sampler, sampler_bytes = "none", 0
+    elif sampler_need(source) <= limit:
+        sampler, sampler_bytes = "in-memory", sampler_need(source)
+    else:
+        sampler, sampler_bytes = "streamed", streamed_sampler_memory(source, n, length)
     for on_disk in (False, True):
-        need = streamed_memory(source, n, length, on_disk)
+        need = max(streamed_memory(source, n, length, on_disk), sampler_bytes)
         if need <= limit:
-            sampler = "in-memory" if sampler_need(source) <= limit else "streamed"
             return PassChoice("streamed", sampler, on_disk, need)
+    least = max(
+        streamed_memory(source, n, length, True), streamed_sampler_memory(source, n, length)
+    )
     raise CalibrationMemoryError(
         f"--max-memory {format_size(limit)} is below the smallest the sensitivity pass can run "
-        f"in ({format_size(need, round_up=True)}: one block, the head and the activations); "
-        f"raise --max-memory to at least {format_size(need, round_up=True)}"
+        f"in ({format_size(least, round_up=True)}: one block, the head and the activations); "
+        f"raise --max-memory to at least {format_size(least, round_up=True)}"
     )
 
 

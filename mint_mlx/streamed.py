@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
@@ -172,7 +172,7 @@ def _nbytes32(source: Source, keys: Sequence[str]) -> int:
 
 
 def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on_disk: bool) -> int:
-    """Estimated peak of the streamed pass and its sampler.
+    """Estimated peak of the streamed pass (for its sampler: :func:`streamed_sampler_memory`).
 
     A block stage holds the block's float32 weights, the 16-bit tensor being read and the
     vjp's temporaries, but no weight gradient (:class:`_Probe`): measured 2.0x the float32
@@ -180,8 +180,7 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     fixed costs weigh more; estimated 2.5x plus :data:`BLOCK_FIXED_BYTES`, plus the gradient of
     any MoE expert stack (those are not probed), plus a few tokens x width activations per
     projection. The head stage holds the head's 16-bit weight, a few float32 chunks of it and
-    the logits with their gradient; the streamed sampler the 16-bit embedding and head and one
-    block. Saved activations are every block's input for every sequence, or three blocks'
+    the logits with their gradient. Saved activations are every block's input for every sequence, or three blocks'
     worth when they live on disk.
     """
     layout = StreamLayout.of(source)
@@ -197,11 +196,26 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
     head16 = _nbytes32(source, [head_key]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)  # a few float32 chunks of the head
     head = head16 + chunks + 4 * 4 * tokens * layout.vocab
-    embedding16 = 0 if layout.tied else _nbytes32(source, [layout.embedding]) // 2
-    sampler = embedding16 + head16 + chunks + 2 * largest
     one = 4 * sequences * tokens * layout.hidden
     saved = 3 * one if activations_on_disk else (len(layout.blocks) + 2) * one
-    return RUNTIME_BYTES + max(max(block, head) + saved, sampler)
+    return RUNTIME_BYTES + max(block, head) + saved
+
+
+def streamed_sampler_memory(source: Source, sequences: int, seq_len: int) -> int:
+    """Estimated peak of :func:`streamed_sample`: the 16-bit embedding, or one block, or the
+    16-bit head with a few float32 chunks of it (each read once per token, one at a time),
+    beside the KV cache (keys and values of every block, as wide as ``k_proj`` and ``v_proj``)."""
+    layout = StreamLayout.of(source)
+    largest = max(_nbytes32(source, b) for b in layout.blocks)
+    head16 = _nbytes32(source, [layout.embedding if layout.tied else layout.head[0]]) // 2
+    embedding16 = _nbytes32(source, [layout.embedding]) // 2
+    chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)
+    kv_width = sum(
+        source.shapes[k][-2] for k in layout.blocks[0] if re.search(r"[kv]_proj\.weight$", k)
+    )
+    kv = 4 * len(layout.blocks) * sequences * seq_len * (kv_width or 2 * layout.hidden)
+    block = int(1.5 * largest) + BLOCK_FIXED_BYTES  # float32 weights and one 16-bit read
+    return RUNTIME_BYTES + max(embedding16, block, head16 + chunks) + kv
 
 
 class _Slot:
@@ -220,6 +234,15 @@ class _Slot:
         return self._stream.on_block(self._index, x, args, kwargs)
 
 
+#: A weight, or how to read it each time it is needed (the streamed sampler keeps neither the
+#: embedding nor the head resident: it reads them once per token, like the blocks).
+Weight = mx.array | Callable[[], mx.array]
+
+
+def _weight(weight: Weight) -> mx.array:
+    return weight if isinstance(weight, mx.array) else weight()
+
+
 class _Capture(nn.Module):
     """Stands where the embedding or the output head stood. A lookup (integer ids) reads rows
     of ``weight`` (16-bit, or the float32 rows a stage loaded) as float32; a head call (a tied
@@ -227,13 +250,15 @@ class _Capture(nn.Module):
     that the head's matmul runs in row chunks (:class:`ChunkedHead`) instead of holding its
     float32 weight and gradient."""
 
-    def __init__(self, weight: mx.array | None) -> None:
+    def __init__(self, weight: Weight | None) -> None:
         super().__init__()
         self._rows = weight
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.issubdtype(x.dtype, mx.integer) and self._rows is not None:
-            return self._rows[x].astype(mx.float32)
+            rows = _weight(self._rows)[x].astype(mx.float32)
+            mx.eval(rows)  # now: a weight read for this call is dropped before any block loads
+            return rows
         raise _Stop(x)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -250,14 +275,14 @@ class ChunkedHead:
     gradient never exist whole. Chunking the vocabulary does not change any logit's sum (one
     dot product per logit), so logits equal the whole matmul's."""
 
-    def __init__(self, weight: mx.array) -> None:
+    def __init__(self, weight: Weight, hidden: int) -> None:
         self.weight = weight
-        hidden = weight.shape[-1]
         self.rows = max(1, HEAD_CHUNK_BYTES // (4 * hidden))
 
     def _chunks(self) -> Iterator[tuple[int, mx.array]]:
-        for start in range(0, self.weight.shape[0], self.rows):
-            yield start, self.weight[start : start + self.rows].astype(mx.float32)
+        weight = _weight(self.weight)
+        for start in range(0, weight.shape[0], self.rows):
+            yield start, weight[start : start + self.rows].astype(mx.float32)
 
     def logits(self, z: mx.array) -> mx.array:
         return mx.concatenate([z @ w.T for _, w in self._chunks()], axis=-1)
@@ -435,7 +460,7 @@ class BlockStream:
         mx.clear_cache()
 
     @contextmanager
-    def captures(self, embedding_rows: mx.array | None) -> Iterator[None]:
+    def captures(self, embedding_rows: Weight) -> Iterator[None]:
         """Put :class:`_Capture` where the embedding (looking up ``embedding_rows``) and, if
         it is separate, the output head stood; restore them after."""
         paths = [self.layout.embedding, *([] if self.layout.tied else self.layout.head)]
@@ -452,9 +477,10 @@ class BlockStream:
         self.source.release(key)
         return weight
 
-    def head_weight(self) -> mx.array:
-        """The output head's 16-bit weight (the embedding's, when tied), read whole."""
-        return self.read16(self.layout.embedding if self.layout.tied else self.layout.head[0])
+    @property
+    def head_key(self) -> str:
+        """The output head's weight key (the embedding's, when tied)."""
+        return self.layout.embedding if self.layout.tied else self.layout.head[0]
 
     # ------------------------------------------------------------------ the slots
 
@@ -560,7 +586,7 @@ def streamed_column_fisher(
 
         # 3. head: loss, head gradients, dL/dx_L (the head's matmul in row chunks)
         sums = FisherSums(keys)
-        head = ChunkedHead(stream.head_weight())
+        head = ChunkedHead(stream.read16(stream.head_key), layout.hidden)
         head_key = layout.embedding if layout.tied else layout.head[0]
         tied_rows: list[mx.array] = []
         tied_sums: list[mx.array] = []
@@ -693,8 +719,7 @@ def streamed_sample(
     per token."""
     with BlockStream(source) as stream:
         layout = stream.layout
-        embedding = stream.read16(layout.embedding)
-        head = ChunkedHead(embedding if layout.tied else stream.head_weight())
-        with stream.captures(embedding):
+        head = ChunkedHead(lambda: stream.read16(stream.head_key), layout.hidden)
+        with stream.captures(lambda: stream.read16(layout.embedding)):
             lm = _StreamedLM(stream, head)
             return sample_sequences(lm, start, sequences, length, seed, progress)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import mint_mlx.calibrate as calibrate_module
 from mint_mlx.calibrate import CalibrationConfig, choose_pass, in_memory_need, sensitivity
 from mint_mlx.convert import convert
 from mint_mlx.source import open_source
-from mint_mlx.streamed import RUNTIME_BYTES, streamed_memory
+from mint_mlx.streamed import RUNTIME_BYTES, streamed_memory, streamed_sampler_memory
 
 from test_convert import assert_one_line_error, run_cli
 from tiny_models import LLAMA_CONFIG, build_model_dir
@@ -72,9 +72,13 @@ def test_auto_streams_when_the_whole_model_does_not_fit(
     assert set(found.columns) == {t.key for t in source.quantizable}
 
 
-def test_activations_go_to_disk_before_the_pass_is_refused(wide_llama: Path) -> None:
+def test_activations_go_to_disk_before_the_pass_is_refused(
+    wide_llama: Path, tmp_path: Path
+) -> None:
     source = open_source(wide_llama)
-    config = CalibrationConfig()
+    text = tmp_path / "calib.txt"  # a user's text: no sampler to fit beside the pass
+    text.write_text("text " * 100)
+    config = CalibrationConfig(text_file=str(text))
     on_disk = streamed_memory(source, config.sequences, config.seq_len, True)
     choice = choose_pass(source, config, "auto", on_disk)
     assert choice.kind == "streamed" and choice.activations_on_disk
@@ -90,7 +94,10 @@ def test_max_memory_below_the_minimum_is_one_line(
     code, _, err = run_cli([*args, "--max-memory", "100MB"], capsys)
     source = open_source(wide_llama)
     config = CalibrationConfig()
-    minimum = streamed_memory(source, config.sequences, config.seq_len, True)
+    n, length = config.sequences, config.seq_len
+    minimum = max(
+        streamed_memory(source, n, length, True), streamed_sampler_memory(source, n, length)
+    )
     assert_one_line_error(code, err, "--max-memory", "raise --max-memory to at least")
     from mint_mlx.sizes import format_size
 
