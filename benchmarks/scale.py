@@ -166,16 +166,23 @@ from mint_mlx.calibrate import sensitivity
 from mint_mlx.sizes import parse_size
 from mint_mlx.source import open_source
 
+from mint_mlx.calibrate import CalibrationConfig
+
 source = open_source(sys.argv[1])
+text = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
+config = CalibrationConfig(sequences=int(sys.argv[3]), text_file=text)
 start = time.perf_counter()
-found = sensitivity(source, progress=True, max_memory=parse_size(sys.argv[2]))
+found = sensitivity(source, config, progress=True, max_memory=parse_size(sys.argv[2]))
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "choice": found.choice.describe(parse_size(sys.argv[2]))}))
 """
 
 
-def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> dict[str, Any]:
-    """The sensitivity pass alone under ``max_memory``, cold, measured as a child process."""
+def sensitivity_only(
+    ckpt: Path, work: Path, max_memory: str, out_dir: Path, sequences: int, text: Path | None
+) -> dict[str, Any]:
+    """The sensitivity pass alone under ``max_memory``, cold, measured as a child process:
+    ``sequences`` x 256 tokens, sampled by the model or read from ``text``."""
     from math import prod
 
     from mint_mlx.blas import matmul_gflops, openblas_active
@@ -183,11 +190,19 @@ def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> 
 
     source = open_source(ckpt)
     weights = sum(prod(t.shape) for t in source.quantizable if t.role != "embedding")
-    tokens = 8 * 255
+    tokens = sequences * 255
     env = dict(os.environ, MINT_MLX_CACHE=str(work / "sensitivity-cache"))
     shutil.rmtree(work / "sensitivity-cache", ignore_errors=True)
     gflops_machine = matmul_gflops(2048, 5)
-    cmd = [sys.executable, "-c", SENSITIVITY_CHILD, str(ckpt), max_memory]
+    cmd = [
+        sys.executable,
+        "-c",
+        SENSITIVITY_CHILD,
+        str(ckpt),
+        max_memory,
+        str(sequences),
+        str(text or ""),
+    ]
     r = run_measured(cmd, work / "sensitivity.log", env, sample_tree=True)
     inner = json.loads(r["output_tail"].strip().splitlines()[-1])
     flops = 6 * weights * tokens  # forward, its repeat in the backward walk, dL/dx (no dW)
@@ -205,7 +220,9 @@ def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> 
         "pass_gflops_lower_bound": flops / inner["seconds"] / 1e9,
         "fp32_matmul_gflops": gflops_machine,
         "openblas": openblas_active(),
-        "command": f"python benchmarks/scale.py --sensitivity-only --max-memory {max_memory}",
+        "text": "self-sampled" if text is None else text.name,
+        "command": f"python benchmarks/scale.py --sensitivity-only --max-memory {max_memory} "
+        f"--sequences {sequences}" + (" --tune-text" if text else ""),
         "machine": platform.platform(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,14 +233,15 @@ def sensitivity_only(ckpt: Path, work: Path, max_memory: str, out_dir: Path) -> 
         "",
         f"`{state['command']}` on {state['machine']}, OpenBLAS {state['openblas']}.",
         "",
-        f"- pass chosen: {state['choice']}",
-        f"- wall {state['wall_seconds']:.0f} s (sampling included), of which the pass "
+        f"- pass chosen: {state['choice']}; text: {state['text']}",
+        f"- wall {state['wall_seconds']:.0f} s (process start and calibration text included), "
+        "of which the pass "
         f"{state['pass_seconds']:.0f} s; {tokens:,} tokens",
         f"- peak RSS: {state['peak_rss_mib']:.0f} MiB (kernel, the process), "
         f"{state['tree_rss_peak_mib']:.0f} MiB (process tree, sampled)",
         f"- rate: at least {state['pass_gflops_lower_bound']:.1f} GFLOP/s "
-        f"(6 x {weights:,} matmul weights x tokens over the whole wall time of the call, "
-        f"sampling included) against {gflops_machine:.1f} GFLOP/s for a 2048^3 float32 "
+        f"(6 x {weights:,} matmul weights x tokens over the pass's seconds) against "
+        f"{gflops_machine:.1f} GFLOP/s for a 2048^3 float32 "
         "matmul measured in the same run",
         f"- load average before / after: {r['load_average_1min'][0]:.1f} / "
         f"{r['load_average_1min'][1]:.1f}",
@@ -276,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sensitivity-only", action="store_true", help="run the sensitivity pass alone")
     p.add_argument("--max-memory", default="1.5GB", help="with --sensitivity-only")
+    p.add_argument("--sequences", type=int, default=8, help="with --sensitivity-only")
+    p.add_argument(
+        "--tune-text",
+        action="store_true",
+        help="with --sensitivity-only: the wiki testbed's tune.txt instead of self-sampled text",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
 
@@ -294,7 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     build = [sys.executable, __file__, "--build-only", "--work", str(work)]
     subprocess.run(build + (["--smoke"] if args.smoke else []), check=True)
     if args.sensitivity_only:
-        sensitivity_only(ckpt, work, args.max_memory, args.out)
+        from mint_mlx.testbed import ensure_wiki_text
+
+        text = ensure_wiki_text() / "tune.txt" if args.tune_text else None
+        sensitivity_only(ckpt, work, args.max_memory, args.out, args.sequences, text)
         return 0
     info = json.loads((ckpt / "complete.json").read_text())
     info["shards"] = len(list(ckpt.glob("*.safetensors")))
