@@ -48,3 +48,12 @@ class DiskFullError(MintError):
 
 class HubError(MintError):
     """Downloading from or uploading to the Hugging Face hub failed."""
+
+
+class PathConflictError(MintError):
+    """An output would write into, replace or remove something the run reads or the user keeps
+    (see :mod:`mint_mlx.path_safety`)."""
+
+
+class NotWritableError(MintError):
+    """An output location cannot be written (permission denied, read-only file system)."""
