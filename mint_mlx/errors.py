@@ -57,3 +57,8 @@ class PathConflictError(MintError):
 
 class NotWritableError(MintError):
     """An output location cannot be written (permission denied, read-only file system)."""
+
+
+class SourceChangedError(SourceError):
+    """The source changed while it was being converted: its content no longer matches what was
+    analysed, so the output would not be the model the plan describes."""

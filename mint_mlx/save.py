@@ -80,11 +80,16 @@ def _arrays(
     scales: str = "rtn",
     columns: dict[str, mx.array] | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
-    """(name, array) in file order, one source tensor materialized at a time."""
+    """(name, array) in file order, one source tensor materialized at a time.
+
+    Each tensor is checked against the content hash the analysis used: a shard replaced while
+    the run was working fails the save instead of giving an output the plan does not describe.
+    """
     modules = collapse(plan_formats)
     for key in list(source.shapes):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         weight = source.tensor(key)
+        source.check_unchanged(key, weight)
         if module is not None and module in modules:
             yield from module_arrays(
                 module,
