@@ -353,6 +353,10 @@ def test_upload_calls_hub(
             calls.append(("create_repo", kw))
             return f"https://huggingface.co/{kw['repo_id']}"
 
+        def list_repo_tree(self, **kw):
+            calls.append(("list_repo_tree", kw))
+            return []  # a new, empty repo
+
         def upload_folder(self, **kw):
             calls.append(("upload_folder", kw))
             assert (Path(kw["folder_path"]) / "README.md").exists()
@@ -362,9 +366,9 @@ def test_upload_calls_hub(
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     result = convert(tiny_llama, tmp_path / "o", bpw=4.0, upload_repo="me/tiny-mint")
-    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert [c[0] for c in calls] == ["create_repo", "list_repo_tree", "upload_folder"]
     assert calls[0][1]["repo_id"] == "me/tiny-mint" and calls[0][1]["exist_ok"]
-    assert calls[1][1]["folder_path"] == str(tmp_path / "o")
+    assert calls[2][1]["folder_path"] == str(tmp_path / "o")
     assert result.url == "https://huggingface.co/me/tiny-mint"
 
 
