@@ -481,6 +481,37 @@ def test_plan_writes_neither_plot_nor_cache_into_the_source(src: Path) -> None:
         assert tree(src) == before
 
 
+def test_plan_png_in_a_missing_folder_is_one_line(src: Path, tmp_path: Path) -> None:
+    from mint_mlx.plan import main as plan_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = plan_main(
+            ["--hf-path", str(src), "--png", str(tmp_path / "no" / "such" / "c.png")]
+            + ["--objective", "nrmse", "--quiet", "--budgets", "200KB"]
+        )
+    one_line(code, err.getvalue(), "cannot write --png", "No such file or directory")
+
+
+def test_evaluate_cache_dir_that_cannot_be_written(
+    earlier: Path, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = evaluate.main(
+            ["--model", str(earlier), "--model", str(earlier), "--reference", str(tiny_llama)]
+            + ["--text", str(text), "--cache-dir", str(tmp_path / "cache")]
+        )
+    one_line(code, err.getvalue(), "cannot write --cache-dir", "permission denied")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_evaluate_cache_dir_may_not_be_inside_a_model(
     earlier: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
@@ -553,6 +584,27 @@ def test_testbed_out_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert code == 0, err
     assert (old / "manifest.json").read_text() == '{"files": {}}'
     assert leftovers(tmp_path) == []
+
+
+def test_two_processes_building_one_cached_testbed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ensure_testbed in two runs at once: the one that finishes second uses the first one's
+    testbed instead of failing (the swap refuses to replace it without --force)."""
+    calls: list[str] = []
+
+    def build(out: Path) -> None:
+        calls.append("build")
+        number = len(calls)
+        if number == 1:  # the other run builds and publishes while this one works
+            testbed.ensure_testbed("wiki-text")
+        (out / "manifest.json").write_text(f"build {number}")
+
+    monkeypatch.setattr(testbed, "_builder", lambda name, progress, **kw: build)
+    path = testbed.ensure_testbed("wiki-text")
+    assert calls == ["build", "build"]
+    assert (path / "manifest.json").read_text() == "build 2"  # the one finished first, kept
+    assert leftovers(path.parent) == []
 
 
 @pytest.mark.parametrize("command", ["evaluate", "generate", "selftest", "testbed"])
