@@ -140,12 +140,14 @@ def convert(
         raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
     source = open_source(hf_path)
     cache = Path(analysis).expanduser() if analysis else None
+    group = distributed_group()
+    writes = group is None or group.rank() == 0  # under mlx.launch only rank 0 writes files
     reads = check_run(  # before any work: nothing the run reads may be written or replaced
         source.path,
-        out=None if dry_run else out,
+        out=out if writes and not dry_run else None,
         force=force,
         calibration=calibration,
-        analysis=cache,
+        analysis=cache if writes else None,
         cache=cache_root(),
     )
     out_dtype = output_dtype(source, dtype)
