@@ -148,7 +148,7 @@ def convert(
         force=force,
         calibration=calibration,
         analysis=cache if writes else None,
-        cache=cache_root(),
+        cache=cache_root(create=False),
     )
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)

@@ -148,7 +148,7 @@ def plan(
         source.path,
         analysis=cache,
         written=[("--png", Path(png).expanduser())] if png is not None else [],
-        cache=cache_root(),
+        cache=cache_root(create=False),
     )
     out_dtype = output_dtype(source, dtype)
     prepared = prepare(

@@ -1331,7 +1331,7 @@ def build_gemma3(
 def _testbed_reads() -> list[Read]:
     """What a testbed build reads: the pinned wheels and the files extracted from them, in
     mint-mlx's cache directory (which may hold an ``--out``, but may not be replaced)."""
-    root = cache_root()
+    root = cache_root(create=False)
     return [
         Read(real(root / "wheels"), "the downloaded wheels"),
         Read(real(root / "sources"), "the testbed sources"),

@@ -168,6 +168,17 @@ def test_analysis_cache_may_not_be_written_into_the_source(src: Path, tmp_path: 
         assert tree(src) == before and not (tmp_path / "o").exists()
 
 
+def test_cache_folder_may_not_lie_inside_the_source(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default analysis cache, Fisher weights and remembered hashes go to MINT_MLX_CACHE."""
+    before = tree(src)
+    monkeypatch.setenv("MINT_MLX_CACHE", str(src / "cache"))
+    code, _, err = run(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), *CHEAP])
+    one_line(code, err, "MINT_MLX_CACHE", "lies inside the source model")
+    assert tree(src) == before
+
+
 def test_analysis_cache_may_not_be_the_calibration_text(src: Path, tmp_path: Path) -> None:
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox. " * 50)
