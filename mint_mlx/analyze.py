@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .errors import AnalysisCacheError
 from .experts import expert_infos, splits_per_expert
 from .formats import Format
+from .path_safety import writing
 from .paths import cache_root
 from .quantize import squared_error
 from .source import Source, TensorInfo
@@ -327,7 +328,10 @@ def analyze(
     curves: dict[str, RDCurve] = {}
 
     new_file = not path.exists() or path.stat().st_size == 0
-    with open(path, "a") if writer else open(os.devnull, "w") as f:
+    with (
+        writing("the analysis cache", path),
+        open(path, "a") if writer else open(os.devnull, "w") as f,
+    ):
         if new_file and writer:
             f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
 

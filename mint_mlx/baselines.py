@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -164,54 +163,56 @@ def build_baseline(
 
     Runs :func:`mlx_lm.convert.convert` in this process (its ``[INFO]`` prints are captured,
     library code does not print) into a staging directory renamed into place at the end, so an
-    interrupted build leaves nothing that looks complete. ``total_parameters`` (default: counted
+    interrupted build leaves nothing that looks complete. ``out`` may not overlap the source,
+    and ``force`` replaces it only if it is an earlier quantized model
+    (:mod:`mint_mlx.path_safety`). ``total_parameters`` (default: counted
     from the source by :func:`mint_mlx.source.open_source`) is the denominator of bits per weight.
     """
     from mlx_lm.convert import convert as mlx_convert
 
+    from .path_safety import source_reads, staged_output
+    from .source import resolve_path
+
     b = baseline_by_name(baseline) if isinstance(baseline, str) else baseline
     final = Path(out).expanduser()
-    if final.exists():
-        if not force:
-            raise BaselineError(f"{final} already exists; pass force=True to replace it")
-        shutil.rmtree(final)
-    staging = final.with_name(final.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not force:
+        raise BaselineError(f"{final} already exists; pass force=True to replace it")
+    reads = source_reads(resolve_path(hf_path))
     if total_parameters is None:
         from .source import open_source
 
         total_parameters = open_source(hf_path).total_parameters
     start = time.perf_counter()
-    try:
+    # mlx-lm's convert refuses an existing path: it writes into a fresh folder inside the
+    # staging directory, whose contents become the output once it is complete
+    with staged_output(final, force, reads, "out") as staging:
+        written = staging / "model"
         with contextlib.redirect_stdout(io.StringIO()):
             mlx_convert(
                 str(hf_path),
-                mlx_path=str(staging),
+                mlx_path=str(written),
                 quantize=True,
                 q_group_size=b.group_size,
                 q_bits=None if b.recipe else b.bits,  # as the CLI: the recipe sets bits
                 q_mode=b.mode,
                 quant_predicate=b.recipe,
             )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    staging.rename(final)
-    seconds = time.perf_counter() - start
-    quantized, left = float_layers(final)
-    result = BaselineModel(
-        name=b.name,
-        path=final,
-        total_bytes=safetensors_bytes(final),
-        total_parameters=total_parameters,
-        quantized_layers=quantized,
-        float_layers=left,
-        seconds=seconds,
-        command=f"{b.command} --hf-path {hf_path} --mlx-path {final.name}",
-    )
-    (final / "baseline.json").write_text(json.dumps(result.to_json(), indent=1))
+        for item in written.iterdir():
+            item.rename(staging / item.name)
+        written.rmdir()
+        seconds = time.perf_counter() - start
+        quantized, left = float_layers(staging)
+        result = BaselineModel(
+            name=b.name,
+            path=final,
+            total_bytes=safetensors_bytes(staging),
+            total_parameters=total_parameters,
+            quantized_layers=quantized,
+            float_layers=left,
+            seconds=seconds,
+            command=f"{b.command} --hf-path {hf_path} --mlx-path {final.name}",
+        )
+        (staging / "baseline.json").write_text(json.dumps(result.to_json(), indent=1))
     return result
 
 

@@ -14,16 +14,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from .calibrate import add_sensitivity_arguments
-from .errors import BudgetError, DiskFullError, MintError, OutputExistsError
+from .errors import BudgetError, DiskFullError, MintError
 from .formats import FORMAT_SETS
 from .layout import MAX_SHARD_BYTES
 from .memory import peak_rss, resolve_max_memory
 from .parallel import default_jobs, distributed_group
+from .path_safety import check_run, not_writable
+from .paths import cache_root
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
@@ -77,6 +80,7 @@ class ConvertResult:
     analysis: Path | None
     url: str | None = None
     rank: int = 0  # under mlx.launch: only rank 0 prints and saves
+    replaced: str | None = None  # what --force replaced at ``path`` ("a mint-mlx output")
 
 
 def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
@@ -133,10 +137,7 @@ def convert(
     subclasses for anything the user can fix.
     """
     out = Path(mlx_path).expanduser()
-    if out.exists() and not force and not dry_run:
-        raise OutputExistsError(
-            f"output directory {out} already exists; pass --force to replace it"
-        )
+    _saved.clear()
     if calibration is not None and not Path(calibration).is_file():
         raise MintError(f"calibration file {calibration} does not exist; pass a text file")
     if scales is None:  # the paper's method is round-to-nearest; ours fits scales
@@ -144,9 +145,19 @@ def convert(
     if scales not in SCALE_METHODS:
         raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
     source = open_source(hf_path)
+    cache = Path(analysis).expanduser() if analysis else None
+    group = distributed_group()
+    writes = group is None or group.rank() == 0  # under mlx.launch only rank 0 writes files
+    reads = check_run(  # before any work: nothing the run reads may be written or replaced
+        source.path,
+        out=out if writes and not dry_run else None,
+        force=force,
+        calibration=calibration,
+        analysis=cache if writes else None,
+        cache=cache_root(create=False),
+    )
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)
-    cache = Path(analysis).expanduser() if analysis else None
     prepared = prepare(
         source,
         out_dtype,
@@ -179,7 +190,7 @@ def convert(
     )
     check_free_space(out, plan.total_bytes)
     try:
-        with staging_dir(out, force) as tmp:
+        with staging_dir(out, force, reads, _published) as tmp:
             card_figures(prepared, plan, tmp, out.name)
             save_model_dir(
                 source,
@@ -192,6 +203,9 @@ def convert(
                 columns=prepared.columns,
             )
     except OSError as e:
+        refused = not_writable(e, "--mlx-path", out)
+        if refused is not None:
+            raise refused from e
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"no space left on the device of {out.parent} while saving (the model needs "
@@ -199,17 +213,23 @@ def convert(
                 "re-run: the analysis is cached"
             ) from e
         raise
-    _saved["path"] = out.resolve()
     url = None
     if upload_repo:
         from .hub import upload
 
         url = upload(out, upload_repo)
-    return ConvertResult(plan, out, prepared.cache, url)
+    return ConvertResult(plan, out, prepared.cache, url, replaced=_saved.get("replaced"))
 
 
-#: The output this process finished saving (a Ctrl-C after it interrupts only the upload).
-_saved: dict[str, Path] = {}
+#: The output this process finished saving (a Ctrl-C after it interrupts only the upload), and
+#: what it replaced. Set the moment the output is renamed into place.
+_saved: dict[str, Any] = {}
+
+
+def _published(out: Path, replaced: str | None) -> None:
+    _saved["path"] = out.resolve()
+    _saved["replaced"] = replaced
+
 
 #: Room kept free beyond the weights: config, tokenizer, card and its figures.
 SPACE_MARGIN = 64 * 2**20
@@ -263,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan, write only the analysis cache"
     )
     p.add_argument("--analysis", help="analysis cache file (default: in ~/.cache/mint_mlx)")
-    p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --mlx-path if it is an earlier output (never a source or other files)",
+    )
     p.add_argument("--upload-repo", help="hub repo (org/name) to upload the result to")
     p.add_argument(
         "--jobs",
@@ -324,9 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.upload_repo and _saved.get("path") == out.resolve():
             print(
                 f"error: interrupted during the upload; {out} is saved, resume with "
-                f"python -m mint_mlx.hub {out} --repo {args.upload_repo}",
+                f"python -m mint_mlx.hub {shlex.quote(str(out))} --repo {args.upload_repo}",
                 file=sys.stderr,
             )
+        elif _saved.get("path") == out.resolve():
+            print(f"error: interrupted; {out} was already saved complete", file=sys.stderr)
         else:
             print(
                 "error: interrupted; no output was written (the analysis cache is kept)",
@@ -336,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.rank != 0:
         return 0  # mlx.launch worker rank: rank 0 reports
     print_plan(result.plan)
+    if result.replaced is not None:
+        print(f"replaced {result.path} ({result.replaced}, as --force asked)")
     if result.path is not None:
         print(f"saved {result.path}")
     if result.url:

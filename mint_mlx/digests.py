@@ -71,3 +71,10 @@ class DigestMemo:
         tmp.write_text(json.dumps({"signature": self.signature, "digests": self.digests}))
         tmp.replace(self.path)
         self._dirty = False
+
+    def forget(self) -> None:
+        """Drop every remembered hash, on disk too: found wrong (a shard changed while keeping
+        its size and date), so the next run hashes from the data again."""
+        self.digests = {}
+        self._dirty = False
+        self.path.unlink(missing_ok=True)

@@ -48,3 +48,17 @@ class DiskFullError(MintError):
 
 class HubError(MintError):
     """Downloading from or uploading to the Hugging Face hub failed."""
+
+
+class PathConflictError(MintError):
+    """An output would write into, replace or remove something the run reads or the user keeps
+    (see :mod:`mint_mlx.path_safety`)."""
+
+
+class NotWritableError(MintError):
+    """An output location cannot be written (permission denied, read-only file system)."""
+
+
+class SourceChangedError(SourceError):
+    """The source changed while it was being converted: its content no longer matches what was
+    analysed, so the output would not be the model the plan describes."""

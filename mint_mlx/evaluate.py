@@ -624,6 +624,7 @@ def build_reference_cache(
     body = _read_text(text)
     backend = resolve_backend(backend)
     ref_path = _check_model_dir(reference)
+    check_cache_dir(Path(directory).expanduser(), [ref_path], text)
     key = _fingerprint(ref_path, body, tokens, seq_len, backend)
     final = Path(directory).expanduser() / key
     cached = _load_reference_cache(final)
@@ -790,6 +791,20 @@ def evaluate_cached(
     return result
 
 
+def check_cache_dir(
+    directory: Path, models: Sequence[str | Path], text: str | Path | None = None
+) -> None:
+    """Refuse a reference cache directory that is, or lies inside, a model or the text file
+    it reads: the cache writes (and removes incomplete) ``<directory>/<fingerprint>/``."""
+    from .path_safety import Read, check_output_file, check_writable, real
+
+    reads = [Read(real(m), "the model") for m in models]
+    if isinstance(text, Path):
+        reads.append(Read(real(text), "the text file"))
+    check_output_file(directory, reads, "--cache-dir", directory=True)
+    check_writable(directory / "x", "--cache-dir")
+
+
 def evaluate_many(
     models: Sequence[str | Path],
     reference: str | Path,
@@ -810,7 +825,14 @@ def evaluate_many(
     """
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="mint-ref-") as tmp:
+    if cache_dir is not None:
+        check_cache_dir(Path(cache_dir).expanduser(), [*models, reference], text)
+    from .path_safety import writing
+
+    with (
+        tempfile.TemporaryDirectory(prefix="mint-ref-") as tmp,
+        writing("the reference cache in", Path(cache_dir or tmp)),
+    ):
         cache = build_reference_cache(
             reference,
             text,
@@ -907,6 +929,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; nothing was written but the reference cache, which a re-run "
+            "with the same --cache-dir rebuilds if it is incomplete",
+            file=sys.stderr,
+        )
+        return 2
     if args.json:
         out = [r.to_json() for r in results]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))

@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # generation writes nothing: there is nothing to clean up
+        print("error: interrupted", file=sys.stderr)
+        return 2
     finally:
         sys.argv, mlx_generate.load = saved_argv, saved_load
     return 0

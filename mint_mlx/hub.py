@@ -18,6 +18,15 @@ Three things make an upload of a multi-gigabyte model dependable:
   huggingface_hub 2.x removed it because ``upload_folder`` itself now commits large folders in
   batches and resumes on a re-run (with ``hf_xet``, a dependency), so there we call that.
 
+* **A repo that holds another model is never overwritten by accident.** Before uploading, the
+  repo's files are listed: if it holds a model (``config.json`` or ``.safetensors``) whose
+  ``.safetensors`` and ``.json`` files are not byte-identical to ours (by the hub's own sha256
+  for LFS files and git blob id for the rest, compared with hashes of the local files), the
+  upload is refused unless ``overwrite`` (``--overwrite-repo``) is given; then the old model's
+  files that ours lacks are deleted too, so the repo never holds a mix of two models. An empty
+  repo, a re-upload of the same model and the resumption of an interrupted upload (a subset of
+  the same files) go ahead.
+
 The resume state directory is harmless to the rest of mint-mlx: huggingface_hub never uploads it
 (``.cache/huggingface`` is in its default ignore patterns), mlx-lm and our loaders read only
 top-level files, :func:`check_uploadable` ignores it, and ``convert --force`` replaces the whole
@@ -28,8 +37,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
+import hashlib
 import importlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptShardError, HubError, MintError
+from .path_safety import OLD_MARKER, TMP_MARKER
 from .safetensors_io import read_header
 
 #: Above this many bytes in the folder, use the resumable large-folder upload.
@@ -52,8 +65,9 @@ MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 300.0
 #: Where ``upload_large_folder`` keeps its resume state, inside the uploaded folder.
 UPLOAD_STATE_DIR = ".cache/huggingface"
-#: Name fragments of :func:`mint_mlx.save.staging_dir`'s temporary and replaced directories.
-STAGING_MARKERS = (".mint-tmp-", ".mint-old-")
+#: Name fragments of :func:`mint_mlx.path_safety.staged_output`'s temporary and replaced
+#: directories.
+STAGING_MARKERS = (TMP_MARKER, OLD_MARKER)
 #: Socket errors worth another try (unreachable network, reset, refused, DNS "try again").
 TRANSIENT_ERRNOS = frozenset(
     {
@@ -78,6 +92,10 @@ _TRANSPORT_ERRORS = (
 )
 INDEX_FILE = "model.safetensors.index.json"
 PLAN_FILE = "mint_plan.json"
+#: Remote files that must be identical to ours for an upload to go ahead without overwrite.
+MODEL_SUFFIXES = (".safetensors", ".json")
+#: The hub creates it in every repo; it is never deleted.
+GITATTRIBUTES = ".gitattributes"
 
 
 def _one_line(text: object, limit: int = 200) -> str:
@@ -210,6 +228,70 @@ def folder_size(directory: Path) -> tuple[int, int]:
     return total, files
 
 
+# --- what the repo already holds ---------------------------------------------------------------
+
+
+def _file_hash(path: Path, h: Any, prefix: bytes = b"") -> str:
+    h.update(prefix)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return str(h.hexdigest())
+
+
+def same_content(local: Path, remote: Any) -> bool:
+    """Whether the local file holds exactly the remote one (an ``huggingface_hub.RepoFile``):
+    size, then the sha256 the hub keeps for LFS files or the git blob id of the others."""
+    if not local.is_file() or local.stat().st_size != remote.size:
+        return False
+    sha256 = getattr(getattr(remote, "lfs", None), "sha256", None)
+    if sha256:
+        return _file_hash(local, hashlib.sha256()) == sha256
+    blob = f"blob {remote.size}\0".encode()  # git's object header
+    return _file_hash(local, hashlib.sha1(), blob) == remote.blob_id
+
+
+def stale_remote_files(
+    directory: Path, remote: Sequence[Any], repo_id: str, overwrite: bool, rerun: str
+) -> list[str]:
+    """Refuse a repo that holds a different model unless ``overwrite``; return the remote files
+    to delete with the upload (those of a different model that ours lacks).
+
+    ``remote`` lists the repo's files (``RepoFile``: path, size, blob id, LFS sha256). It holds a
+    model if any is ``config.json`` or ``.safetensors``; that model is ours if every remote
+    ``.safetensors`` and ``.json`` file is byte-identical to the local file of that name (a
+    finished or interrupted upload of the same folder).
+    """
+    if not any(f.path == "config.json" or f.path.endswith(".safetensors") for f in remote):
+        return []
+    differs = next(
+        (
+            f.path
+            for f in sorted(remote, key=lambda f: str(f.path))
+            if f.path.endswith(MODEL_SUFFIXES) and not same_content(directory / f.path, f)
+        ),
+        None,
+    )
+    if differs is None:
+        return []
+    if not overwrite:
+        where = "differs from ours" if (directory / differs).is_file() else "is not in ours"
+        raise HubError(
+            f"refusing to upload {directory} to {repo_id}: the repo already holds a different "
+            f"model (its {differs} {where}); pick another repo, or replace that model with "
+            f"`{rerun} --overwrite-repo`"
+        )
+    return sorted(
+        f.path for f in remote if f.path != GITATTRIBUTES and not (directory / f.path).is_file()
+    )
+
+
+def _list_files(api: Any, repo_id: str) -> list[Any]:
+    """The repo's files (folders left out)."""
+    entries = api.list_repo_tree(repo_id=repo_id, recursive=True, repo_type="model")
+    return [e for e in entries if hasattr(e, "blob_id")]
+
+
 # --- which failures are worth a retry ----------------------------------------------------------
 
 
@@ -326,8 +408,12 @@ def upload(
     max_backoff_s: float = MAX_BACKOFF_S,
     sleep: Callable[[float], None] = time.sleep,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> str:
     """Check ``directory``, create ``repo_id`` (if needed), upload it; return the repo URL.
+
+    A repo that already holds a different model is refused unless ``overwrite``, which then
+    replaces that model entirely (:func:`stale_remote_files`).
 
     ``api`` is an ``huggingface_hub.HfApi`` (injectable so tests can stand in for the hub), as
     is ``sleep`` (the backoff waits). Folders above ``large_bytes`` or ``large_files`` go through
@@ -337,9 +423,8 @@ def upload(
     """
     directory = Path(directory).expanduser()
     check_uploadable(directory)
-    rerun = f"python -m mint_mlx.hub {directory} --repo {repo_id}" + (
-        " --private" if private else ""
-    )
+    rerun = f"python -m mint_mlx.hub {shlex.quote(str(directory))} --repo {repo_id}"
+    rerun += (" --private" if private else "") + (" --overwrite-repo" if overwrite else "")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -351,6 +436,8 @@ def upload(
     url = retried(
         lambda: api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     )
+    remote = retried(lambda: _list_files(api, repo_id))
+    stale = stale_remote_files(directory, remote, repo_id, overwrite, rerun)
     nbytes, nfiles = folder_size(directory)
     if (nbytes > large_bytes or nfiles > large_files) and hasattr(api, "upload_large_folder"):
         retried(
@@ -362,16 +449,32 @@ def upload(
                 print_report=progress,
             )
         )
+        if stale:
+            retried(lambda: _delete(api, repo_id, stale))
     else:
+        extra = {"delete_patterns": [glob.escape(p) for p in stale]} if stale else {}
         retried(
             lambda: api.upload_folder(
                 folder_path=str(directory),
                 repo_id=repo_id,
                 repo_type="model",
                 commit_message="Upload mint-mlx quantized model",
+                **extra,
             )
         )
     return str(url)
+
+
+def _delete(api: Any, repo_id: str, paths: Sequence[str]) -> Any:
+    """One commit deleting ``paths`` (the replaced model's files that ours lacks)."""
+    from huggingface_hub import CommitOperationDelete
+
+    return api.create_commit(
+        repo_id=repo_id,
+        repo_type="model",
+        operations=[CommitOperationDelete(path_in_repo=p) for p in paths],
+        commit_message="Remove files of the model replaced by mint-mlx's upload",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,13 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", required=True, help="hub repo to create or update: ORG/NAME")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--quiet", action="store_true", help="no progress report for large uploads")
+    p.add_argument(
+        "--overwrite-repo",
+        action="store_true",
+        help="replace a different model the repo already holds (its other files are deleted)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        url = upload(args.directory, args.repo, private=args.private, progress=not args.quiet)
+        url = upload(
+            args.directory,
+            args.repo,
+            private=args.private,
+            progress=not args.quiet,
+            overwrite=args.overwrite_repo,
+        )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

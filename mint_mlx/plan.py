@@ -22,6 +22,8 @@ from .errors import MintError
 from .formats import COMPACT, FORMAT_SETS
 from .memory import resolve_max_memory
 from .parallel import default_jobs
+from .path_safety import check_run
+from .paths import cache_root
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .sizes import format_size, parse_size
@@ -145,6 +147,13 @@ def plan(
     from .convert import output_dtype
 
     source = open_source(hf_path)
+    cache = Path(analysis).expanduser() if analysis else None
+    check_run(  # before any work: the cache and the plot may not be written into the source
+        source.path,
+        analysis=cache,
+        written=[("--png", Path(png).expanduser())] if png is not None else [],
+        cache=cache_root(create=False),
+    )
     out_dtype = output_dtype(source, dtype)
     prepared = prepare(
         source,
@@ -152,7 +161,7 @@ def plan(
         objective=objective,
         scales=scales or ("rtn" if objective == "paper" else "optimized"),
         min_sqnr=min_sqnr,
-        analysis=Path(analysis) if analysis else None,
+        analysis=cache,
         progress=progress,
         jobs=jobs,
         formats=formats,
@@ -184,13 +193,19 @@ def plan(
         chosen = None
         if report.fit_point is not None:
             chosen = (report.fit_point.bits_per_weight, _quality(report.fit_point))
-        size_quality_curve(
-            [(p.bits_per_weight, _quality(p)) for p in report.points],
-            Path(png),
-            chosen=chosen,
-            title=f"{Path(str(hf_path)).name}: size vs predicted quality",
-            ylabel=_quality_label(objective),
-        )
+        try:
+            size_quality_curve(
+                [(p.bits_per_weight, _quality(p)) for p in report.points],
+                Path(png).expanduser(),
+                chosen=chosen,
+                title=f"{Path(str(hf_path)).name}: size vs predicted quality",
+                ylabel=_quality_label(objective),
+            )
+        except OSError as e:  # no such folder, permission denied, read-only, disk full
+            raise MintError(
+                f"cannot write --png {png} ({e.strerror or type(e).__name__}); pick a path in a "
+                "folder you can write to (the analysis is cached)"
+            ) from e
     return report
 
 

@@ -11,9 +11,14 @@ from .formats import format_by_name
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
+    # a model named in a script the font lacks (CJK, ...) gets boxes in the title, not a
+    # warning on the user's terminal: library code does not print
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
     import matplotlib.pyplot as plt
 
     return plt

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,10 +20,11 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .allocate import Plan
-from .errors import OutputExistsError, SaveCheckError
+from .errors import SaveCheckError
 from .experts import collapse, module_arrays, module_entry, needs_mint
 from .formats import Format, format_from_entry
 from .layout import MAX_SHARD_BYTES, output_layout, passthrough_dtype, total_file_bytes
+from .path_safety import Read, staged_output
 from .safetensors_io import ShardLayout, ShardWriter, read_header
 from .source import Source, copy_support_files
 
@@ -82,11 +80,16 @@ def _arrays(
     scales: str = "rtn",
     columns: dict[str, mx.array] | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
-    """(name, array) in file order, one source tensor materialized at a time."""
+    """(name, array) in file order, one source tensor materialized at a time.
+
+    Each tensor is checked against the content hash the analysis used: a shard replaced while
+    the run was working fails the save instead of giving an output the plan does not describe.
+    """
     modules = collapse(plan_formats)
     for key in list(source.shapes):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         weight = source.tensor(key)
+        source.check_unchanged(key, weight)
         if module is not None and module in modules:
             yield from module_arrays(
                 module,
@@ -211,32 +214,20 @@ def verify_saved(directory: Path, plan: Plan) -> None:
             raise SaveCheckError(f"{path} was planned in 16-bit but loads quantized")
 
 
-@contextlib.contextmanager
-def staging_dir(out: Path, force: bool) -> Iterator[Path]:
+def staging_dir(
+    out: Path,
+    force: bool,
+    reads: Sequence[Read] = (),
+    published: Callable[[Path, str | None], None] | None = None,
+) -> contextlib.AbstractContextManager[Path]:
     """A temporary directory next to ``out`` that replaces ``out`` only if the block succeeds.
 
     On any exception (Ctrl-C included) the temporary directory is removed and ``out`` is left
-    as it was. ``force`` allows replacing an existing ``out``.
+    as it was. ``out`` may not overlap anything in ``reads``; ``force`` allows replacing an
+    existing ``out`` only if it is an earlier model output (:mod:`mint_mlx.path_safety`).
+    ``published`` is told ``(out, what was replaced)`` the moment the new output is in place.
     """
-    out = out.resolve()
-    if out.exists() and not force:
-        raise OutputExistsError(
-            f"output directory {out} already exists; pass --force to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mint-tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.mint-old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return staged_output(out, force, reads, published=published)
 
 
 def save_model_dir(

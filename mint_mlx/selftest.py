@@ -243,7 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--emulate", action="store_true", help="use the CPU emulator even where Metal is available"
     )
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # compiled kernels are cached by atomic renames: nothing half-made
+        print("error: interrupted; the checks printed above are all that ran", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
+    """Check every kernel on the Metal GPU, or in the CPU emulator; 1 if any check failed."""
     if mx.metal.is_available() and not args.emulate:
         info = mx.metal.device_info() if hasattr(mx.metal, "device_info") else {}
         print(f"Metal GPU: {info.get('device_name', 'available')}", flush=True)

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .digests import DigestMemo, tensor_digest
-from .errors import HubError, SourceError, UnsupportedModelError
+from .errors import HubError, SourceChangedError, SourceError, UnsupportedModelError
 from .formats import Format, format_from_entry
 from .safetensors_io import read_header
 
@@ -132,7 +132,10 @@ class Source:
         """Lazily re-open the shards after :meth:`release` (a second pass, e.g. save after analyse)."""
         weights: dict[str, mx.array] = {}
         for f in self.shard_files:
-            loaded = mx.load(str(f))
+            try:
+                loaded = mx.load(str(f))
+            except Exception as e:  # noqa: BLE001 - replaced by a damaged file, or removed
+                raise self._changed(f"{f.name} can no longer be read ({_one_line(e)})") from e
             assert isinstance(loaded, dict)
             weights.update(loaded)
         # sanitize may change the model it is called on (gemma3 drops its lm_head when tied),
@@ -140,7 +143,27 @@ class Source:
         model = _build_model(self.config)
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
+        for k, shape in self.shapes.items():
+            if k not in weights or tuple(weights[k].shape) != shape:
+                raise self._changed(f"tensor {k} is gone or has another shape")
         self.weights = weights
+
+    def _changed(self, what: str) -> SourceChangedError:
+        return SourceChangedError(
+            f"the source {self.path} changed while it was being converted ({what}); "
+            "re-run once it is complete and unchanging (the analysis of unchanged tensors is cached)"
+        )
+
+    def check_unchanged(self, key: str, array: mx.array) -> None:
+        """Refuse a tensor whose content is not what the analysis hashed (and measured): a
+        shard replaced mid-run, even keeping its size and date, would otherwise give an output
+        the plan does not describe. A tensor with no known hash is not checked. On a mismatch
+        the remembered hashes are dropped, so the re-run hashes from the data."""
+        known = self.digest_memo.get(key)
+        if known is None or tensor_digest(array) == known:
+            return
+        self.digest_memo.forget()
+        raise self._changed(f"tensor {key} differs from the one analysed")
 
     def release(self, key: str) -> None:
         """Drop a tensor after use so that memory stays bounded by a few tensors."""

@@ -40,7 +40,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MintError, OutputExistsError
+from .path_safety import Read, real, staged_output, testbed_output_kind, writing
 from .paths import cache_root
 
 
@@ -1328,26 +1328,28 @@ def build_gemma3(
     )
 
 
+def _testbed_reads() -> list[Read]:
+    """What a testbed build reads: the pinned wheels and the files extracted from them, in
+    mint-mlx's cache directory (which may hold an ``--out``, but may not be replaced)."""
+    root = cache_root(create=False)
+    return [
+        Read(real(root / "wheels"), "the downloaded wheels"),
+        Read(real(root / "sources"), "the testbed sources"),
+        Read(real(root), "mint-mlx's cache directory", may_hold_outputs=True),
+    ]
+
+
 def _build_atomically(final: Path, build: Callable[[Path], Any], force: bool = False) -> Path:
-    """Build into a temporary sibling of ``final`` and rename it into place at the end."""
-    if final.exists():
-        if not force:
-            raise OutputExistsError(f"{final} exists; remove it or pass --force")
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
+    """Build into a temporary sibling of ``final`` and rename it into place at the end
+    (:func:`mint_mlx.path_safety.staged_output`): ``final`` may not overlap what the build
+    reads, and ``force`` replaces it only if it is an earlier testbed, only once the new one is
+    complete."""
+    with (
+        staged_output(final, force, _testbed_reads(), "--out", testbed_output_kind) as tmp,
+        writing("--out", final),
+    ):
+        tmp.chmod(0o755)
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.exists():
-                raise
-            shutil.rmtree(tmp)  # someone else finished first; theirs is as good as ours
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -1378,8 +1380,13 @@ def ensure_testbed(name: str, progress: bool = False) -> Path:
     if _complete(final):
         return final
     if final.exists():
-        shutil.rmtree(final)  # an incomplete leftover
-    return _build_atomically(final, builder)
+        shutil.rmtree(final)  # an incomplete leftover in our own cache
+    try:
+        return _build_atomically(final, builder)
+    except OutputExistsError:
+        if _complete(final):
+            return final  # another process finished first; theirs is as good as ours
+        raise
 
 
 def ensure_wiki_text() -> Path:
@@ -1417,6 +1424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no testbed was written (downloads are kept)", file=sys.stderr)
+        return 2
     print(path)
     meta_file = path / ("manifest.json" if args.name == "wiki-text" else "testbed.json")
     meta = json.loads(meta_file.read_text())

@@ -265,19 +265,30 @@ def test_budget_too_small_states_minimum(
 def test_output_exists_without_force(
     tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """An existing output needs --force, and --force replaces only an earlier output: a
+    directory of the user's files is refused with or without it (issue 21)."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(
-        ["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--bpw", "4"], capsys
-    )
+    cheap = ["--objective", "nrmse", "--scales", "rtn"]
+    args = ["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--bpw", "4", *cheap]
+    for force in ([], ["--force"]):
+        code, _, err = run_cli([*args, *force], capsys)
+        assert_one_line_error(code, err, "keep.txt", "not an earlier output", "--mlx-path")
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    code, out_text, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "already exists", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run_cli(
-        ["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--bpw", "4", "--force"], capsys
-    )
+    code, out_text, err = run_cli([*args, "--force"], capsys)  # an empty folder holds nothing
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert f"replaced {out} (an empty directory, as --force asked)" in out_text
+    code, _, err = run_cli(args, capsys)  # now an earlier output: needs --force
+    assert_one_line_error(code, err, "already exists", "--force")
+    code, out_text, err = run_cli([*args, "--force"], capsys)
+    assert code == 0, err
+    assert f"replaced {out} (a mint-mlx output, as --force asked)" in out_text
+    assert (out / "config.json").exists() and (out / "mint_plan.json").exists()
 
 
 def test_truncated_shard(
@@ -342,6 +353,10 @@ def test_upload_calls_hub(
             calls.append(("create_repo", kw))
             return f"https://huggingface.co/{kw['repo_id']}"
 
+        def list_repo_tree(self, **kw):
+            calls.append(("list_repo_tree", kw))
+            return []  # a new, empty repo
+
         def upload_folder(self, **kw):
             calls.append(("upload_folder", kw))
             assert (Path(kw["folder_path"]) / "README.md").exists()
@@ -351,9 +366,9 @@ def test_upload_calls_hub(
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     result = convert(tiny_llama, tmp_path / "o", bpw=4.0, upload_repo="me/tiny-mint")
-    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert [c[0] for c in calls] == ["create_repo", "list_repo_tree", "upload_folder"]
     assert calls[0][1]["repo_id"] == "me/tiny-mint" and calls[0][1]["exist_ok"]
-    assert calls[1][1]["folder_path"] == str(tmp_path / "o")
+    assert calls[2][1]["folder_path"] == str(tmp_path / "o")
     assert result.url == "https://huggingface.co/me/tiny-mint"
 
 

@@ -329,3 +329,77 @@ def test_ctrl_c_during_upload_says_how_to_resume(
     code, _, err = run_cli([*args, "--upload-repo", "me/tiny"], capsys)
     assert_one_line_error(code, err, "during the upload", "python -m mint_mlx.hub", "me/tiny")
     assert (out / "config.json").exists()  # the model itself is complete
+
+
+# ----------------------------------------------------------------------------- a source that changes
+
+
+def negate_in_place(shard: Path, key: str) -> None:
+    """Flip the sign bit of every bf16 value of one tensor, in the file's own bytes: a new
+    content at the same size (the safetensors header is parsed here, independently)."""
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + n])[key]
+    assert entry["dtype"] == "BF16"
+    start, end = (8 + n + o for o in entry["data_offsets"])
+    values = np.frombuffer(bytes(data[start:end]), dtype=np.uint16) ^ np.uint16(0x8000)
+    data[start:end] = values.tobytes()
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["rewritten", "same-size-and-date", "reshaped"])
+def test_shard_replaced_mid_run_fails_instead_of_giving_a_wrong_output(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, how: str
+) -> None:
+    """The shard changes after the analysis and before the save (issue 21): the content hashes
+    catch it, even when the new file keeps the old size and date, and nothing is published.
+    The re-run, on the now stable source, analyses the new tensor and converts."""
+    import mint_mlx.convert
+
+    src = copy_model(tiny_llama, tmp_path / "src")
+    shard = src / "model.safetensors"
+    key = "model.layers.0.mlp.down_proj.weight"
+    real_prepare = mint_mlx.convert.prepare
+
+    def then_replace(*args, **kwargs):
+        prepared = real_prepare(*args, **kwargs)
+        st = shard.stat()
+        if how == "reshaped":
+            weights = mx.load(str(shard))
+            weights[key] = weights[key][:, :64]
+            mx.save_safetensors(str(shard), weights)
+        else:
+            negate_in_place(shard, key)
+            assert shard.stat().st_size == st.st_size
+        if how == "same-size-and-date":
+            os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return prepared
+
+    monkeypatch.setattr(mint_mlx.convert, "prepare", then_replace)
+    out = tmp_path / "o"
+    args = ["--hf-path", str(src), "--mlx-path", str(out), "--bpw", "4"]
+    args += ["--objective", "nrmse", "--scales", "rtn"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "changed while it was being converted", "re-run")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    if how == "reshaped":
+        return  # the config no longer matches the weights: that source is refused on open
+    monkeypatch.setattr(mint_mlx.convert, "prepare", real_prepare)
+    code, _, err = run_cli(args, capsys)  # with stale remembered hashes it would fail again
+    assert code == 0, err
+    # and the output holds the new tensor: its dequantized weights follow the negated source
+    module = key.removesuffix(".weight")
+    saved: dict[str, mx.array] = {}
+    for f in out.glob("*.safetensors"):
+        saved.update(mx.load(str(f)))  # type: ignore[arg-type]
+    entry = json.loads((out / "config.json").read_text())["quantization"][module]
+    w = mx.dequantize(
+        saved[key],
+        saved[f"{module}.scales"].astype(mx.float32),
+        saved[f"{module}.biases"].astype(mx.float32),
+        group_size=entry["group_size"],
+        bits=entry["bits"],
+    )
+    new = mx.load(str(shard))[key].astype(mx.float32)  # type: ignore[index]
+    corr = np.corrcoef(np.array(w).ravel(), np.array(new).ravel())[0, 1]
+    assert corr > 0.9, corr

@@ -8,8 +8,11 @@ so the classification is checked against the errors huggingface_hub itself build
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,11 +49,15 @@ def http_error(
 
 
 class FakeApi:
-    """Records every hub call; ``failures[method]`` lists exceptions to raise, in order."""
+    """Records every hub call; ``failures[method]`` lists exceptions to raise, in order;
+    ``remote`` is what the repo holds (``RepoFile`` entries, listed by ``list_repo_tree``)."""
 
-    def __init__(self, failures: dict[str, list[Exception]] | None = None):
+    def __init__(
+        self, failures: dict[str, list[Exception]] | None = None, remote: list[Any] | None = None
+    ):
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.failures = failures or {}
+        self.remote = remote or []
 
     def _call(self, method: str, kw: dict[str, Any]) -> Any:
         self.calls.append((method, kw))
@@ -67,6 +74,13 @@ class FakeApi:
 
     def upload_large_folder(self, **kw: Any) -> Any:
         return self._call("upload_large_folder", kw)
+
+    def list_repo_tree(self, **kw: Any) -> Any:
+        self._call("list_repo_tree", kw)
+        return iter(self.remote)
+
+    def create_commit(self, **kw: Any) -> Any:
+        return self._call("create_commit", kw)
 
     @property
     def methods(self) -> list[str]:
@@ -131,7 +145,7 @@ def test_transient_failure_is_retried_with_growing_backoff(model_dir: Path, kind
     sleeps: list[float] = []
     url = hub.upload(model_dir, REPO, api=api, sleep=sleeps.append)
     assert url == f"https://huggingface.co/{REPO}"
-    assert api.methods == ["create_repo"] + ["upload_folder"] * 3
+    assert api.methods == ["create_repo", "list_repo_tree"] + ["upload_folder"] * 3
     assert sleeps == [hub.BACKOFF_S, 2 * hub.BACKOFF_S]
 
 
@@ -139,7 +153,7 @@ def test_create_repo_is_retried_too(model_dir: Path) -> None:
     api = FakeApi({"create_repo": [http_error(500)]})
     sleeps: list[float] = []
     hub.upload(model_dir, REPO, api=api, sleep=sleeps.append)
-    assert api.methods == ["create_repo", "create_repo", "upload_folder"]
+    assert api.methods == ["create_repo", "create_repo", "list_repo_tree", "upload_folder"]
     assert sleeps == [hub.BACKOFF_S]
 
 
@@ -190,8 +204,8 @@ def test_permanent_failure_fails_at_once(model_dir: Path, kind: str) -> None:
 def test_small_folder_uses_upload_folder(model_dir: Path) -> None:
     api = FakeApi()
     hub.upload(model_dir, REPO, private=True, api=api, sleep=lambda s: None)
-    assert api.methods == ["create_repo", "upload_folder"]
-    create, up = (c[1] for c in api.calls)
+    assert api.methods == ["create_repo", "list_repo_tree", "upload_folder"]
+    create, _, up = (c[1] for c in api.calls)
     assert create == {"repo_id": REPO, "repo_type": "model", "private": True, "exist_ok": True}
     assert up["folder_path"] == str(model_dir) and up["repo_type"] == "model"
 
@@ -203,7 +217,12 @@ def test_large_folder_uses_resumable_upload(model_dir: Path, limit: str) -> None
     api = FakeApi({"upload_large_folder": [httpx2.RemoteProtocolError("peer closed")]})
     sleeps: list[float] = []
     hub.upload(model_dir, REPO, private=True, api=api, sleep=sleeps.append, **caps)  # type: ignore[arg-type]
-    assert api.methods == ["create_repo", "upload_large_folder", "upload_large_folder"]
+    assert api.methods == [
+        "create_repo",
+        "list_repo_tree",
+        "upload_large_folder",
+        "upload_large_folder",
+    ]
     kw = api.calls[-1][1]
     assert kw["folder_path"] == str(model_dir) and kw["repo_id"] == REPO
     assert kw["repo_type"] == "model" and kw["private"] is True
@@ -213,7 +232,7 @@ def test_large_folder_uses_resumable_upload(model_dir: Path, limit: str) -> None
 def test_large_folder_on_hub_client_without_upload_large_folder(model_dir: Path) -> None:
     api = NoLargeApi()
     hub.upload(model_dir, REPO, api=api, large_bytes=0, sleep=lambda s: None)
-    assert api.methods == ["create_repo", "upload_folder"]
+    assert api.methods == ["create_repo", "list_repo_tree", "upload_folder"]
 
 
 def test_upload_state_dir_is_neither_counted_nor_refused(model_dir: Path) -> None:
@@ -349,6 +368,161 @@ def test_plain_model_directory_is_uploadable(tiny_llama: Path) -> None:
     hub.check_uploadable(tiny_llama)  # no quantization, no plan, no index: still a model
 
 
+# --- a repo that already holds a model (issue 21) ----------------------------------------------
+
+
+def git_blob_id(path: Path) -> str:
+    """The git object id the hub lists for a non-LFS file, computed by git itself."""
+    return subprocess.run(
+        ["git", "hash-object", str(path)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def tree_entry(name: str, data_path: Path) -> dict[str, Any]:
+    """One file as the hub's tree API lists it: ``.safetensors`` through LFS (sha256)."""
+    size = data_path.stat().st_size
+    entry: dict[str, Any] = {"type": "file", "path": name, "size": size}
+    entry["oid"] = git_blob_id(data_path)
+    if name.endswith(".safetensors"):
+        sha = hashlib.sha256(data_path.read_bytes()).hexdigest()
+        entry["lfs"] = {"oid": sha, "size": size, "pointerSize": 134}
+    return entry
+
+
+def remote_copy(directory: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """The tree of a repo holding ``names`` of ``directory`` (default: all), byte for byte."""
+    names = names or sorted(p.name for p in directory.iterdir() if p.is_file())
+    return [tree_entry(n, directory / n) for n in names]
+
+
+def repo_files(tree: list[dict[str, Any]]) -> list[Any]:
+    from huggingface_hub.hf_api import RepoFile
+
+    return [RepoFile(**{k: v for k, v in e.items() if k != "type"}) for e in tree]
+
+
+def _other_config(d: Path, tmp: Path) -> tuple[list[dict[str, Any]], str]:
+    other = tmp / "config.json"
+    other.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096}))
+    tree = [e for e in remote_copy(d) if e["path"] != "config.json"]
+    return [*tree, tree_entry("config.json", other)], "config.json"
+
+
+def _other_shard_same_size(d: Path, tmp: Path) -> tuple[list[dict[str, Any]], str]:
+    shard = sorted(d.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    (tmp / shard.name).write_bytes(bytes(data))
+    tree = [e for e in remote_copy(d) if e["path"] != shard.name]
+    return [*tree, tree_entry(shard.name, tmp / shard.name)], shard.name
+
+
+def _extra_shard(d: Path, tmp: Path) -> tuple[list[dict[str, Any]], str]:
+    extra = tmp / "model-00002-of-00002.safetensors"
+    shutil.copy(sorted(d.glob("*.safetensors"))[0], extra)
+    return [*remote_copy(d), tree_entry(extra.name, extra)], extra.name
+
+
+def _sixteen_bit_model(d: Path, tmp: Path) -> tuple[list[dict[str, Any]], str]:
+    return remote_copy(tmp / "tiny16"), "config.json"  # the tiny llama's own files
+
+
+OTHER_MODELS = {
+    "other-config": _other_config,
+    "other-shard-same-size": _other_shard_same_size,
+    "extra-shard": _extra_shard,
+    "sixteen-bit-model": _sixteen_bit_model,
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_MODELS))
+def test_repo_holding_another_model_is_refused_without_overwrite(
+    model_dir: Path, tiny_llama: Path, tmp_path: Path, case: str
+) -> None:
+    shutil.copytree(tiny_llama, tmp_path / "tiny16")
+    tree, culprit = OTHER_MODELS[case](model_dir, tmp_path)
+    api = FakeApi(
+        remote=repo_files(
+            [{"type": "file", "path": ".gitattributes", "size": 1, "oid": "0" * 40}, *tree]
+        )
+    )
+    with pytest.raises(HubError) as excinfo:
+        hub.upload(model_dir, REPO, api=api, sleep=lambda s: None)
+    one_line_hub_error(excinfo, "already holds a different model", culprit, "--overwrite-repo")
+    assert "upload_folder" not in api.methods and "create_commit" not in api.methods
+
+
+@pytest.mark.parametrize("held", ["nothing", "the same model", "part of it (interrupted)"])
+def test_same_model_or_an_interrupted_upload_goes_ahead(model_dir: Path, held: str) -> None:
+    tree = [{"type": "file", "path": ".gitattributes", "size": 1, "oid": "0" * 40}]
+    if held == "the same model":
+        tree += remote_copy(model_dir)
+    elif held == "part of it (interrupted)":
+        tree += remote_copy(
+            model_dir, ["config.json", sorted(model_dir.glob("*.safetensors"))[0].name]
+        )
+    api = FakeApi(remote=repo_files(tree))
+    hub.upload(model_dir, REPO, api=api, sleep=lambda s: None)
+    assert api.methods == ["create_repo", "list_repo_tree", "upload_folder"]
+    assert "delete_patterns" not in api.calls[-1][1]
+
+
+def test_overwrite_replaces_the_other_model_entirely(model_dir: Path, tmp_path: Path) -> None:
+    """With --overwrite-repo the old model's files that ours lacks go in the same commit: the
+    repo never holds a mix. .gitattributes stays."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    tree, _ = _extra_shard(model_dir, tmp_path)
+    extra = tmp_path / "old figure [1].png"
+    extra.write_bytes(b"png")
+    tree += [tree_entry(extra.name, extra)]
+    tree += [{"type": "file", "path": ".gitattributes", "size": 1, "oid": "0" * 40}]
+    api = FakeApi(remote=repo_files(tree))
+    hub.upload(model_dir, REPO, api=api, sleep=lambda s: None, overwrite=True)
+    assert api.methods == ["create_repo", "list_repo_tree", "upload_folder"]
+    patterns = api.calls[-1][1]["delete_patterns"]
+    # what huggingface_hub itself deletes with these patterns: exactly the stale files
+    deleted = set(filter_repo_objects([e["path"] for e in tree], allow_patterns=patterns))
+    assert deleted == {"model-00002-of-00002.safetensors", "old figure [1].png"}
+
+
+def test_overwrite_on_the_large_folder_path_deletes_stale_files(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    tree, extra = _extra_shard(model_dir, tmp_path)
+    api = FakeApi(remote=repo_files(tree))
+    hub.upload(model_dir, REPO, api=api, sleep=lambda s: None, overwrite=True, large_bytes=0)
+    assert api.methods == ["create_repo", "list_repo_tree", "upload_large_folder", "create_commit"]
+    ops = api.calls[-1][1]["operations"]
+    assert [op.path_in_repo for op in ops] == [extra]
+
+
+def test_cli_overwrite_repo_flag(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import huggingface_hub
+
+    tree, _ = _other_config(model_dir, tmp_path)
+    api = FakeApi(remote=repo_files(tree))
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
+    assert hub.main([str(model_dir), "--repo", REPO]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite-repo" in err
+    assert hub.main([str(model_dir), "--repo", REPO, "--overwrite-repo"]) == 0
+    assert api.methods[-1] == "upload_folder"
+
+
+def test_rerun_command_quotes_a_path_with_spaces(converted: Path, tmp_path: Path) -> None:
+    d = Path(shutil.copytree(converted, tmp_path / "my model ü"))
+    api = FakeApi({"create_repo": [http_error(401)]})
+    with pytest.raises(HubError) as excinfo:
+        hub.upload(d, REPO, api=api, sleep=lambda s: None)
+    one_line_hub_error(excinfo, f"python -m mint_mlx.hub {shlex.quote(str(d))} --repo {REPO}")
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 
@@ -363,7 +537,8 @@ def test_cli_uploads_and_prints_url(
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.strip() == f"uploaded https://huggingface.co/{REPO}"
-    assert api.methods == ["create_repo", "upload_folder"] and api.calls[0][1]["private"]
+    assert api.methods == ["create_repo", "list_repo_tree", "upload_folder"]
+    assert api.calls[0][1]["private"]
 
 
 def test_cli_error_is_one_line_exit_2(
@@ -392,6 +567,8 @@ class LocalHub:
     def __init__(self) -> None:
         self.statuses: list[int] = []
         self.requests: list[str] = []
+        self.gets: list[str] = []
+        self.tree: list[dict[str, Any]] = []  # the repo's files, as the hub's tree API lists them
         hub_state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -402,6 +579,18 @@ class LocalHub:
                 body = {"url": f"{hub_state.endpoint}/{REPO}"} if status == 200 else {"error": "x"}
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802 - the repo tree listing
+                if "/tree/" not in self.path:
+                    self.send_error(501)  # what the server answered before it listed trees
+                    return
+                hub_state.gets.append(self.path)
+                data = json.dumps(hub_state.tree).encode()
+                self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
@@ -458,6 +647,21 @@ def test_real_hfapi_401_is_not_retried(model_dir: Path, local_hub: LocalHub) -> 
         hub.upload(model_dir, REPO, api=api, sleep=sleeps.append)
     one_line_hub_error(excinfo, "hf auth login")
     assert local_hub.requests == ["/api/repos/create"] and sleeps == [] and api.uploads == []
+
+
+def test_real_hfapi_lists_the_repo_and_refuses_another_model(
+    model_dir: Path, local_hub: LocalHub, tmp_path: Path
+) -> None:
+    """The real client's listing (RepoFile from the hub's JSON: LFS sha256, git blob ids)."""
+    api = local_hub.api()
+    local_hub.tree, _ = _other_shard_same_size(model_dir, tmp_path)
+    with pytest.raises(HubError) as excinfo:
+        hub.upload(model_dir, REPO, api=api, sleep=lambda s: None)
+    one_line_hub_error(excinfo, "already holds a different model")
+    assert api.uploads == [] and len(local_hub.gets) == 1 and "/tree/" in local_hub.gets[0]
+    local_hub.tree = remote_copy(model_dir)
+    hub.upload(model_dir, REPO, api=api, sleep=lambda s: None)
+    assert len(api.uploads) == 1
 
 
 def test_real_hfapi_unreachable_hub_is_retried_then_explained(
