@@ -237,6 +237,22 @@ class Sensitivity:
     text: str  # which model or file produced the calibration text
 
 
+def calibration_tokens(
+    source: Source, config: CalibrationConfig, sampler: str, progress: bool = False
+) -> tuple[mx.array, nn.Module | None]:
+    """The calibration token ids: the user's text encoded, or sampled from the source by
+    ``sampler`` ("in-memory" or "streamed"); with the float32 model if one was loaded."""
+    if config.text_file:
+        tokenizer = load_source_tokenizer(source)
+        text = Path(config.text_file)
+        return text_sequences(tokenizer, text, config.sequences, config.seq_len), None
+    start, n, length, seed = start_token(source), config.sequences, config.seq_len, config.seed
+    if sampler == "in-memory":
+        model = load_float32_model(source)
+        return sample_sequences(model, start, n, length, seed, progress), model
+    return streamed_sample(source, start, n, length, seed, progress), None
+
+
 def calibration_path(source: Source, config: CalibrationConfig) -> Path:
     return cache_root() / "calibration" / f"{config.key(source)}.safetensors"
 
@@ -266,16 +282,7 @@ def sensitivity(
         return Sensitivity(loaded, None, text)
     choice = choose_pass(source, config, sensitivity_pass, max_memory)
     keys = [t.key for t in source.quantizable]
-    if config.text_file:
-        tokenizer = load_source_tokenizer(source)
-        seqs = text_sequences(tokenizer, Path(config.text_file), config.sequences, config.seq_len)
-    model = load_float32_model(source) if choice.sampler == "in-memory" else None
-    if not config.text_file:
-        n, length, seed = config.sequences, config.seq_len, config.seed
-        if model is not None:
-            seqs = sample_sequences(model, start_token(source), n, length, seed, progress)
-        else:
-            seqs = streamed_sample(source, start_token(source), n, length, seed, progress)
+    seqs, model = calibration_tokens(source, config, choice.sampler, progress)
     if choice.kind == "in-memory":
         model = model if model is not None else load_float32_model(source)
         weights = column_fisher(model, seqs, keys, progress)
