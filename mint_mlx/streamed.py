@@ -397,8 +397,8 @@ class BlockStream:
 
     Use as a context manager: inside it the model's block list holds :class:`_Slot` objects,
     and the model answers ``model(tokens, cache=...)`` with one block resident at a time
-    (:meth:`generate_mode`), which is what the streamed sampler needs. The Fisher stages use
-    the other modes. On exit the model is restored.
+    (``mode = "generate"``, the default), which is what the streamed sampler needs. The Fisher
+    stages use the other modes. On exit the model is restored.
     """
 
     def __init__(self, source: Source) -> None:
@@ -544,147 +544,173 @@ def streamed_column_fisher(
 ) -> dict[str, mx.array]:
     """The column Fisher of :func:`mint_mlx.calibrate.column_fisher`, one block resident."""
     with BlockStream(source) as stream, activation_store(activations_on_disk) as store:
-        layout = stream.layout
-        n = sequences.shape[0]
-        inputs = [sequences[i : i + 1, :-1] for i in range(n)]
-        labels = [sequences[i : i + 1, 1:] for i in range(n)]
-        steps = 2 * len(layout.blocks) + 3
-        bar = tqdm(total=steps, desc="sensitivity (streamed)", unit="stage", disable=not progress)
+        walk = _FisherWalk(stream, store, sequences, FisherSums(keys))
+        steps = 2 * len(stream.layout.blocks) + 3
+        with tqdm(
+            total=steps, desc="sensitivity (streamed)", unit="stage", disable=not progress
+        ) as bar:
+            for stage in (walk.capture, walk.forward, walk.head, walk.backward, walk.embedding):
+                stage(bar.update)
+        return walk.sums.finish(sequences.shape[0])
 
-        # rows of the embedding the sequences use: the lookup reads nothing else
+
+class _FisherWalk:
+    """The five stages of :func:`streamed_column_fisher` and what they hand on to each other.
+
+    Per sequence ``i``: ``inputs[i]``/``labels[i]`` are its tokens, ``remapped[i]`` the same
+    tokens as indices into ``embedding_rows`` (the only embedding rows the text uses), and
+    ``grads[i]`` the gradient of the loss with respect to the current block's output.
+    """
+
+    def __init__(
+        self, stream: BlockStream, store: ActivationStore, sequences: mx.array, sums: FisherSums
+    ) -> None:
+        self.stream, self.store, self.sums = stream, store, sums
+        self.layout = stream.layout
+        self.n = n = sequences.shape[0]
+        self.inputs = [sequences[i : i + 1, :-1] for i in range(n)]
+        self.labels = [sequences[i : i + 1, 1:] for i in range(n)]
         rows, local = np.unique(np.array(sequences[:, :-1]), return_inverse=True)
-        local = local.reshape(n, -1)
-        row_ids = mx.array(rows.astype(np.int32))
-        remapped = [mx.array(local[i : i + 1].astype(np.int32)) for i in range(n)]
-        embedding_rows = stream.read(layout.embedding)[row_ids]
-        mx.eval(embedding_rows)
-        stream.model.update(tree_unflatten([(layout.embedding, embedding_rows)]))
+        self.local = local.reshape(n, -1)
+        self.remapped = [mx.array(self.local[i : i + 1].astype(np.int32)) for i in range(n)]
+        self.embedding_rows = stream.read(self.layout.embedding)[mx.array(rows.astype(np.int32))]
+        mx.eval(self.embedding_rows)
+        stream.model.update(tree_unflatten([(self.layout.embedding, self.embedding_rows)]))
+        self.xs: list[mx.array] = []
+        self.block_args: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []
+        self.grads: list[mx.array] = []
+        self.tied_rows: list[mx.array] = []  # a tied head's gradient at the rows looked up
+        self.tied_sums: list[mx.array] = []  # ... and its squares summed over all rows
 
-        # 1. capture: x_0 and every block's arguments, per sequence
-        stream.mode = "capture"
-        xs, block_args = [], []
-        for i in range(n):
-            x0 = stream.run_until_stop(remapped[i])
+    def capture(self, done: Callable[[], Any]) -> None:
+        """1. ``x_0`` and every block's arguments, per sequence; no block runs."""
+        self.stream.mode = "capture"
+        for i in range(self.n):
+            x0 = self.stream.run_until_stop(self.remapped[i])
             mx.eval(x0)
-            xs.append(x0)
-            block_args.append(stream.captured)
-        bar.update()
+            self.xs.append(x0)
+            self.block_args.append(self.stream.captured)
+        done()
 
-        # 2. forward, keeping each block's input
-        for b, block in enumerate(stream.originals):
-            stream.load_block(b)
-            store.put(b, xs)
-            nxt = []
-            for i in range(n):
-                args, kwargs = block_args[i][b]
-                y = block(xs[i], *args, **kwargs)
-                mx.eval(y)
-                nxt.append(y)
-            xs = nxt
-            stream.unload_block(b)
-            bar.update()
+    def forward(self, done: Callable[[], Any]) -> None:
+        """2. Block by block over all sequences, keeping each block's input."""
+        for b, block in enumerate(self.stream.originals):
+            self.stream.load_block(b)
+            self.store.put(b, self.xs)
+            outputs = []
+            for i in range(self.n):
+                args, kwargs = self.block_args[i][b]
+                outputs.append(block(self.xs[i], *args, **kwargs))
+                mx.eval(outputs[-1])
+            self.xs = outputs
+            self.stream.unload_block(b)
+            done()
 
-        # 3. head: loss, head gradients, dL/dx_L (the head's matmul in row chunks)
-        sums = FisherSums(keys)
+    def head(self, done: Callable[[], Any]) -> None:
+        """3. The loss, the head's squared gradient and dL/dx_L, the head in row chunks."""
+        stream, layout = self.stream, self.layout
         head = ChunkedHead(stream.read16(stream.head_key), layout.hidden)
-        head_key = layout.embedding if layout.tied else layout.head[0]
-        tied_rows: list[mx.array] = []
-        tied_sums: list[mx.array] = []
-        grads_out = []
         stream.mode = "head"
-        with stream.captures(embedding_rows):
-            for i in range(n):
+        with stream.captures(self.embedding_rows):
+            for i in range(self.n):
 
                 def head_input(x_last: mx.array) -> mx.array:
                     stream._head_input = x_last
-                    return stream.run_until_stop(remapped[i])  # noqa: B023 - called at once
+                    return stream.run_until_stop(self.remapped[i])  # noqa: B023 - called at once
 
-                z = head_input(xs[i])
-                logits = head.logits(z)
-                _, (dlogits,) = mx.vjp(
-                    lambda lg: nn.losses.cross_entropy(lg, labels[i], reduction="sum"),  # noqa: B023
-                    [logits],
-                    [mx.array(1.0, mx.float32)],
-                )
-                used_ids = np.unique(np.array(inputs[i])) if layout.tied else None
-                dz, squares, rows_used = head.backward(z, dlogits, used_ids)
-                _, (dx,) = mx.vjp(head_input, [xs[i]], [dz])
-                grads_out.append(dx)
-                if layout.tied:  # combined with the lookup's rows in stage 5
-                    assert rows_used is not None
-                    tied_rows.append(rows_used)
-                    tied_sums.append(squares)
+                def loss(logits: mx.array) -> mx.array:
+                    return nn.losses.cross_entropy(logits, self.labels[i], reduction="sum")  # noqa: B023
+
+                z = head_input(self.xs[i])
+                _, (dlogits,) = mx.vjp(loss, [head.logits(z)], [mx.array(1.0, mx.float32)])
+                used = np.unique(np.array(self.inputs[i])) if layout.tied else None
+                dz, squares, rows_used = head.backward(z, dlogits, used)
+                _, (dx,) = mx.vjp(head_input, [self.xs[i]], [dz])
+                self.grads.append(dx)
+                if rows_used is not None:  # tied: combined with the lookup's rows in stage 5
+                    self.tied_rows.append(rows_used)
+                    self.tied_sums.append(squares)
                 else:
-                    sums.add_row_sums(head_key, squares, layout.vocab, labels[i].size)
-                mx.eval(grads_out[-1], sums.arrays(), *tied_rows[-1:], *tied_sums[-1:])
-        del head
+                    self.sums.add_row_sums(
+                        stream.head_key, squares, layout.vocab, self.labels[i].size
+                    )
+                mx.eval(dx, self.sums.arrays(), *self.tied_rows[-1:], *self.tied_sums[-1:])
         stream._head_input = None
-        xs = []
-        bar.update()
+        self.xs = []
+        done()
 
-        # 4. backward through the blocks, last to first
-        def rel_to_key(block_index: int, rel: str) -> str:
-            return f"{layout.prefix}.{block_index}.{rel}"
-
-        quantizable = set(keys)
-        for b in reversed(range(len(layout.blocks))):
-            stream.load_block(b)
-            block = stream.originals[b]
-            start = len(f"{layout.prefix}.{b}.")
-            wanted = [k for k in layout.blocks[b] if k in quantizable]
-            saved = store.get(b)
-            with _probes(block, [k[start:] for k in wanted]) as (probes, stacks):
-                flat = dict(tree_flatten(block.parameters()))
-                weights = [flat[r] for r in stacks]
-                for i in range(n):
-                    args, kwargs = block_args[i][b]
-                    zeros = [p.zeros(saved[i]) for p in probes.values()]
-
-                    def block_out(x: mx.array, *rest: mx.array) -> mx.array:
-                        for probe, z in zip(probes.values(), rest, strict=False):
-                            probe.perturbation = z
-                        ws = rest[len(probes) :]
-                        block.update(tree_unflatten(list(zip(stacks, ws, strict=True))))  # noqa: B023
-                        return block(x, *args, **kwargs)  # noqa: B023
-
-                    _, grads = mx.vjp(block_out, [saved[i], *zeros, *weights], [grads_out[i]])
-                    grads_out[i] = grads[0]
-                    t = labels[i].size
-                    for (rel, probe), dy in zip(probes.items(), grads[1:], strict=False):
-                        squares, out_rows = probe.column_squares(dy)
-                        sums.add_row_sums(rel_to_key(b, rel), squares, out_rows, t)
-                    for rel, g in zip(stacks, grads[1 + len(probes) :], strict=True):
-                        sums.add(rel_to_key(b, rel), g, t)
-                    mx.eval(grads_out[i], sums.arrays())
-                block.update(tree_unflatten(list(zip(stacks, weights, strict=True))))
-                del weights, flat
+    def backward(self, done: Callable[[], Any]) -> None:
+        """4. From the last block to the first: each block's forward again from its saved
+        input, back-propagated; probes give the linear layers' squared gradients."""
+        quantizable = set(self.sums.keys)
+        for b in reversed(range(len(self.layout.blocks))):
+            self.stream.load_block(b)
+            prefix = f"{self.layout.prefix}.{b}."
+            rels = [k[len(prefix) :] for k in self.layout.blocks[b] if k in quantizable]
+            saved = self.store.get(b)
+            with _probes(self.stream.originals[b], rels) as (probes, stacks):
+                flat = dict(tree_flatten(self.stream.originals[b].parameters()))
+                weights = {r: flat[r] for r in stacks}  # expert stacks: differentiated directly
+                for i in range(self.n):
+                    self._block_backward(b, i, saved[i], probes, weights, prefix)
             del saved
-            store.drop(b)
-            stream.unload_block(b)
-            bar.update()
+            self.store.drop(b)
+            self.stream.unload_block(b)
+            done()
 
-        # 5. the embedding rows each sequence looked up (+ the tied head's part of them)
+    def _block_backward(
+        self,
+        b: int,
+        i: int,
+        x: mx.array,
+        probes: dict[str, _Probe],
+        stack_weights: dict[str, mx.array],
+        prefix: str,
+    ) -> None:
+        """Sequence ``i`` back through block ``b`` from its saved input ``x``."""
+        block = self.stream.originals[b]
+        args, kwargs = self.block_args[i][b]
+        stacks, weights = list(stack_weights), list(stack_weights.values())
+
+        def block_out(x: mx.array, *rest: mx.array) -> mx.array:
+            for probe, zero in zip(probes.values(), rest, strict=False):
+                probe.perturbation = zero
+            block.update(tree_unflatten(list(zip(stacks, rest[len(probes) :], strict=True))))
+            return block(x, *args, **kwargs)
+
+        zeros = [p.zeros(x) for p in probes.values()]
+        _, grads = mx.vjp(block_out, [x, *zeros, *weights], [self.grads[i]])
+        block.update(tree_unflatten(list(zip(stacks, weights, strict=True))))
+        self.grads[i] = grads[0]
+        tokens = self.labels[i].size
+        for (rel, probe), dy in zip(probes.items(), grads[1:], strict=False):
+            squares, out_rows = probe.column_squares(dy)
+            self.sums.add_row_sums(prefix + rel, squares, out_rows, tokens)
+        for rel, g in zip(stacks, grads[1 + len(probes) :], strict=True):
+            self.sums.add(prefix + rel, g, tokens)
+        mx.eval(self.grads[i], self.sums.arrays())
+
+    def embedding(self, done: Callable[[], Any]) -> None:
+        """5. The gradient of the embedding rows each sequence looked up; a tied head's
+        gradient is added row by row before squaring, as one whole backward would."""
+        stream, key = self.stream, self.layout.embedding
         stream.mode = "embed"
-        for i in range(n):
+        for i in range(self.n):
 
             def lookup(rows_in: mx.array) -> mx.array:
-                stream.model.update(tree_unflatten([(layout.embedding, rows_in)]))
-                return stream.run_until_stop(remapped[i])  # noqa: B023
+                stream.model.update(tree_unflatten([(key, rows_in)]))
+                return stream.run_until_stop(self.remapped[i])  # noqa: B023
 
-            _, (g_rows,) = mx.vjp(lookup, [embedding_rows], [grads_out[i]])
-            t = labels[i].size
-            used = mx.array(np.unique(local[i]).astype(np.int32))
-            g_used = g_rows[used]
-            if layout.tied:
-                h = tied_rows[i]
-                total = tied_sums[i] + ((h + g_used) ** 2 - h * h).sum(axis=0)
+            _, (g_rows,) = mx.vjp(lookup, [self.embedding_rows], [self.grads[i]])
+            g = g_rows[mx.array(np.unique(self.local[i]).astype(np.int32))]
+            if self.layout.tied:
+                h = self.tied_rows[i]
+                total = self.tied_sums[i] + ((h + g) ** 2 - h * h).sum(axis=0)
             else:
-                total = (g_used * g_used).sum(axis=0)
-            sums.add_row_sums(layout.embedding, total, layout.vocab, t)
-            mx.eval(sums.arrays())
-        bar.update()
-        bar.close()
-        return sums.finish(n)
+                total = (g * g).sum(axis=0)
+            self.sums.add_row_sums(key, total, self.layout.vocab, self.labels[i].size)
+            mx.eval(self.sums.arrays())
+        done()
 
 
 class _StreamedLM:
