@@ -285,7 +285,11 @@ class ChunkedHead:
             yield start, weight[start : start + self.rows].astype(mx.float32)
 
     def logits(self, z: mx.array) -> mx.array:
-        return mx.concatenate([z @ w.T for _, w in self._chunks()], axis=-1)
+        parts = []
+        for _, w in self._chunks():
+            parts.append(z @ w.T)
+            mx.eval(parts[-1])  # chunk by chunk: a lazy graph would cast every chunk at once
+        return mx.concatenate(parts, axis=-1)
 
     def backward(
         self, z: mx.array, dlogits: mx.array, used: np.ndarray | None = None
