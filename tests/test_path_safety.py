@@ -611,6 +611,8 @@ def test_two_processes_building_one_cached_testbed(
             testbed.ensure_testbed("wiki-text")
         (out / "manifest.json").write_text(f"build {number}")
 
+    # a fresh cache: a testbed an earlier test built there would be reused without a build
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(testbed, "_builder", lambda name, progress, **kw: build)
     path = testbed.ensure_testbed("wiki-text")
     assert calls == ["build", "build"]

@@ -113,6 +113,8 @@ def test_an_architecture_that_cannot_stream_names_the_explicit_choice(
 ) -> None:
     """Never a silent drop to weight error: the user is told to choose it."""
     monkeypatch.setattr(calibrate_module, "STREAMABLE_ARCHITECTURES", frozenset())
+    # a fresh cache: a pass cached by an earlier test would (rightly) skip the choice
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "o"
     args = ["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--bpw", "4"]
     code, _, err = run_cli([*args, "--max-memory", "1MB"], capsys)
