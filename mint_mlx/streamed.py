@@ -135,6 +135,11 @@ class StreamLayout:
     hidden: int
     vocab: int
 
+    @property
+    def head_key(self) -> str:
+        """The output head's weight key (the embedding's, when tied)."""
+        return self.embedding if self.tied else self.head[0]
+
     @classmethod
     def of(cls, source: Source) -> StreamLayout:
         prefix = blocks_prefix(source)
@@ -192,8 +197,7 @@ def streamed_memory(source: Source, sequences: int, seq_len: int, activations_on
         _nbytes32(source, [k for k in b if len(source.shapes[k]) == 3]) for b in layout.blocks
     )
     block = int(2.5 * largest) + stacks + BLOCK_FIXED_BYTES + 8 * 4 * tokens * widest
-    head_key = layout.embedding if layout.tied else layout.head[0]
-    head16 = _nbytes32(source, [head_key]) // 2
+    head16 = _nbytes32(source, [layout.head_key]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)  # a few float32 chunks of the head
     head = head16 + chunks + 4 * 4 * tokens * layout.vocab
     one = 4 * sequences * tokens * layout.hidden
@@ -207,7 +211,7 @@ def streamed_sampler_memory(source: Source, sequences: int, seq_len: int) -> int
     beside the KV cache (keys and values of every block, as wide as ``k_proj`` and ``v_proj``)."""
     layout = StreamLayout.of(source)
     largest = max(_nbytes32(source, b) for b in layout.blocks)
-    head16 = _nbytes32(source, [layout.embedding if layout.tied else layout.head[0]]) // 2
+    head16 = _nbytes32(source, [layout.head_key]) // 2
     embedding16 = _nbytes32(source, [layout.embedding]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)
     kv_width = sum(
@@ -444,11 +448,9 @@ class BlockStream:
         mx.eval(w)
         return w
 
-    def set_weights(self, keys: Sequence[str]) -> dict[str, mx.array]:
-        """Read ``keys`` into the model (block keys go into their block); return them."""
-        weights = {k: self.read(k) for k in keys}
-        self.model.update(tree_unflatten(list(weights.items())))
-        return weights
+    def set_weights(self, keys: Sequence[str]) -> None:
+        """Read ``keys`` (weights outside the blocks) into the model in float32."""
+        self.model.update(tree_unflatten([(k, self.read(k)) for k in keys]))
 
     def load_block(self, index: int) -> None:
         block = self.originals[index]
@@ -480,11 +482,6 @@ class BlockStream:
         weight = self.source.tensor(key)
         self.source.release(key)
         return weight
-
-    @property
-    def head_key(self) -> str:
-        """The output head's weight key (the embedding's, when tied)."""
-        return self.layout.embedding if self.layout.tied else self.layout.head[0]
 
     # ------------------------------------------------------------------ the slots
 
@@ -613,7 +610,7 @@ class _FisherWalk:
     def head(self, done: Callable[[], Any]) -> None:
         """3. The loss, the head's squared gradient and dL/dx_L, the head in row chunks."""
         stream, layout = self.stream, self.layout
-        head = ChunkedHead(stream.read16(stream.head_key), layout.hidden)
+        head = ChunkedHead(stream.read16(layout.head_key), layout.hidden)
         stream.mode = "head"
         with stream.captures(self.embedding_rows):
             for i in range(self.n):
@@ -636,7 +633,7 @@ class _FisherWalk:
                     self.tied_sums.append(squares)
                 else:
                     self.sums.add_row_sums(
-                        stream.head_key, squares, layout.vocab, self.labels[i].size
+                        layout.head_key, squares, layout.vocab, self.labels[i].size
                     )
                 mx.eval(dx, self.sums.arrays(), *self.tied_rows[-1:], *self.tied_sums[-1:])
         stream._head_input = None
@@ -749,7 +746,7 @@ def streamed_sample(
     per token."""
     with BlockStream(source) as stream:
         layout = stream.layout
-        head = ChunkedHead(lambda: stream.read16(stream.head_key), layout.hidden)
+        head = ChunkedHead(lambda: stream.read16(layout.head_key), layout.hidden)
         with stream.captures(lambda: stream.read16(layout.embedding)):
             lm = _StreamedLM(stream, head)
             return sample_sequences(lm, start, sequences, length, seed, progress)  # type: ignore[arg-type]
