@@ -252,6 +252,43 @@ def sensitivity_only(
     return state
 
 
+def phases(output: str) -> dict[str, float]:
+    """The phase times of a conversion, from the ``time: ...`` line mint_mlx.convert prints."""
+    import re
+
+    found = [line for line in output.splitlines() if line.startswith("time: ")]
+    if not found:
+        return {}
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", found[-1].split(" (total")[0])}
+
+
+def phase_lines(state: dict[str, Any]) -> list[str]:
+    """Each mint phase's time, per billion parameters, and issue 17's ratio against stock."""
+    gb = state["checkpoint"]["parameters"] / 1e9
+    mint = next((r for r in state["runs"] if r["label"].startswith("mint")), None)
+    stock = next((r for r in state["runs"] if r["label"].startswith("mlx_lm")), None)
+    if mint is None or not mint.get("phases"):
+        return []
+    ph = mint["phases"]
+    lines = [
+        "| phase | wall s | s per 1B params |",
+        "|---|---:|---:|",
+        *[f"| {k} | {v:.1f} | {v / gb:.1f} |" for k, v in ph.items()],
+        "",
+    ]
+    if stock is not None:
+        after = sum(ph.get(k, 0.0) for k in ("analysis", "plan", "card", "save"))
+        lines += [
+            f"Analysis + plan + card + save: {after:.1f} s = "
+            f"{after / stock['wall_seconds']:.1f}x `mlx_lm convert -q` "
+            f"({stock['wall_seconds']:.1f} s, same run); the sensitivity pass apart: "
+            f"{ph.get('sensitivity', 0.0):.1f} s. Peak RSS (process tree): mint "
+            f"{mint['tree_rss_peak_mib']:.0f} MiB, stock {stock['tree_rss_peak_mib']:.0f} MiB.",
+            "",
+        ]
+    return lines
+
+
 def markdown(state: dict[str, Any]) -> str:
     ck = state["checkpoint"]
     gb = ck["parameters"] / 1e9
@@ -277,6 +314,7 @@ def markdown(state: dict[str, Any]) -> str:
             f"| {r['load_average_1min'][0]:.1f} / {r['load_average_1min'][1]:.1f} |"
         )
     lines += ["", "```", *[r["command"] for r in state["runs"]], "```", ""]
+    lines += phase_lines(state)
     lines += [f"{n}" for n in state.get("measurement_notes", [])]
     notes = state.get("notes") or []
     if notes:
@@ -293,12 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="a ~30M-parameter model (a quick check)")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sensitivity-only", action="store_true", help="run the sensitivity pass alone")
-    p.add_argument("--max-memory", default="1.5GB", help="with --sensitivity-only")
+    p.add_argument("--max-memory", default="1.5GB", help="mint-mlx's --max-memory")
     p.add_argument("--sequences", type=int, default=8, help="with --sensitivity-only")
     p.add_argument(
         "--tune-text",
         action="store_true",
-        help="with --sensitivity-only: the wiki testbed's tune.txt instead of self-sampled text",
+        help="calibrate on the wiki testbed's tune.txt (--calibration) instead of self-sampled "
+        "text",
     )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
@@ -327,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["shards"] = len(list(ckpt.glob("*.safetensors")))
     runs = []
     env = dict(os.environ, MINT_MLX_CACHE=str(work / "mint-cache"))
+    mint_extra = ["--max-memory", args.max_memory]
+    if args.tune_text:
+        from mint_mlx.testbed import ensure_wiki_text
+
+        mint_extra += ["--calibration", str(ensure_wiki_text() / "tune.txt")]
     shutil.rmtree(work / "mint-cache", ignore_errors=True)  # cold: analysis included
     for label, out, cmd in [
         (
@@ -346,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(args.jobs),
                 "--force",
                 "--quiet",
+                *mint_extra,
             ],
         ),
         (
@@ -371,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = run_measured(cmd, work / f"{out.name}.log", env, sample_tree=True)
         r["label"] = label
         r["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        r["phases"] = phases(r["output_tail"])
         print(json.dumps(r), flush=True)
         runs.append(r)
     plan = json.loads((work / "mint-out" / "mint_plan.json").read_text())

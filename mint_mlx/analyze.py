@@ -36,11 +36,12 @@ from .experts import expert_infos, splits_per_expert
 from .formats import Format
 from .path_safety import writing
 from .paths import cache_root
-from .quantize import squared_error
+from .quantize import row_squared_errors
+from .row_sample import SAMPLE_ELEMENTS, draw, row_stats, sample_rows, seed_for
 from .source import Source, TensorInfo
 
 #: Bump when the measurement changes meaning, so stale caches are not reused.
-ANALYSIS_VERSION = 3  # 2: scale fit also re-rounds MLX's own (scale, bias); 3: content hashes
+ANALYSIS_VERSION = 4  # 2: scale fit re-rounds MLX's (scale, bias); 3: content hashes; 4: sampled
 
 #: Elements per chunk when measuring a large tensor (16 MB of float32 per chunk).
 CHUNK_ELEMENTS = 1 << 22
@@ -69,6 +70,7 @@ class RDCurve:
     fixed: bool = False
     note: str = ""
     digest: str = ""  # content hash of the tensor measured (mint_mlx.digests)
+    sampled_rows: int = 0  # rows the errors were estimated from (0: every row, exact)
 
     @property
     def numel(self) -> int:
@@ -102,24 +104,27 @@ class RDCurve:
             fixed=bool(d.get("fixed", False)),
             note=d.get("note", ""),
             digest=str(d.get("digest", "")),
+            sampled_rows=int(d.get("sampled_rows", 0)),
         )
 
 
-def _chunks(
-    weight: mx.array, columns: mx.array | None
-) -> Iterator[tuple[mx.array, mx.array | None]]:
-    """Row blocks of ``weight`` (groups never cross rows) with their column weights.
-
-    A 3-D expert stack is walked expert by expert, since each expert has its own columns.
-    """
-    if weight.ndim == 3:
-        for e in range(weight.shape[0]):
-            yield from _chunks(weight[e], None if columns is None else columns[e])
-        return
-    rows = weight.reshape(-1, weight.shape[-1])
+def _chunks(rows: mx.array) -> Iterator[mx.array]:
+    """Row blocks of a 2-D ``rows`` array (groups never cross rows)."""
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
     for start in range(0, rows.shape[0], step):
-        yield rows[start : start + step], columns
+        yield rows[start : start + step]
+
+
+@dataclass
+class Measured:
+    """What :func:`measure` finds: exact energy, each format's (estimated) squared errors, and
+    how many rows were measured (0: all of them)."""
+
+    energy: float
+    sse: list[float]
+    wsse: list[float] | None
+    finite: bool
+    sampled_rows: int = 0
 
 
 def measure(
@@ -128,28 +133,87 @@ def measure(
     dtype: mx.Dtype,
     columns: mx.array | None = None,
     scales: str = "rtn",
-) -> tuple[float, list[float], list[float] | None, bool]:
-    """Energy of ``weight``, each format's squared error (plain and column-weighted), and
-    whether the tensor is finite."""
-    energy = 0.0
+    sample_elements: int | None = None,
+    seed: int = 0,
+) -> Measured:
+    """Energy of ``weight`` (exact) and each format's squared error, plain and column-weighted:
+    exact, or estimated from a stratified sample of rows of about ``sample_elements`` weights
+    (:mod:`mint_mlx.row_sample`; the same rows for every format).
+
+    A 3-D expert stack is measured expert by expert (each has its own columns), the sample
+    shared out so that every expert is represented.
+    """
+    if weight.ndim == 3:
+        experts = weight.shape[0]
+        share = None if sample_elements is None else max(1, sample_elements // experts)
+        parts = [
+            measure(
+                weight[e],
+                formats,
+                dtype,
+                None if columns is None else columns[e],
+                scales,
+                share,
+                seed + e,
+            )
+            for e in range(experts)
+        ]
+        return Measured(
+            energy=sum(p.energy for p in parts),
+            sse=[sum(v) for v in zip(*(p.sse for p in parts), strict=True)],
+            wsse=None
+            if columns is None
+            else [sum(v) for v in zip(*(p.wsse or [] for p in parts), strict=True)],
+            finite=all(p.finite for p in parts),
+            sampled_rows=sum(p.sampled_rows for p in parts),
+        )
+    rows = weight.reshape(-1, weight.shape[-1])
+    stats = row_stats(rows, columns)
+    energy = float(stats.energy.sum())
     sse = [0.0] * len(formats)
     wsse = None if columns is None else [0.0] * len(formats)
-    for chunk, cols in _chunks(weight, columns):
-        chunk = chunk.astype(mx.float32)
-        e = (chunk * chunk).sum()
-        mx.eval(e)
-        energy += float(e.item())  # type: ignore[arg-type]
-        if not math.isfinite(energy):
-            return energy, sse, wsse, False
-        for i, f in enumerate(formats):
-            # one format at a time: evaluating all at once would keep every candidate's
-            # dequantized chunk alive together (measured 2.7 GB peak on a 135M model)
-            plain, weighted = squared_error(chunk, f, dtype, cols, scales)
-            mx.eval(plain, weighted) if weighted is not None else mx.eval(plain)
-            sse[i] += float(plain.item())  # type: ignore[arg-type]
-            if wsse is not None and weighted is not None:
-                wsse[i] += float(weighted.item())  # type: ignore[arg-type]
-    return energy, sse, wsse, True
+    if not stats.finite or not math.isfinite(energy):
+        return Measured(energy, sse, wsse, False)
+    n = sample_rows(rows.shape[0], rows.shape[1], sample_elements)
+    if n is None:
+        for chunk in _chunks(rows):
+            _add_errors(chunk, formats, dtype, columns, scales, sse, wsse)
+        return Measured(energy, sse, wsse, True)
+    sample = draw(stats, n, seed)
+    picked = rows[mx.array(sample.rows)]
+    factors = (
+        mx.array(sample.plain_factor, mx.float32),
+        mx.array(sample.weighted_factor, mx.float32),
+    )
+    _add_errors(picked, formats, dtype, columns, scales, sse, wsse, factors)
+    return Measured(energy, sse, wsse, True, sampled_rows=n)
+
+
+def _add_errors(
+    rows: mx.array,
+    formats: Sequence[Format],
+    dtype: mx.Dtype,
+    columns: mx.array | None,
+    scales: str,
+    sse: list[float],
+    wsse: list[float] | None,
+    factors: tuple[mx.array, mx.array] | None = None,
+) -> None:
+    """Add each format's error over ``rows`` (each row times its factor, if given) to the
+    running totals."""
+    rows = rows.astype(mx.float32)
+    for i, f in enumerate(formats):
+        # one format at a time: evaluating all at once would keep every candidate's
+        # dequantized rows alive together (measured 2.7 GB peak on a 135M model)
+        plain, weighted = row_squared_errors(rows, f, dtype, columns, scales)
+        if factors is not None:
+            plain = plain * factors[0]
+            weighted = None if weighted is None else weighted * factors[1]
+        totals = [plain.sum()] + ([] if weighted is None else [weighted.sum()])
+        mx.eval(totals)
+        sse[i] += float(totals[0].item())  # type: ignore[arg-type]
+        if wsse is not None and len(totals) > 1:
+            wsse[i] += float(totals[1].item())  # type: ignore[arg-type]
 
 
 def analyze_tensor(
@@ -159,15 +223,18 @@ def analyze_tensor(
     dtype: mx.Dtype,
     columns: mx.array | None = None,
     scales: str = "rtn",
+    sample_elements: int | None = None,
 ) -> RDCurve:
-    """The RD curve of one tensor over the formats that can store it."""
+    """The RD curve of one tensor over the formats that can store it (errors estimated from a
+    sample of about ``sample_elements`` weights, or exact with ``None``)."""
     dtype_bytes = dtype.size
     options = (
         [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
     )
-    energy, sse, wsse, finite = measure(weight, options, dtype, columns, scales)
+    m = measure(weight, options, dtype, columns, scales, sample_elements, seed_for(info.path))
+    energy, sse, wsse = m.energy, m.sse, m.wsse
     note = ""
-    if not finite:
+    if not m.finite:
         # NaN/Inf weights cannot be quantized meaningfully: keep them in 16 bits and say so.
         options = [f for f in formats if not f.is_quantized][:1] or [Format("passthrough", 16, 0)]
         sse, energy, note = [0.0], 0.0, "non-finite values: kept in 16-bit"
@@ -189,6 +256,7 @@ def analyze_tensor(
         candidates=candidates,
         fixed=info.fixed is not None,
         note=note,
+        sampled_rows=m.sampled_rows if m.finite else 0,
     )
 
 
@@ -200,14 +268,21 @@ def analyze_stack(
     columns: mx.array | None = None,
     scales: str = "rtn",
     per_expert: bool = False,
+    sample_elements: int | None = None,
 ) -> list[RDCurve]:
     """The RD curves of one source tensor: one curve, or with ``per_expert`` one per expert of
     an expert stack (each with its own Fisher columns, ``columns[e]``)."""
     if not (per_expert and splits_per_expert(info)):
-        return [analyze_tensor(info, weight, formats, dtype, columns, scales)]
+        return [analyze_tensor(info, weight, formats, dtype, columns, scales, sample_elements)]
     return [
         analyze_tensor(
-            sub, weight[e], formats, dtype, None if columns is None else columns[e], scales
+            sub,
+            weight[e],
+            formats,
+            dtype,
+            None if columns is None else columns[e],
+            scales,
+            sample_elements,
         )
         for e, sub in enumerate(expert_infos(info))
     ]
@@ -227,12 +302,14 @@ def cache_key(
     calibration: str = "",
     scales: str = "rtn",
     per_expert: bool = False,
+    sample_elements: int | None = SAMPLE_ELEMENTS,
 ) -> str:
     """What an analysis file depends on besides the tensors themselves (which each line
     identifies by content hash): the model's config, candidates, output dtype, calibration (the
     key of the Fisher weights, empty without), scale method, per-expert curves and version.
     (Without ``per_expert`` the key is what it was before that option existed, so existing
-    caches stay valid.)"""
+    caches stay valid.) ``sample_elements`` is the row sample's size, ``None`` for exact
+    errors."""
     h = hashlib.sha256()
     h.update(json.dumps(source.config, sort_keys=True).encode())
     h.update(calibration.encode())
@@ -242,6 +319,7 @@ def cache_key(
     h.update(f"v{ANALYSIS_VERSION}".encode())
     if per_expert:
         h.update(b"per-expert")
+    h.update(f"sample={sample_elements or 'all'}".encode())
     return h.hexdigest()[:24]
 
 
@@ -252,8 +330,9 @@ def default_cache_path(
     calibration: str = "",
     scales: str = "rtn",
     per_expert: bool = False,
+    sample_elements: int | None = SAMPLE_ELEMENTS,
 ) -> Path:
-    key = cache_key(source, formats, dtype, calibration, scales, per_expert)
+    key = cache_key(source, formats, dtype, calibration, scales, per_expert, sample_elements)
     return cache_root() / "analysis" / f"{key}.jsonl"
 
 
@@ -300,6 +379,7 @@ def analyze(
     scales: str = "rtn",
     jobs: int = 1,
     per_expert: bool = False,
+    sample_elements: int | None = SAMPLE_ELEMENTS,
 ) -> list[RDCurve]:
     """RD curves for every quantizable tensor of ``source``, reusing and extending the cache.
 
@@ -308,6 +388,8 @@ def analyze(
     processes share the work; under ``mlx.launch`` the ranks split the tensors between them
     (:mod:`mint_mlx.parallel`). The result is the same either way. ``per_expert`` measures each
     expert of an expert stack as its own curve (``module#e``), in the stack's place in the list.
+    Errors are estimated from a row sample of about ``sample_elements`` weights per tensor
+    (:mod:`mint_mlx.row_sample`), or measured on every weight with ``None``.
     """
     from .parallel import (
         PARALLEL_MIN_ELEMENTS,
@@ -317,8 +399,10 @@ def analyze(
         rank_share,
     )
 
-    key = cache_key(source, formats, dtype, calibration, scales, per_expert)
-    path = cache_path or default_cache_path(source, formats, dtype, calibration, scales, per_expert)
+    key = cache_key(source, formats, dtype, calibration, scales, per_expert, sample_elements)
+    path = cache_path or default_cache_path(
+        source, formats, dtype, calibration, scales, per_expert, sample_elements
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     group = distributed_group()
     writer = group is None or group.rank() == 0  # one process writes the cache file
@@ -356,7 +440,9 @@ def analyze(
         def measure_here(info: TensorInfo, digest: str) -> None:
             cols = None if columns is None else columns[info.key].astype(mx.float32)
             weight = source.tensor(info.key)  # still loaded if it was just hashed
-            for curve in analyze_stack(info, weight, formats, dtype, cols, scales, per_expert):
+            for curve in analyze_stack(
+                info, weight, formats, dtype, cols, scales, per_expert, sample_elements
+            ):
                 record(curve, digest)
             source.release(info.key)
 
@@ -388,6 +474,7 @@ def analyze(
                     min(jobs, len(todo)),
                     pooled,
                     per_expert,
+                    sample_elements,
                 )
             else:
                 for info, digest in todo.items():

@@ -11,8 +11,9 @@ import errno
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ class ConvertResult:
     url: str | None = None
     rank: int = 0  # under mlx.launch: only rank 0 prints and saves
     replaced: str | None = None  # what --force replaced at ``path`` ("a mint-mlx output")
+    #: Wall seconds per phase: sensitivity, analysis, plan, card (figures), save.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
@@ -125,6 +128,7 @@ def convert(
     formats: str = "native",
     sensitivity_pass: str = "auto",
     max_memory: str | int | None = None,
+    exact_analysis: bool = False,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
@@ -172,14 +176,18 @@ def convert(
         formats=formats,
         sensitivity_pass=sensitivity_pass,
         max_memory=resolve_max_memory(max_memory),
+        exact_analysis=exact_analysis,
     )
+    seconds = dict(prepared.seconds)
+    start = time.perf_counter()
     plan = prepared.plan(nbytes)
+    seconds["plan"] = time.perf_counter() - start
     plan.peak_memory = peak_rss()
     group = distributed_group()
     if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
-        return ConvertResult(plan, None, prepared.cache, rank=group.rank())
+        return ConvertResult(plan, None, prepared.cache, rank=group.rank(), seconds=seconds)
     if dry_run:
-        return ConvertResult(plan, None, prepared.cache)
+        return ConvertResult(plan, None, prepared.cache, seconds=seconds)
     card = model_card(
         plan,
         base_model=str(hf_path),
@@ -191,7 +199,10 @@ def convert(
     check_free_space(out, plan.total_bytes)
     try:
         with staging_dir(out, force, reads, _published) as tmp:
+            start = time.perf_counter()
             card_figures(prepared, plan, tmp, out.name)
+            seconds["card"] = time.perf_counter() - start
+            start = time.perf_counter()
             save_model_dir(
                 source,
                 plan,
@@ -202,6 +213,7 @@ def convert(
                 progress=progress,
                 columns=prepared.columns,
             )
+            seconds["save"] = time.perf_counter() - start
     except OSError as e:
         refused = not_writable(e, "--mlx-path", out)
         if refused is not None:
@@ -218,7 +230,9 @@ def convert(
         from .hub import upload
 
         url = upload(out, upload_repo)
-    return ConvertResult(plan, out, prepared.cache, url, replaced=_saved.get("replaced"))
+    return ConvertResult(
+        plan, out, prepared.cache, url, replaced=_saved.get("replaced"), seconds=seconds
+    )
 
 
 #: The output this process finished saving (a Ctrl-C after it interrupts only the upload), and
@@ -233,6 +247,12 @@ def _published(out: Path, replaced: str | None) -> None:
 
 #: Room kept free beyond the weights: config, tokenizer, card and its figures.
 SPACE_MARGIN = 64 * 2**20
+
+
+def phase_line(seconds: dict[str, float]) -> str:
+    """One line with each phase's wall time, so a user can see where a conversion went."""
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+    return f"time: {parts} (total {sum(seconds.values()):.1f} s)"
 
 
 def check_free_space(out: Path, weight_bytes: int) -> None:
@@ -303,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(adds group 16/256 and compact scales; load with mint_mlx.load)",
     )
     add_sensitivity_arguments(p)
+    p.add_argument(
+        "--exact-analysis",
+        action="store_true",
+        help="measure every candidate on every weight instead of a row sample (slower; the "
+        "sample's estimates are within a few percent)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -339,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=args.formats,
             sensitivity_pass=args.sensitivity_pass,
             max_memory=args.max_memory,
+            exact_analysis=args.exact_analysis,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -366,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"replaced {result.path} ({result.replaced}, as --force asked)")
     if result.path is not None:
         print(f"saved {result.path}")
+    print(phase_line(result.seconds))
     if result.url:
         print(f"uploaded {result.url}")
     return 0

@@ -55,6 +55,7 @@ def _analyse_one(
     columns: np.ndarray | None,
     scales: str,
     per_expert: bool = False,
+    sample_elements: int | None = None,
 ) -> list[dict[str, Any]]:
     """The records of one source tensor: one, or one per expert (see analyze_stack)."""
     from .analyze import analyze_stack
@@ -65,9 +66,31 @@ def _analyse_one(
     formats = [format_by_name(n) for n in format_names]
     cols = None if columns is None else mx.array(columns)
     dtype = getattr(mx, dtype_name)
-    curves = analyze_stack(info, source.tensor(key), formats, dtype, cols, scales, per_expert)
+    curves = analyze_stack(
+        info, source.tensor(key), formats, dtype, cols, scales, per_expert, sample_elements
+    )
     source.release(key)
     return [c.to_json() for c in curves]
+
+
+#: What one analysis process holds besides its current tensor: MLX and the source's index, and
+#: the float32 work of one row chunk or row sample (a generous round figure).
+WORKER_FIXED_BYTES = 256 * 2**20
+
+
+def worker_memory(source: Source) -> int:
+    """One analysis process's peak: its largest tensor as read (16-bit) and once more in
+    float32 pieces, plus :data:`WORKER_FIXED_BYTES`."""
+    largest = max((info.numel for info in source.quantizable), default=0)
+    return WORKER_FIXED_BYTES + 2 * 2 * largest
+
+
+def jobs_within(source: Source, jobs: int, max_memory: int | None) -> int:
+    """``jobs``, lowered so that the parent and its workers stay under ``max_memory``."""
+    if max_memory is None or jobs <= 1:
+        return jobs
+    per = worker_memory(source)
+    return max(1, min(jobs, (max_memory - per) // per))
 
 
 def default_jobs() -> int:
@@ -88,6 +111,7 @@ def analyse_in_pool(
     jobs: int,
     on_result: Callable[[TensorInfo, list[dict[str, Any]]], None],
     per_expert: bool = False,
+    sample_elements: int | None = None,
 ) -> None:
     """Measure ``infos`` in ``jobs`` worker processes; ``on_result`` gets each tensor's records
     as they arrive (in completion order; one record, or one per expert with ``per_expert``).
@@ -109,7 +133,9 @@ def analyse_in_pool(
             cols = None
             if columns is not None:
                 cols = np.array(columns[info.key].astype(mx.float32))
-            fut = pool.submit(_analyse_one, info.key, names, dtype_name, cols, scales, per_expert)
+            fut = pool.submit(
+                _analyse_one, info.key, names, dtype_name, cols, scales, per_expert, sample_elements
+            )
             running[fut] = info
 
         try:

@@ -138,6 +138,7 @@ def plan(
     scales: str | None = None,
     sensitivity_pass: str = "auto",
     max_memory: str | int | None = None,
+    exact_analysis: bool = False,
 ) -> PlanReport:
     """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine.
 
@@ -167,6 +168,7 @@ def plan(
         formats=formats,
         sensitivity_pass=sensitivity_pass,
         max_memory=resolve_max_memory(max_memory),
+        exact_analysis=exact_analysis,
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -275,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scales", choices=SCALE_METHODS, help="affine scales: optimized (default) or rtn"
     )
     add_sensitivity_arguments(p)
+    p.add_argument(
+        "--exact-analysis",
+        action="store_true",
+        help="measure every candidate on every weight instead of a row sample (slower; the "
+        "sample's estimates are within a few percent)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
@@ -295,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scales=args.scales,
             sensitivity_pass=args.sensitivity_pass,
             max_memory=args.max_memory,
+            exact_analysis=args.exact_analysis,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

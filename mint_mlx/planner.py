@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from .layout import (
     largest_tensor_bytes,
     offset_digits,
 )
+from .parallel import jobs_within, worker_memory
+from .row_sample import SAMPLE_ELEMENTS
 from .save import exact_total_bytes
 from .sizes import format_size
 from .source import Source, has_tokenizer
@@ -57,6 +60,8 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # said with every plan
     #: The fisher objective's large-error term (benchmarks vary it; users keep the default).
     large_error_penalty: float = LARGE_ERROR_PENALTY
+    #: Wall seconds of the costly phases (``sensitivity``, ``analysis``), cache reads included.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def fixed(self, budget: int) -> int:
         """Bytes outside the allocator's control at this budget (see layout.fixed_bytes)."""
@@ -159,6 +164,7 @@ def prepare(
     formats: str = "native",
     sensitivity_pass: str = "auto",
     max_memory: int | None = None,
+    exact_analysis: bool = False,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
@@ -168,11 +174,14 @@ def prepare(
     names, so a native and an extended analysis of the same model never mix. The sensitivity
     pass runs in memory or block by block as ``sensitivity_pass`` and ``max_memory`` (bytes)
     decide (:func:`mint_mlx.calibrate.choose_pass`); when neither fits, a one-line error says
-    what would, never a silent switch to weight error.
+    what would, never a silent switch to weight error. The analysis estimates each
+    candidate's error from a row sample of each tensor (:mod:`mint_mlx.row_sample`), or with
+    ``exact_analysis`` measures every weight.
     """
     if formats not in FORMAT_SETS:
         raise MintError(f"unknown --formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     columns, calib_key, notes = None, "", []
+    start = time.perf_counter()
     if formats == "extended" and objective == "paper":
         notes.append(
             "--formats extended does not apply to --objective paper: planned over the "
@@ -197,6 +206,7 @@ def prepare(
                 "planned with --objective nrmse instead"
             )
             objective, columns, calib_key = "nrmse", None, ""
+    sensitivity_seconds = time.perf_counter() - start
     candidates = formats_for(objective, scales, formats)
     # Per-expert configs are an extended format: each expert of a MoE stack is its own item in
     # the knapsack. Only models that have expert stacks get the flag (it changes the cache key).
@@ -205,9 +215,19 @@ def prepare(
         and objective != "paper"
         and any(splits_per_expert(info) for info in source.quantizable)
     )
+    sample = None if exact_analysis else SAMPLE_ELEMENTS
+    allowed = jobs_within(source, jobs, max_memory)
+    if allowed < jobs:
+        notes.append(
+            f"analysis ran in {allowed} process{'es' if allowed > 1 else ''} instead of --jobs "
+            f"{jobs}: each needs about {format_size(worker_memory(source))} and --max-memory is "
+            f"{format_size(max_memory or 0)}"
+        )
+        jobs = allowed
     cache = analysis or default_cache_path(
-        source, candidates, dtype, calib_key, scales, per_expert=per_expert
+        source, candidates, dtype, calib_key, scales, per_expert, sample
     )
+    start = time.perf_counter()
     curves = analyze(
         source,
         candidates,
@@ -219,7 +239,25 @@ def prepare(
         scales=scales,
         jobs=jobs,
         per_expert=per_expert,
+        sample_elements=sample,
     )
+    seconds = {"sensitivity": sensitivity_seconds, "analysis": time.perf_counter() - start}
+    sampled = sum(1 for c in curves if c.sampled_rows)
+    if sampled:
+        notes.append(
+            f"errors of {sampled} of {len(curves)} tensors estimated from a stratified sample "
+            f"of about {SAMPLE_ELEMENTS:,} weights each (--exact-analysis measures every weight)"
+        )
     return Prepared(
-        source, dtype, objective, scales, min_sqnr, curves, columns, cache, max_shard_bytes, notes
+        source,
+        dtype,
+        objective,
+        scales,
+        min_sqnr,
+        curves,
+        columns,
+        cache,
+        max_shard_bytes,
+        notes,
+        seconds=seconds,
     )

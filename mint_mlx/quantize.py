@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import Format
-from .scales import optimized_affine, optimized_affine_error
+from .scales import fit_affine, optimized_affine
 
 #: How affine scales and biases are chosen: MLX's rule, or fitted (see mint_mlx.scales).
 SCALE_METHODS = ("optimized", "rtn")
@@ -117,6 +117,28 @@ def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     )
 
 
+def row_squared_errors(
+    weight: mx.array,
+    fmt: Format,
+    dtype: mx.Dtype,
+    column_weights: mx.array | None = None,
+    scales: str = "rtn",
+) -> tuple[mx.array, mx.array | None]:
+    """Per row of a 2-D ``weight``: the squared difference between it (as float32) and its
+    stored version, and the same with each input column weighted by ``column_weights`` (if
+    given). Rows are what the analysis samples (:mod:`mint_mlx.row_sample`)."""
+    if fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales == "optimized":
+        fit = fit_affine(weight, fmt.bits, fmt.group_size, dtype, column_weights)
+        plain = fit.plain_error.sum(axis=(-2, -1))
+        return plain, None if column_weights is None else fit.weighted_error.sum(axis=(-2, -1))
+    stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
+    restored = dequantize_weight(stored, fmt)
+    diff = restored - weight.astype(mx.float32)
+    d2 = diff * diff
+    weighted = None if column_weights is None else (d2 * column_weights).sum(axis=-1)
+    return d2.sum(axis=-1), weighted
+
+
 def squared_error(
     weight: mx.array,
     fmt: Format,
@@ -126,11 +148,5 @@ def squared_error(
 ) -> tuple[mx.array, mx.array | None]:
     """Sum of squared differences between ``weight`` (as float32) and its stored version, and
     the same sum with each input column weighted by ``column_weights`` (if given)."""
-    if fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales == "optimized":
-        return optimized_affine_error(weight, fmt.bits, fmt.group_size, dtype, column_weights)
-    stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
-    restored = dequantize_weight(stored, fmt)
-    diff = restored - weight.astype(mx.float32)
-    d2 = diff * diff
-    weighted = None if column_weights is None else (d2 * column_weights).sum()
-    return d2.sum(), weighted
+    plain, weighted = row_squared_errors(weight, fmt, dtype, column_weights, scales)
+    return plain.sum(), None if weighted is None else weighted.sum()

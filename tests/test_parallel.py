@@ -104,3 +104,21 @@ def test_ctrl_c_during_pooled_analysis_keeps_finished_records(
     monkeypatch.setattr(mint_mlx.analyze.RDCurve, "from_json", staticmethod(real_from_json))
     plan = convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=cache, dry_run=True, jobs=2).plan
     assert len(cache_records(cache)) == len(plan.assignments)
+
+
+def test_max_memory_lowers_the_worker_count(tiny_llama: Path, tmp_path: Path) -> None:
+    """--max-memory bounds the analysis too: fewer workers when they would not fit."""
+    from mint_mlx.parallel import WORKER_FIXED_BYTES
+    from mint_mlx.source import open_source
+
+    largest = max(t.numel for t in open_source(tiny_llama).quantizable)
+    per_worker = WORKER_FIXED_BYTES + 4 * largest  # 16-bit as read, plus float32 pieces
+    roomy = convert(
+        tiny_llama, tmp_path / "o", bpw=4.0, dry_run=True, jobs=2, max_memory=3 * per_worker
+    )
+    assert not any("instead of --jobs" in n for n in roomy.plan.notes)
+    tight = convert(
+        tiny_llama, tmp_path / "o", bpw=4.0, dry_run=True, jobs=2, max_memory=2 * per_worker
+    )
+    assert any("analysis ran in 1 process instead of --jobs 2" in n for n in tight.plan.notes)
+    assert tight.plan.formats == roomy.plan.formats
