@@ -39,9 +39,10 @@ MLX_GROUP_SIZES = (32, 64, 128)
 #: Alternating least-squares rounds; the error stops improving after 2-3 on real weights.
 ITERATIONS = 4
 
-#: Weights per block: a block's four float32 working arrays (~1 MiB) stay in a core's L2
-#: cache across the ~50 passes of a fit. Measured flat between 2**15 and 2**17 here.
-BLOCK_ELEMENTS = 1 << 16
+#: Weights per block: a block's four float32 working arrays (~2 MiB) stay in a core's L2
+#: cache across the ~50 passes of a fit, and the ~150 numpy calls per block stay cheap
+#: (measured: 2**17 at least as fast as 2**16 and 2**18 here; 2**15 slower).
+BLOCK_ELEMENTS = 1 << 17
 
 #: Threads over blocks. Results do not depend on it (blocks are independent).
 THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -288,6 +289,19 @@ def pack_numpy(codes: np.ndarray, bits: int) -> np.ndarray:
     return stream.reshape(-1).view("<u4").astype(np.uint32).reshape(*lead, n * bits // 32)
 
 
+def _pack_transposed(q: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`pack_numpy` for a transposed block of codes ``q`` (g, m) (float, in range): the
+    flat uint32 words of its m groups in order. The shifts run along the slow axis, so each is
+    one contiguous op over all groups (2.5x faster than packing the (m, g) layout here)."""
+    g, m = q.shape
+    eights = q.astype(np.uint64).reshape(g // 8, 8, m)
+    acc = eights[:, 0].copy()
+    for i in range(1, 8):
+        acc |= eights[:, i] << np.uint64(i * bits)
+    stream = np.ascontiguousarray(acc.T.astype("<u8")).view(np.uint8).reshape(m, g // 8, 8)
+    return np.ascontiguousarray(stream[:, :, :bits]).reshape(-1).view("<u4").astype(np.uint32)
+
+
 def pack_codes(codes: mx.array, bits: int) -> mx.array:
     """Pack integer codes (..., n) into uint32 words (..., n * bits / 32) as ``mx.quantize`` does
     (see :func:`pack_numpy`)."""
@@ -357,8 +371,7 @@ def _fit_2d(
         for dst, src in zip(out, (fit.s, fit.b, fit.weighted, fit.plain), strict=True):
             dst[r0:r1] = src.reshape(r1 - r0, groups)
         if packed is not None and fit.codes is not None:
-            codes = fit.codes.astype(np.uint8).T.reshape(r1 - r0, n)
-            packed[r0:r1] = pack_numpy(codes, bits)
+            packed[r0:r1] = _pack_transposed(fit.codes, bits).reshape(r1 - r0, -1)
 
     _map(work, blocks)
     return _Fit2D(out[0], out[1], out[2], out[3], packed)
@@ -453,7 +466,7 @@ def pack_for(weight: mx.array, s: mx.array, b: mx.array, bits: int, group_size: 
         x = np.ascontiguousarray(w[r0:r1].reshape(m, group_size).T)
         t, q = np.empty_like(x), np.empty_like(x)
         _codes_and_errors(x, None, sn[r0:r1].ravel(), bn[r0:r1].ravel(), qmax, t, q)
-        packed[r0:r1] = pack_numpy(q.astype(np.uint8).T.reshape(r1 - r0, n), bits)
+        packed[r0:r1] = _pack_transposed(q, bits).reshape(r1 - r0, -1)
 
     _map(work, _block_rows(w.shape[0], n))
     return mx.array(packed.reshape(*lead, packed.shape[-1]))
@@ -486,6 +499,12 @@ def optimized_affine_error(
     """(plain, weighted) squared error of :func:`optimized_affine`, without packing: the same
     fit and the same codes, so the analysis measures exactly what save writes."""
     fit = _fit_numpy(weight, bits, group_size, dtype, columns, ITERATIONS, False)
-    plain = mx.array(np.float32(fit.plain.sum(dtype=np.float64)))
-    weighted = None if columns is None else mx.array(np.float32(fit.weighted.sum(dtype=np.float64)))
+    # summed in float64 (the groups' float32 errors span many magnitudes), handed back as the
+    # float32 scalars the analysis expects
+    plain = mx.array(float(fit.plain.sum(dtype=np.float64)), dtype=mx.float32)
+    weighted = (
+        None
+        if columns is None
+        else mx.array(float(fit.weighted.sum(dtype=np.float64)), dtype=mx.float32)
+    )
     return plain, weighted
