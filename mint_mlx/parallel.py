@@ -46,6 +46,10 @@ def _init_worker(source_path: str) -> None:
     # Ctrl-C is the parent's to handle: it keeps every finished record and stops the pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_SOURCE = open_source(source_path)
+    # the processes already share the cores: threads inside each fit would only contend
+    from . import scales
+
+    scales.THREADS = 1
 
 
 def _analyse_one(
