@@ -31,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import mint_mlx  # noqa: F401  (before any mlx.core import: it puts OpenBLAS under MLX)
+from mint_mlx.row_sample import SAMPLE_ELEMENTS
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("affine-3-g64", "mixed_3_6-g64", "affine-4-g64", "affine-4-g32")
 #: Tensor-size buckets (elements) for the accuracy table.
-BUCKETS = ((0, 1 << 20), (1 << 20, 1 << 22), (1 << 22, 1 << 24), (1 << 24, 1 << 40))
+BUCKETS = (
+    (0, 1 << 18),
+    (1 << 18, 1 << 20),
+    (1 << 20, 1 << 22),
+    (1 << 22, 1 << 24),
+    (1 << 24, 1 << 40),
+)
 
 
 def _bucket(numel: int) -> str:
@@ -127,6 +134,7 @@ def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) 
         if name == "all":
             continue
         by_bucket: dict[str, dict[str, list[float]]] = {}
+        by_format: dict[str, list[float]] = {}
         sampled = 0
         for c in got:
             if not c.sampled_rows:
@@ -138,6 +146,7 @@ def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) 
                 r = ref[x.format]
                 if r.wsse and x.wsse is not None:
                     b["weighted"].append(x.wsse / r.wsse - 1.0)
+                    by_format.setdefault(x.format, []).append(x.wsse / r.wsse - 1.0)
                 if r.sse:
                     b["plain"].append(x.sse / r.sse - 1.0)
         plan_rows = {}
@@ -166,6 +175,7 @@ def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) 
                 for bucket, d in sorted(by_bucket.items())
             },
             "plans": plan_rows,
+            "weighted_by_format": {f: _quantiles(v) for f, v in sorted(by_format.items())},
         }
     state.update(
         testbed=testbed,
@@ -218,6 +228,22 @@ def markdown(states: list[dict[str, Any]], machine: dict[str, Any], command: str
                     f"| {name} | {bucket} | {row['tensors_sampled']} / {row['tensors']} | "
                     f"{w['n'] if w else 0} | " + " | ".join(cells) + " |"
                 )
+        default = f"2^{SAMPLE_ELEMENTS.bit_length() - 1}"
+        if default in s["rows"]:
+            per = s["rows"][default]["weighted_by_format"]
+            lines += [
+                "",
+                f"At the default sample ({default} weights), the weighted error's relative error "
+                "by format (every sampled tensor):",
+                "",
+                "| format | median | p95 | max |",
+                "|---|---:|---:|---:|",
+                *[
+                    f"| {f} | {100 * q['median']:.2f}% | {100 * q['p95']:.2f}% | "
+                    f"{100 * q['max']:.2f}% |"
+                    for f, q in per.items()
+                ],
+            ]
         lines += [
             "",
             "Plans at the goal sizes: tensors given another format than the full measurement's "

@@ -8,6 +8,7 @@ affine) in their dtype. The allocator trades these exact costs against measured 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
@@ -216,9 +217,15 @@ def by_name(formats: Sequence[Format]) -> dict[str, Format]:
     return {f.name: f for f in formats}
 
 
+@functools.cache
+def _registry() -> dict[str, Format]:
+    return by_name(native_formats() + extended_formats())
+
+
 def format_by_name(name: str) -> Format:
-    """Look a format (native or extended) up by its :attr:`Format.name`."""
-    table = by_name(native_formats() + extended_formats())
+    """Look a format (native or extended) up by its :attr:`Format.name` (the registry is built
+    once: the allocator looks up every candidate of every tensor at each budget)."""
+    table = _registry()
     if name not in table:
         raise KeyError(f"unknown format {name!r}; known: {', '.join(table)}")
     return table[name]

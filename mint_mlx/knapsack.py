@@ -32,8 +32,12 @@ from dataclasses import dataclass
 
 #: Items solved exactly by branch and bound.
 CORE_SIZE = 24
-#: Node limit for branch and bound (keeps the worst case bounded; hit only on adversarial input).
-NODE_LIMIT = 400_000
+#: Node limit for branch and bound. Real models hit any limit (the core's near-ties leave the
+#: LP bound loose), and then the first incumbents, found most-expensive-first, are already the
+#: answer: a 12-budget sweep of SmolLM2 took 113 s at 400,000 nodes, 7.5 s at 10,000 and 3.1 s
+#: at 2,000, with the same distortion at every budget to 3 significant digits (the largest
+#: difference 0.13%, on a distortion of 7e-4).
+NODE_LIMIT = 2_000
 #: Items whose cost range exceeds this share of the capacity are enumerated option by option ...
 LARGE_ITEM_SHARE = 0.05
 #: ... at most this many of them (the largest ranges), one at a time.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .analyze import RDCurve, analyze, default_cache_path
 from .calibrate import CalibrationConfig, sensitivity
 from .errors import BudgetError, MintError
 from .experts import splits_per_expert
-from .formats import FORMAT_SETS, formats_for
+from .formats import FORMAT_SETS, Format, formats_for
 from .layout import (
     MAX_OFFSET_DIGITS,
     MAX_SHARD_BYTES,
@@ -62,6 +63,8 @@ class Prepared:
     large_error_penalty: float = LARGE_ERROR_PENALTY
     #: Wall seconds of the costly phases (``sensitivity``, ``analysis``), cache reads included.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Priced (tensor, format) pairs by header digit count (see :meth:`_cost_fn`).
+    _costs: dict[int, dict[tuple[str, str], int]] = field(default_factory=dict, repr=False)
 
     def fixed(self, budget: int) -> int:
         """Bytes outside the allocator's control at this budget (see layout.fixed_bytes)."""
@@ -74,13 +77,26 @@ class Prepared:
             passthrough, self.dtype, budget, largest_tensor_bytes(shapes), self.max_shard_bytes
         )
 
+    def _cost_fn(self, digits: int) -> Callable[[str, Format, Sequence[int], mx.Dtype], int]:
+        """:func:`candidate_bytes` at ``digits``, remembered: every budget of a sweep prices the
+        same (tensor, format) pairs, and pricing builds each header entry."""
+        memo = self._costs.setdefault(digits, {})
+
+        def cost(path: str, fmt: Format, shape: Sequence[int], dtype: mx.Dtype) -> int:
+            key = (path, fmt.name)
+            if key not in memo:
+                memo[key] = candidate_bytes(path, fmt, shape, dtype, digits)
+            return memo[key]
+
+        return cost
+
     def _range(self, digits: int, budget_for_fixed: int) -> tuple[int, int]:
         return feasible_range(
             self.curves,
             self.fixed(budget_for_fixed),
             self.dtype,
             self.min_sqnr,
-            lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
+            self._cost_fn(digits),
         )
 
     @functools.cached_property
@@ -136,7 +152,7 @@ class Prepared:
             min_sqnr=self.min_sqnr,
             objective=self.objective,
             num_layers=self.source.num_layers,
-            cost_fn=lambda p, f, s, d: candidate_bytes(p, f, s, d, digits),
+            cost_fn=self._cost_fn(digits),
             large_error_penalty=self.large_error_penalty,
         )
         plan.scales = self.scales
