@@ -9,6 +9,7 @@ extended formats) and plugged into a float32 mlx-lm model.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -192,8 +193,11 @@ def test_generate_cli_writes_text(extended_llama: tuple[Path, Plan]) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    text = run.stdout.split("==========")[1].strip()
-    assert text
+    # the text of a random tiny model may be whitespace only: what must hold is that tokens were
+    # generated through mint_mlx.load's layers and printed between mlx-lm's separators
+    assert run.stdout.count("==========") == 2, run.stdout
+    generated = re.search(r"Generation: (\d+) tokens", run.stdout)
+    assert generated is not None and int(generated.group(1)) >= 1, run.stdout
 
 
 def test_evaluate_runs_on_both_backends(
