@@ -273,7 +273,10 @@ def kld_rows(testbed: str, new_dir: Path) -> list[str]:
     from frontier import paired
 
     old = json.loads((HERE / "results" / "32k" / f"{testbed}.json").read_text())["rows"]
-    new = json.loads((new_dir / f"{testbed}.json").read_text())["rows"]
+    path = new_dir / f"{testbed}.json"
+    new = json.loads(path.read_text())["rows"] if path.exists() else {}
+    if not any("kld_mean" in new.get(f"mint@{t}", {}) for t in TARGETS):
+        return []
     lines = [
         f"### {testbed}: measured KLD, sampled against exact analysis (32k tokens)",
         "",

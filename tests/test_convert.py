@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,16 @@ def test_dry_run_prints_plan(
     assert "| configuration | tensors | % tensors | % parameters | bytes |" in out
     assert "of budget" in out and "bits per weight" in out and "predicted distortion" in out
     assert not (tmp_path / "o").exists()
+    # each phase's wall time, and their total (a dry run stops after planning)
+    times = re.search(
+        r"^time: sensitivity ([\d.]+) s, analysis ([\d.]+) s, plan ([\d.]+) s "
+        r"\(total ([\d.]+) s\)$",
+        out,
+        re.M,
+    )
+    assert times is not None, out
+    parts = [float(x) for x in times.groups()]
+    assert abs(sum(parts[:3]) - parts[3]) <= 0.15
 
 
 def test_budget_above_16_bit_keeps_everything(
