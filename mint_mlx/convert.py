@@ -125,6 +125,7 @@ def convert(
     formats: str = "native",
     sensitivity_pass: str = "auto",
     max_memory: str | int | None = None,
+    sampler: str = "auto",
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
@@ -133,8 +134,9 @@ def convert(
     allocator also pick mint-mlx's extended formats; an output that uses one loads with
     :func:`mint_mlx.load` (stock mlx-lm refuses it by name). ``max_memory`` (bytes or a size;
     default :func:`mint_mlx.memory.default_max_memory`) bounds the sensitivity pass, which runs
-    in memory or block by block as ``sensitivity_pass`` says. Raises :class:`MintError`
-    subclasses for anything the user can fix.
+    in memory or block by block as ``sensitivity_pass`` says, from text that ``sampler`` (the
+    source, or its 4-bit copy; see :data:`mint_mlx.calibrate.SAMPLERS`) samples. Raises
+    :class:`MintError` subclasses for anything the user can fix.
     """
     out = Path(mlx_path).expanduser()
     _saved.clear()
@@ -172,6 +174,7 @@ def convert(
         formats=formats,
         sensitivity_pass=sensitivity_pass,
         max_memory=resolve_max_memory(max_memory),
+        sampler=sampler,
     )
     plan = prepared.plan(nbytes)
     plan.peak_memory = peak_rss()
@@ -339,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=args.formats,
             sensitivity_pass=args.sensitivity_pass,
             max_memory=args.max_memory,
+            sampler=args.sampler,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

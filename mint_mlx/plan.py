@@ -138,6 +138,7 @@ def plan(
     scales: str | None = None,
     sensitivity_pass: str = "auto",
     max_memory: str | int | None = None,
+    sampler: str = "auto",
 ) -> PlanReport:
     """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine.
 
@@ -167,6 +168,7 @@ def plan(
         formats=formats,
         sensitivity_pass=sensitivity_pass,
         max_memory=resolve_max_memory(max_memory),
+        sampler=sampler,
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -295,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scales=args.scales,
             sensitivity_pass=args.sensitivity_pass,
             max_memory=args.max_memory,
+            sampler=args.sampler,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)
