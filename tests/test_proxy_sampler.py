@@ -126,6 +126,7 @@ print(json.dumps({"growth": status("VmHWM") - before}))
     model16 = 2 * source.total_parameters
     assert estimate < 0.75 * model16  # else the test could not tell the two apart
     assert growth < estimate, (growth, estimate)
+    assert growth < 0.75 * model16, (growth, model16)
     assert growth > 0.5 * proxy_model_bytes(source), (growth, estimate)  # it measured the build
 
 
