@@ -55,6 +55,7 @@ from mint_mlx.planner import Prepared, prepare
 from mint_mlx.proxy import PROXY_NAME, proxy_model_bytes, proxy_sample
 from mint_mlx.sampling import sample_sequences, start_token
 from mint_mlx.source import Source, open_source
+from mint_mlx.streamed import streamed_sample
 
 HERE = Path(__file__).resolve().parent
 SAMPLERS = ("full", "proxy")
@@ -119,6 +120,14 @@ def texts_and_sensitivities(source: Source, config: CalibrationConfig) -> dict[s
     return out
 
 
+def streamed_seconds_per_token(source: Source, config: CalibrationConfig, tokens: int) -> float:
+    """Seconds per token of the exact block-streamed sampler (the proxy's alternative when
+    the float32 model does not fit), over its first ``tokens`` tokens."""
+    start = start_token(source)
+    _, seconds = _timed(streamed_sample, source, start, config.sequences, tokens + 1, config.seed)
+    return seconds / tokens
+
+
 def cross_predicted(plan: Any, prepared: Prepared) -> float:
     """The predicted KLD of ``plan`` under ``prepared``'s sensitivities (another text's)."""
     curves = {c.path: c for c in prepared.curves}
@@ -144,6 +153,11 @@ def run_testbed(args: argparse.Namespace, testbed: str, frontier: dict[str, Any]
     row["load_average_before"] = os.getloadavg()
     print(f"[{testbed}] sampling with each sampler", flush=True)
     row["samplers"] = texts_and_sensitivities(source, config)
+    if args.streamed_tokens:
+        row["samplers"]["streamed_seconds_per_token"] = streamed_seconds_per_token(
+            source, config, args.streamed_tokens
+        )
+        row["streamed_tokens"] = args.streamed_tokens
     budget = int(frontier["rows"][f"stock:{args.target}"]["bytes"])
     row["budget"] = budget
     dtype = output_dtype(source, None)
@@ -264,6 +278,13 @@ def markdown(state: dict[str, Any]) -> str:
                 )
                 + f", {ev_row['n_tokens']} tokens."
             )
+        streamed = row["samplers"].get("streamed_seconds_per_token")
+        if streamed is not None:
+            lines.append(
+                f"- {testbed}: the block-streamed float32 sampler (the proxy's alternative) "
+                f"took {streamed:.2f} s per token over its first {row.get('streamed_tokens', 16)} "
+                "tokens."
+            )
         lines.append(
             f"- {testbed}: same token at the same position in {100 * row['samplers']['same_token_share']:.1f}% "
             f"of positions; proxy {row['samplers']['proxy_model_bytes'] / 2**20:.0f} MiB vs "
@@ -284,6 +305,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--work", type=Path, default=cache_root() / "proxy-sampler")
     p.add_argument("--keep-reference-cache", action="store_true")
+    p.add_argument(
+        "--streamed-tokens",
+        type=int,
+        default=16,
+        help="time the block-streamed sampler over this many tokens (0: skip)",
+    )
+    p.add_argument(
+        "--streamed-only",
+        action="store_true",
+        help="only add the streamed sampler's time to testbeds already in the results",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     out_json = args.out / "proxy-sampler.json"
@@ -301,9 +333,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (cache_root() / "testbeds" / testbed / "testbed.json").is_file():
             print(f"[{testbed}] not built (python -m mint_mlx.testbed {testbed}); skipped")
             continue
-        frontier = json.loads((args.results / f"{testbed}.json").read_text())
-        args.frontier_settings = frontier["settings"]
-        state["testbeds"][testbed] = run_testbed(args, testbed, frontier)
+        if args.streamed_only:
+            source = open_source(cache_root() / "testbeds" / testbed)
+            row = state["testbeds"][testbed]
+            row["samplers"]["streamed_seconds_per_token"] = streamed_seconds_per_token(
+                source, CalibrationConfig(), args.streamed_tokens
+            )
+            row["streamed_load_average"] = os.getloadavg()
+            row["streamed_tokens"] = args.streamed_tokens
+        else:
+            frontier = json.loads((args.results / f"{testbed}.json").read_text())
+            args.frontier_settings = frontier["settings"]
+            state["testbeds"][testbed] = run_testbed(args, testbed, frontier)
         args.out.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(state, indent=1))
         (args.out / "proxy-sampler.md").write_text(markdown(state))

@@ -43,6 +43,7 @@ from .source import Source
 from .streamed import (
     RUNTIME_BYTES,
     STREAMABLE_ARCHITECTURES,
+    NotStreamableError,
     streamed_column_fisher,
     streamed_memory,
     streamed_sample,
@@ -352,12 +353,15 @@ def sensitivity(
     whenever it exists (unless ``sampler`` is ``proxy``): it is the better estimate.
     """
     config = config or CalibrationConfig()
+    if sampler not in SAMPLERS:
+        raise MintError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    refused: MintError | None = None
     try:
         choice: PassChoice | None = choose_pass(
             source, config, sensitivity_pass, max_memory, sampler
         )
-    except CalibrationMemoryError:
-        choice = None  # a cached entry still serves; else the error is raised below
+    except (CalibrationMemoryError, NotStreamableError) as e:
+        choice, refused = None, e  # a cached entry still serves; else this is raised below
     full, proxy = replace(config, proxy=False), replace(config, proxy=True)
     if config.text_file or sampler == "full":
         lookups = [full]
@@ -374,8 +378,8 @@ def sensitivity(
             assert isinstance(loaded, dict)
             return Sensitivity(loaded, None, _text(candidate, sampler), candidate.key(source))
     if choice is None:
-        choose_pass(source, config, sensitivity_pass, max_memory, sampler)  # raises
-        raise AssertionError("unreachable")
+        assert refused is not None
+        raise refused
     used = proxy if choice.sampler == "proxy" else full
     path = calibration_path(source, used)
     keys = [t.key for t in source.quantizable]
