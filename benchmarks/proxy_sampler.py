@@ -283,7 +283,8 @@ def markdown(state: dict[str, Any]) -> str:
             lines.append(
                 f"- {testbed}: the block-streamed float32 sampler (the proxy's alternative) "
                 f"took {streamed:.2f} s per token over its first {row.get('streamed_tokens', 16)} "
-                "tokens."
+                f"tokens (load average {row.get('streamed_load_average', [0.0])[0]:.1f}), "
+                "with the shards in the page cache."
             )
         lines.append(
             f"- {testbed}: same token at the same position in {100 * row['samplers']['same_token_share']:.1f}% "
