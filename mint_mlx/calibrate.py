@@ -209,9 +209,10 @@ class PassChoice:
 
 def _samplers(source: Source, config: CalibrationConfig, sampler: str) -> list[tuple[str, int]]:
     """The samplers the streamed pass may use, best first, with their estimated peaks: the
-    float32 model in memory, its 4-bit copy (other text, ~3x the float32 model's time per
-    token here but one read of a 6x smaller model, from memory), the float32 model one block
-    at a time (exact, but every block is read from the shards once per token)."""
+    float32 model in memory, its 4-bit copy (other text, but a model ~6x smaller than the
+    float32 one, held in memory), the float32 model one block at a time (the exact text, but
+    every block is read from the shards once per token: from disk, when the model is larger
+    than RAM). See :mod:`mint_mlx.proxy` for what each costs in time on a CPU."""
     if config.text_file:  # nothing to sample: the text is the user's
         return [("none", 0)]
     n, length = config.sequences, config.seq_len

@@ -14,10 +14,16 @@ calibration cache key and the plan's notes name the sampler.
 
 Activations are float32, as everywhere on a CPU (bf16 matmuls are slow and inexact there), so
 scales and biases are kept in float32 too: 5 bits per quantized weight in memory instead of the
-4.5 a saved ``-q`` model holds, with the same 4-bit values. Measured on this project's CPU
-(SmolLM2-135M, 8 sequences per step): MLX's quantized matmul, or a dequantize inside the
-forward, both cost ~3x the float32 model per token, which is still one read of a model 6x
-smaller than the float32 one, from memory instead of the shards.
+4.5 a saved ``-q`` model holds, with the same 4-bit values.
+
+Measured on this project's 2-core Linux CPU (SmolLM2-135M, 8 sequences per step, other jobs
+running; ``benchmarks/results/proxy-sampler.md``): MLX's CPU quantized matmul, or a
+dequantize inside the forward (tried: the same time), cost 1.3x to 3x the float32 model per
+token, and the block-streamed sampler with the shards in the page cache was no slower (0.83 s
+per token against the proxy's 1.40 s). So on a CPU the proxy saves memory (80 MiB against
+513 MiB of float32 weights there) rather than time; it saves time where the streamed sampler
+reads the shards from disk for every token (a model larger than RAM) and on Apple GPUs, whose
+quantized matmul is fast.
 """
 
 from __future__ import annotations
