@@ -128,6 +128,22 @@ def streamed_seconds_per_token(source: Source, config: CalibrationConfig, tokens
     return seconds / tokens
 
 
+def sampler_timings(source: Source, config: CalibrationConfig, tokens: int) -> dict[str, Any]:
+    """Seconds per token of each sampler over its first ``tokens`` tokens (no sensitivity, no
+    plan: the short measurement for a testbed the whole run has no time for)."""
+    start, n, seed = start_token(source), config.sequences, config.seed
+    out: dict[str, Any] = {"tokens": tokens, "load_average_before": os.getloadavg()}
+    model = load_float32_model(source)
+    _, seconds = _timed(sample_sequences, model, start, n, tokens + 1, seed)
+    out["full_seconds_per_token"] = seconds / tokens
+    del model
+    _, seconds = _timed(proxy_sample, source, start, n, tokens + 1, seed)
+    out["proxy_seconds_per_token_with_build"] = seconds / tokens
+    out["streamed_seconds_per_token"] = streamed_seconds_per_token(source, config, tokens)
+    out["load_average_after"] = os.getloadavg()
+    return out
+
+
 def cross_predicted(plan: Any, prepared: Prepared) -> float:
     """The predicted KLD of ``plan`` under ``prepared``'s sensitivities (another text's)."""
     curves = {c.path: c for c in prepared.curves}
@@ -293,6 +309,14 @@ def markdown(state: dict[str, Any]) -> str:
             + ("; ".join(row["changed"][:12]) or "none")
             + (" ..." if len(row["changed"]) > 12 else "")
         )
+    for testbed, t in state.get("timings", {}).items():
+        lines.append(
+            f"- {testbed} (timing only, first {t['tokens']} tokens of 8 sequences, load average "
+            f"{t['load_average_before'][0]:.1f} / {t['load_average_after'][0]:.1f}): s per token "
+            f"float32 in memory {t['full_seconds_per_token']:.2f}, 4-bit proxy "
+            f"{t['proxy_seconds_per_token_with_build']:.2f} (its build included), block-streamed "
+            f"{t['streamed_seconds_per_token']:.2f}."
+        )
     lines += ["", "```", *state["commands"], "```", ""]
     return "\n".join(lines)
 
@@ -311,6 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=16,
         help="time the block-streamed sampler over this many tokens (0: skip)",
+    )
+    p.add_argument(
+        "--timing-only",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="only time each sampler over this many tokens (no sensitivity, no plans)",
     )
     p.add_argument(
         "--streamed-only",
@@ -334,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (cache_root() / "testbeds" / testbed / "testbed.json").is_file():
             print(f"[{testbed}] not built (python -m mint_mlx.testbed {testbed}); skipped")
             continue
-        if args.streamed_only:
+        if args.timing_only:
+            source = open_source(cache_root() / "testbeds" / testbed)
+            state.setdefault("timings", {})[testbed] = sampler_timings(
+                source, CalibrationConfig(), args.timing_only
+            )
+        elif args.streamed_only:
             source = open_source(cache_root() / "testbeds" / testbed)
             row = state["testbeds"][testbed]
             row["samplers"]["streamed_seconds_per_token"] = streamed_seconds_per_token(
