@@ -8,7 +8,9 @@ KL(p_W || p_{W+dW}) ~= 1/2 * sum_ij F_ij dW_ij^2 per token.
 Data-free by default: the model samples its own text from BOS at temperature 1, and the
 gradients of the log-likelihood of those samples give the *true* Fisher (expectation over the
 model's own distribution, no dataset). ``calibration_file`` uses a user's text instead
-(empirical Fisher).
+(empirical Fisher). When the float32 model does not fit under ``--max-memory``, the text comes
+from a 4-bit copy of the source (:mod:`mint_mlx.proxy`) while the gradients still come from the
+16-bit weights; that text has its own cache key, and the plan's notes say which model sampled it.
 
 What is kept per tensor is the Fisher averaged over output rows, one weight per input column
 (per expert for MoE stacks): it captures activation outliers (columns fed by large activations)
@@ -22,7 +24,7 @@ import argparse
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,14 @@ from tqdm import tqdm
 from .errors import MintError, SourceError
 from .fisher import FisherSums
 from .paths import cache_root
+from .proxy import PROXY_NAME, proxy_sample, proxy_sampler_memory
 from .sampling import sample_sequences, start_token, text_sequences
 from .sizes import format_size
 from .source import Source
 from .streamed import (
     RUNTIME_BYTES,
     STREAMABLE_ARCHITECTURES,
+    NotStreamableError,
     streamed_column_fisher,
     streamed_memory,
     streamed_sample,
@@ -57,22 +61,35 @@ CALIBRATION_VERSION = 2
 #: How the pass may run: chosen by memory, or forced (tests, users who know better).
 SENSITIVITY_PASSES = ("auto", "in-memory", "streamed")
 
+#: Which model samples the calibration text: ``full`` the source itself in float32 (in memory
+#: or one block resident: the same tokens), ``proxy`` its 4-bit copy, ``auto`` the source (in
+#: memory when its float32 model fits under ``--max-memory``, else one block at a time), and the
+#: copy only when even that does not fit (see :func:`_samplers` for why the copy comes last).
+SAMPLERS = ("auto", "full", "proxy")
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How many sequences of how many tokens, the sampling seed, and an optional text file."""
+    """How many sequences of how many tokens, the sampling seed, an optional text file, and
+    whether the 4-bit copy samples the text (``proxy``; ignored with a text file)."""
 
     sequences: int = 8
     seq_len: int = 256
     seed: int = 0
     text_file: str | None = None
+    proxy: bool = False
 
     def key(self, source: Source) -> str:
+        """The cache key: the source's content and the text's recipe. The proxy's text is other
+        text, so it has its own key; the full-precision samplers (in memory, streamed) give the
+        same tokens and share one, which is also the key from before the proxy existed."""
         h = hashlib.sha256()
         h.update(source.content_fingerprint().encode())
         h.update(f"v{CALIBRATION_VERSION}:{self.sequences}:{self.seq_len}:{self.seed}".encode())
         if self.text_file:
             h.update(hashlib.sha256(Path(self.text_file).read_bytes()).digest())
+        elif self.proxy:
+            h.update(f":sampled-by-{PROXY_NAME}".encode())
         return h.hexdigest()[:24]
 
 
@@ -131,7 +148,8 @@ def column_fisher(
 
 
 def add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--max-memory`` and ``--sensitivity-pass``, the same on ``convert`` and ``plan``."""
+    """``--max-memory``, ``--sensitivity-pass`` and ``--sampler``, the same on ``convert`` and
+    ``plan``."""
     parser.add_argument(
         "--max-memory",
         help="memory the conversion may use: 12GB, 1.5GiB (default: on Apple Silicon the GPU's "
@@ -143,6 +161,14 @@ def add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default): in memory when it fits under --max-memory, else streamed "
         "block by block (same numbers, one block resident)",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="auto",
+        help="which model samples the calibration text: auto (default): the float32 model when "
+        "it fits under --max-memory, else a 4-bit copy of it when that fits, else the float32 "
+        "model one block at a time (exact but slow); full: never the copy; proxy: always it",
     )
 
 
@@ -156,12 +182,19 @@ def sampler_need(source: Source) -> int:
     return source.total_parameters * 4 + RUNTIME_BYTES
 
 
+def proxy_need(source: Source, config: CalibrationConfig) -> int:
+    """:func:`mint_mlx.proxy.proxy_sampler_memory` for ``config``'s text."""
+    return proxy_sampler_memory(source, config.sequences, config.seq_len)
+
+
 @dataclass(frozen=True)
 class PassChoice:
     """How the sensitivity pass runs, and why that fits."""
 
     kind: str  # "in-memory" or "streamed"
-    sampler: str  # "in-memory" or "streamed" (the same tokens either way), "none" for a text file
+    # "in-memory" or "streamed" (the same tokens either way), "proxy" (the 4-bit copy's text),
+    # "none" for a text file
+    sampler: str
     activations_on_disk: bool
     need: int  # estimated peak bytes
 
@@ -175,16 +208,43 @@ class PassChoice:
         return f"sensitivity pass {how}, estimated peak {format_size(self.need)}{limit}"
 
 
+def _samplers(source: Source, config: CalibrationConfig, sampler: str) -> list[tuple[str, int]]:
+    """The samplers the streamed pass may use, best first, with their estimated peaks: the
+    float32 model in memory, the float32 model one block at a time (the same text; every
+    block is read from the shards once per token), and last the 4-bit copy (a model ~6x
+    smaller than the float32 one, held in memory, but other text). The copy comes last because
+    its text measured far from the source's on Gemma 3 270M (15.4 nats per token under the
+    source, against 2.9 for the source's own; the plan it calibrated was predicted 25% worse),
+    while on a CPU it was not faster than the streamed sampler (benchmarks/RESULTS.md, "Proxy
+    sampler"). See :mod:`mint_mlx.proxy`."""
+    if config.text_file:  # nothing to sample: the text is the user's
+        return [("none", 0)]
+    n, length = config.sequences, config.seq_len
+    full = [
+        ("in-memory", sampler_need(source)),
+        ("streamed", streamed_sampler_memory(source, n, length)),
+    ]
+    proxy = [("proxy", proxy_need(source, config))]
+    return {"full": full, "proxy": proxy}.get(sampler, [*full, *proxy])
+
+
 def choose_pass(
-    source: Source, config: CalibrationConfig, requested: str, max_memory: int | None
+    source: Source,
+    config: CalibrationConfig,
+    requested: str,
+    max_memory: int | None,
+    sampler: str = "auto",
 ) -> PassChoice:
     """The pass ``requested`` (``auto``: in memory when it fits under ``max_memory``, else
-    streamed), or a one-line error when nothing fits, which names the smallest limit that
-    does. Never a silent switch to another objective."""
+    streamed) and the model that samples its text (``sampler``, see :data:`SAMPLERS`), or a
+    one-line error when nothing fits, which names the smallest limit that does. Never a silent
+    switch to another objective."""
     if requested not in SENSITIVITY_PASSES:
         raise MintError(
             f"unknown --sensitivity-pass {requested!r}; use one of {', '.join(SENSITIVITY_PASSES)}"
         )
+    if sampler not in SAMPLERS:
+        raise MintError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     limit = max_memory if max_memory is not None else 2**63
     whole = in_memory_need(source)
     streamable = source.model_type in STREAMABLE_ARCHITECTURES
@@ -201,6 +261,16 @@ def choose_pass(
                 f"the in-memory sensitivity pass needs about {format_size(whole)}, over "
                 f"--max-memory {format_size(limit)}; raise --max-memory or {alternative}"
             )
+        if config.text_file:
+            return PassChoice("in-memory", "none", False, whole)
+        if sampler == "proxy":  # the copy samples and is dropped before the float32 model loads
+            need = max(whole, proxy_need(source, config))
+            if need > limit:
+                raise CalibrationMemoryError(
+                    f"the 4-bit sampler and the in-memory pass need about {format_size(need)}, "
+                    f"over --max-memory {format_size(limit)}; raise --max-memory"
+                )
+            return PassChoice("in-memory", "proxy", False, need)
         return PassChoice("in-memory", "in-memory", False, whole)
     if not streamable:
         raise CalibrationMemoryError(
@@ -208,19 +278,13 @@ def choose_pass(
             f"{', '.join(sorted(STREAMABLE_ARCHITECTURES))}); use --sensitivity-pass in-memory"
         )
     n, length = config.sequences, config.seq_len
-    if config.text_file:  # nothing to sample: the text is the user's
-        sampler, sampler_bytes = "none", 0
-    elif sampler_need(source) <= limit:
-        sampler, sampler_bytes = "in-memory", sampler_need(source)
-    else:
-        sampler, sampler_bytes = "streamed", streamed_sampler_memory(source, n, length)
-    for on_disk in (False, True):
-        need = max(streamed_memory(source, n, length, on_disk), sampler_bytes)
-        if need <= limit:
-            return PassChoice("streamed", sampler, on_disk, need)
-    least = max(
-        streamed_memory(source, n, length, True), streamed_sampler_memory(source, n, length)
-    )
+    samplers = _samplers(source, config, sampler)
+    for name, sampler_bytes in samplers:  # the faster sampler first, activations on disk if need be
+        for on_disk in (False, True):
+            need = max(streamed_memory(source, n, length, on_disk), sampler_bytes)
+            if need <= limit:
+                return PassChoice("streamed", name, on_disk, need)
+    least = min(max(streamed_memory(source, n, length, True), b) for _, b in samplers)
     raise CalibrationMemoryError(
         f"--max-memory {format_size(limit)} is below the smallest the sensitivity pass can run "
         f"in ({format_size(least, round_up=True)}: one block, the head and the activations); "
@@ -235,13 +299,15 @@ class Sensitivity:
     columns: dict[str, mx.array]
     choice: PassChoice | None  # None: read from the cache
     text: str  # which model or file produced the calibration text
+    key: str = ""  # the cache key of these weights (:meth:`CalibrationConfig.key`)
 
 
 def calibration_tokens(
     source: Source, config: CalibrationConfig, sampler: str, progress: bool = False
 ) -> tuple[mx.array, nn.Module | None]:
-    """The calibration token ids: the user's text encoded, or sampled from the source by
-    ``sampler`` ("in-memory" or "streamed"); with the float32 model if one was loaded."""
+    """The calibration token ids: the user's text encoded, or sampled by ``sampler``: the
+    source ("in-memory" or "streamed") or its 4-bit copy ("proxy"); with the float32 model if
+    one was loaded."""
     if config.text_file:
         tokenizer = load_source_tokenizer(source)
         text = Path(config.text_file)
@@ -250,11 +316,30 @@ def calibration_tokens(
     if sampler == "in-memory":
         model = load_float32_model(source)
         return sample_sequences(model, start, n, length, seed, progress), model
+    if sampler == "proxy":
+        return proxy_sample(source, start, n, length, seed, progress), None
     return streamed_sample(source, start, n, length, seed, progress), None
 
 
 def calibration_path(source: Source, config: CalibrationConfig) -> Path:
     return cache_root() / "calibration" / f"{config.key(source)}.safetensors"
+
+
+def _text(config: CalibrationConfig, sampler: str) -> str:
+    """Which model or file produced the calibration text, for the plan's notes."""
+    if config.text_file:
+        return f"the calibration file {Path(config.text_file).name}"
+    if not config.proxy:
+        return "text the source model sampled itself (float32, from its start token)"
+    why = (
+        "--sampler proxy"
+        if sampler == "proxy"
+        else "the float32 source does not fit under --max-memory"
+    )
+    return (
+        f"text sampled by a 4-bit copy of the source ({PROXY_NAME}, as mlx_lm convert -q "
+        f"quantizes; {why}), from its start token; gradients from the 16-bit weights"
+    )
 
 
 def sensitivity(
@@ -263,24 +348,45 @@ def sensitivity(
     progress: bool = False,
     sensitivity_pass: str = "auto",
     max_memory: int | None = None,
+    sampler: str = "auto",
 ) -> Sensitivity:
     """Column Fisher weights for every quantizable tensor of ``source`` (cached on disk).
 
     In memory or block by block (:mod:`mint_mlx.streamed`), as :func:`choose_pass` decides
-    from ``max_memory``: both give the same numbers, so they share the cache entry.
+    from ``max_memory``: both give the same numbers, so they share the cache entry. Text the
+    4-bit copy sampled has its own entry; an entry from the source's own text is preferred
+    whenever it exists (unless ``sampler`` is ``proxy``): it is the better estimate.
     """
     config = config or CalibrationConfig()
-    text = (
-        f"the calibration file {Path(config.text_file).name}"
-        if config.text_file
-        else "text the source model sampled itself (float32, from its start token)"
-    )
-    path = calibration_path(source, config)
-    if path.exists():
-        loaded = mx.load(str(path))
-        assert isinstance(loaded, dict)
-        return Sensitivity(loaded, None, text)
-    choice = choose_pass(source, config, sensitivity_pass, max_memory)
+    if sampler not in SAMPLERS:
+        raise MintError(f"unknown --sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    refused: MintError | None = None
+    try:
+        choice: PassChoice | None = choose_pass(
+            source, config, sensitivity_pass, max_memory, sampler
+        )
+    except (CalibrationMemoryError, NotStreamableError) as e:
+        choice, refused = None, e  # a cached entry still serves; else this is raised below
+    full, proxy = replace(config, proxy=False), replace(config, proxy=True)
+    if config.text_file or sampler == "full":
+        lookups = [full]
+    elif sampler == "proxy":
+        lookups = [proxy]
+    elif choice is None or choice.sampler == "proxy":
+        lookups = [full, proxy]
+    else:
+        lookups = [full]
+    for candidate in lookups:
+        path = calibration_path(source, candidate)
+        if path.exists():
+            loaded = mx.load(str(path))
+            assert isinstance(loaded, dict)
+            return Sensitivity(loaded, None, _text(candidate, sampler), candidate.key(source))
+    if choice is None:
+        assert refused is not None
+        raise refused
+    used = proxy if choice.sampler == "proxy" else full
+    path = calibration_path(source, used)
     keys = [t.key for t in source.quantizable]
     seqs, model = calibration_tokens(source, config, choice.sampler, progress)
     if choice.kind == "in-memory":
@@ -293,7 +399,7 @@ def sensitivity(
     tmp = path.with_suffix(f".{os.getpid()}.tmp.safetensors")  # ranks may share the cache
     mx.save_safetensors(str(tmp), weights)
     tmp.replace(path)
-    return Sensitivity(weights, choice, text)
+    return Sensitivity(weights, choice, _text(used, sampler), used.key(source))
 
 
 def calibrate(
@@ -302,6 +408,7 @@ def calibrate(
     progress: bool = False,
     sensitivity_pass: str = "auto",
     max_memory: int | None = None,
+    sampler: str = "auto",
 ) -> dict[str, mx.array]:
     """The column weights of :func:`sensitivity`."""
-    return sensitivity(source, config, progress, sensitivity_pass, max_memory).columns
+    return sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler).columns

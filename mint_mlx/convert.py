@@ -129,6 +129,7 @@ def convert(
     sensitivity_pass: str = "auto",
     max_memory: str | int | None = None,
     exact_analysis: bool = False,
+    sampler: str = "auto",
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
@@ -137,8 +138,9 @@ def convert(
     allocator also pick mint-mlx's extended formats; an output that uses one loads with
     :func:`mint_mlx.load` (stock mlx-lm refuses it by name). ``max_memory`` (bytes or a size;
     default :func:`mint_mlx.memory.default_max_memory`) bounds the sensitivity pass, which runs
-    in memory or block by block as ``sensitivity_pass`` says. Raises :class:`MintError`
-    subclasses for anything the user can fix.
+    in memory or block by block as ``sensitivity_pass`` says, from text that ``sampler`` (the
+    source, or its 4-bit copy; see :data:`mint_mlx.calibrate.SAMPLERS`) samples. Raises
+    :class:`MintError` subclasses for anything the user can fix.
     """
     out = Path(mlx_path).expanduser()
     _saved.clear()
@@ -177,6 +179,7 @@ def convert(
         sensitivity_pass=sensitivity_pass,
         max_memory=resolve_max_memory(max_memory),
         exact_analysis=exact_analysis,
+        sampler=sampler,
     )
     seconds = dict(prepared.seconds)
     start = time.perf_counter()
@@ -366,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sensitivity_pass=args.sensitivity_pass,
             max_memory=args.max_memory,
             exact_analysis=args.exact_analysis,
+            sampler=args.sampler,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -139,6 +139,7 @@ def plan(
     sensitivity_pass: str = "auto",
     max_memory: str | int | None = None,
     exact_analysis: bool = False,
+    sampler: str = "auto",
 ) -> PlanReport:
     """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine.
 
@@ -169,6 +170,7 @@ def plan(
         sensitivity_pass=sensitivity_pass,
         max_memory=resolve_max_memory(max_memory),
         exact_analysis=exact_analysis,
+        sampler=sampler,
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -304,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sensitivity_pass=args.sensitivity_pass,
             max_memory=args.max_memory,
             exact_analysis=args.exact_analysis,
+            sampler=args.sampler,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -181,6 +181,7 @@ def prepare(
     sensitivity_pass: str = "auto",
     max_memory: int | None = None,
     exact_analysis: bool = False,
+    sampler: str = "auto",
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
@@ -189,7 +190,8 @@ def prepare(
     (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
     names, so a native and an extended analysis of the same model never mix. The sensitivity
     pass runs in memory or block by block as ``sensitivity_pass`` and ``max_memory`` (bytes)
-    decide (:func:`mint_mlx.calibrate.choose_pass`); when neither fits, a one-line error says
+    decide (:func:`mint_mlx.calibrate.choose_pass`), and ``sampler`` which model samples the
+    text (:data:`~mint_mlx.calibrate.SAMPLERS`); when neither fits, a one-line error says
     what would, never a silent switch to weight error. The analysis estimates each
     candidate's error from a row sample of each tensor (:mod:`mint_mlx.row_sample`), or with
     ``exact_analysis`` measures every weight.
@@ -210,8 +212,8 @@ def prepare(
         )
     if objective == "fisher":
         config = CalibrationConfig(text_file=calibration)
-        calib_key = config.key(source)
-        found = sensitivity(source, config, progress, sensitivity_pass, max_memory)
+        found = sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler)
+        calib_key = found.key  # the full model's text and a 4-bit copy's have their own keys
         columns = found.columns
         how = "read from the cache" if found.choice is None else found.choice.describe(max_memory)
         notes.append(f"sensitivity from {found.text}; {how}")

@@ -214,12 +214,18 @@ def streamed_sampler_memory(source: Source, sequences: int, seq_len: int) -> int
     head16 = _nbytes32(source, [layout.head_key]) // 2
     embedding16 = _nbytes32(source, [layout.embedding]) // 2
     chunks = 3 * min(HEAD_CHUNK_BYTES, 2 * head16)
+    block = int(1.5 * largest) + BLOCK_FIXED_BYTES  # float32 weights and one 16-bit read
+    kv = kv_cache_bytes(source, layout, sequences, seq_len)
+    return RUNTIME_BYTES + max(embedding16, block, head16 + chunks) + kv
+
+
+def kv_cache_bytes(source: Source, layout: StreamLayout, sequences: int, seq_len: int) -> int:
+    """The sampler's float32 KV cache: keys and values of every block, as wide as ``k_proj``
+    and ``v_proj`` (twice the hidden size when the names differ), for every token."""
     kv_width = sum(
         source.shapes[k][-2] for k in layout.blocks[0] if re.search(r"[kv]_proj\.weight$", k)
     )
-    kv = 4 * len(layout.blocks) * sequences * seq_len * (kv_width or 2 * layout.hidden)
-    block = int(1.5 * largest) + BLOCK_FIXED_BYTES  # float32 weights and one 16-bit read
-    return RUNTIME_BYTES + max(embedding16, block, head16 + chunks) + kv
+    return 4 * len(layout.blocks) * sequences * seq_len * (kv_width or 2 * layout.hidden)
 
 
 class _Slot:
