@@ -174,6 +174,7 @@ def run_testbed(args: argparse.Namespace, testbed: str, frontier: dict[str, Any]
             source, config, args.streamed_tokens
         )
         row["streamed_tokens"] = args.streamed_tokens
+        row["streamed_load_average"] = os.getloadavg()
     budget = int(frontier["rows"][f"stock:{args.target}"]["bytes"])
     row["budget"] = budget
     dtype = output_dtype(source, None)
@@ -299,8 +300,12 @@ def markdown(state: dict[str, Any]) -> str:
             lines.append(
                 f"- {testbed}: the block-streamed float32 sampler (the proxy's alternative) "
                 f"took {streamed:.2f} s per token over its first {row.get('streamed_tokens', 16)} "
-                f"tokens (load average {row.get('streamed_load_average', [0.0])[0]:.1f}), "
-                "with the shards in the page cache."
+                + (
+                    f"tokens (load average {row['streamed_load_average'][0]:.1f}), "
+                    if "streamed_load_average" in row
+                    else "tokens, "
+                )
+                + "with the shards in the page cache."
             )
         lines.append(
             f"- {testbed}: same token at the same position in {100 * row['samplers']['same_token_share']:.1f}% "
