@@ -25,6 +25,7 @@ from .errors import BudgetError, DiskFullError, MintError
 from .formats import FORMAT_SETS
 from .layout import MAX_SHARD_BYTES
 from .memory import peak_rss, resolve_max_memory
+from .origin import Origin, origin_of
 from .parallel import default_jobs, distributed_group
 from .path_safety import check_run, not_writable
 from .paths import cache_root
@@ -123,7 +124,7 @@ def convert(
     scales: str | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
-    command: str | None = None,
+    command: Sequence[str] | None = None,
     jobs: int = 1,
     formats: str = "native",
     sensitivity_pass: str = "auto",
@@ -191,11 +192,15 @@ def convert(
         return ConvertResult(plan, None, prepared.cache, rank=group.rank(), seconds=seconds)
     if dry_run:
         return ConvertResult(plan, None, prepared.cache, seconds=seconds)
+    origin = origin_of(hf_path, source.path, source.config)
     card = model_card(
         plan,
-        base_model=str(hf_path),
-        command=command
-        or f"python -m mint_mlx.convert --hf-path {hf_path} --mlx-path {out.name} --budget {nbytes}",
+        origin,
+        command=public_command(
+            command or ["--hf-path", str(hf_path), "--mlx-path", out.name, "--budget", str(nbytes)],
+            origin,
+            out,
+        ),
         name=out.name,
         images=CARD_IMAGES,
     )
@@ -250,6 +255,32 @@ def _published(out: Path, replaced: str | None) -> None:
 
 #: Room kept free beyond the weights: config, tokenizer, card and its figures.
 SPACE_MARGIN = 64 * 2**20
+
+
+#: Options whose value is a local path, and what the card shows instead (see public_command).
+_PATH_OPTIONS = ("--hf-path", "--mlx-path", "--calibration", "--analysis")
+
+
+def public_command(argv: Sequence[str], origin: Origin, out: Path) -> str:
+    """The conversion's command line as the card shows it: the source by its hub id (or folder
+    name), the output by its name, other files by their names; never a local absolute path."""
+    shown = {"--hf-path": origin.name, "--mlx-path": out.name}
+    args: list[str] = []
+    pending: str | None = None
+    for arg in argv:
+        if pending is not None:
+            args.append(shown.get(pending, Path(arg).name))
+            pending = None
+            continue
+        option, eq, value = arg.partition("=")
+        if option in _PATH_OPTIONS and eq:
+            args.append(f"{option}={shown.get(option, Path(value).name)}")
+        elif arg in _PATH_OPTIONS:
+            args.append(arg)
+            pending = arg
+        else:
+            args.append(arg)
+    return "python -m mint_mlx.convert " + shlex.join(args)
 
 
 def phase_line(seconds: dict[str, float]) -> str:
@@ -346,7 +377,6 @@ def print_plan(plan: Plan) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m mint_mlx.convert " + shlex.join(argv_list)
     try:
         result = convert(
             args.hf_path,
@@ -363,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calibration=args.calibration,
             scales=args.scales,
             progress=not args.quiet,
-            command=command,
+            command=argv_list,
             jobs=args.jobs,
             formats=args.formats,
             sensitivity_pass=args.sensitivity_pass,

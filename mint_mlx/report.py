@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+
+from huggingface_hub import ModelCardData
 
 from .allocate import Plan
 from .experts import needs_mint
 from .formats import COMPACT
+from .origin import Origin
 from .sizes import format_size
 
 
@@ -58,10 +60,6 @@ def summary_lines(plan: Plan) -> list[str]:
     return lines + [f"note: {n}" for n in plan.notes]
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
-
-
 def _loads_line(plan: Plan) -> str:
     if needs_mint(plan.formats):
         return (
@@ -100,24 +98,25 @@ def _usage_lines(plan: Plan, name: str) -> list[str]:
 
 
 def model_card(
-    plan: Plan, base_model: str, command: str, name: str, images: Sequence[tuple[str, str]] = ()
+    plan: Plan,
+    origin: Origin,
+    command: str,
+    name: str,
+    images: Sequence[tuple[str, str]] = (),
 ) -> str:
     """README.md for the output directory, in the hub's model-card conventions.
 
+    ``origin`` names the source without any local path (see :mod:`mint_mlx.origin`);
     ``images`` are (alt text, file name) pairs of figures saved next to the card.
     """
-    front = ["---", "library_name: mlx"]
-    if _looks_like_hub_id(base_model):
-        front.append(f"base_model: {base_model}")
-    front += [
-        "tags:",
-        "- mlx",
-        "- mint-mlx",
-        "- quantized",
-        "- mixed-precision",
-        "pipeline_tag: text-generation",
-        "---",
-    ]
+    data = ModelCardData(
+        library_name="mlx",
+        tags=["mlx", "mint-mlx", "quantized", "mixed-precision"],
+        pipeline_tag="text-generation",
+        **origin.card_metadata(),
+    )
+    front = ["---", data.to_yaml(), "---"]
+    base_model = origin.name
     size = plan.total_bytes or plan.planned_bytes
     body = [
         f"# {name}",

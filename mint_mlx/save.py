@@ -24,6 +24,7 @@ from .errors import SaveCheckError
 from .experts import collapse, module_arrays, module_entry, needs_mint
 from .formats import Format, format_from_entry
 from .layout import MAX_SHARD_BYTES, output_layout, passthrough_dtype, total_file_bytes
+from .origin import origin_of, without_local_paths
 from .path_safety import Read, staged_output
 from .safetensors_io import ShardLayout, ShardWriter, read_header
 from .source import Source, copy_support_files
@@ -54,7 +55,7 @@ def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]
     """config.json of the output. A plan with an extended format gets the ``mint-mlx/`` model
     type (:func:`mint_mlx.load.mark_config`): stock mlx-lm then stops with "Model type
     mint-mlx/<type> not supported" instead of loading packed weights it would misread."""
-    config = dict(source.config)
+    config = without_local_paths(source.config, origin_of(source.path, source.path, source.config))
     config["quantization"] = quantization_config(plan)
     config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = str(dtype).split(".")[-1]

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from .digests import DigestMemo, tensor_digest
 from .errors import HubError, SourceChangedError, SourceError, UnsupportedModelError
 from .formats import Format, format_from_entry
+from .origin import is_hub_id
 from .safetensors_io import read_header
 
 #: Files copied next to the weights so the output is a complete, loadable model directory.
@@ -214,10 +215,6 @@ class Source:
         return "float16"
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith(".")
-
-
 def resolve_path(hf_path: str | Path) -> Path:
     """A local directory for ``hf_path``: itself if it exists, else a hub snapshot."""
     path = Path(hf_path).expanduser()
@@ -225,7 +222,7 @@ def resolve_path(hf_path: str | Path) -> Path:
         if not path.is_dir():
             raise SourceError(f"{path} is a file; pass the model directory that holds config.json")
         return path
-    if not _looks_like_hub_id(str(hf_path)):
+    if not is_hub_id(str(hf_path)):
         raise SourceError(
             f"model path {hf_path} does not exist; pass an HF-format directory or a hub id (org/name)"
         )

@@ -84,7 +84,7 @@ def test_model_card_renders(deep_llama: Path, tmp_path: Path) -> None:
     from mint_mlx.convert import convert
 
     out = tmp_path / "carded"
-    convert(deep_llama, out, bpw=4.5, command="python -m mint_mlx.convert --bpw 4.5")
+    convert(deep_llama, out, bpw=4.5, command=["--bpw", "4.5"])
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "mlx"
     assert card.data.pipeline_tag == "text-generation"
