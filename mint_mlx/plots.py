@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from .allocate import Plan
-from .formats import format_by_name
+from .experts import split_expert_path
+from .formats import COMPACT, format_by_name
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
@@ -62,37 +64,101 @@ def size_quality_curve(
 
 
 def _column(path: str) -> str:
-    """The tensor's role within its layer: ``self_attn.q_proj`` -> ``q_proj``."""
-    tail = re.sub(r"^.*layers\.\d+\.", "", path)
-    return tail.replace("self_attn.", "").replace("mlp.", "")
+    """The tensor's role within its layer: ``self_attn.q_proj`` -> ``q_proj``; the experts of
+    a MoE stack (``module#e``) share their projection's column."""
+    tail = re.sub(r"^.*layers\.\d+\.", "", split_expert_path(path)[0])
+    return re.sub(r"^(self_attn|mlp)\.", "", tail)
+
+
+def format_label(name: str) -> str:
+    """A format as a reader says it: ``4-bit g64``, ``mxfp4``, ``16-bit``."""
+    fmt = format_by_name(name)
+    if not fmt.is_quantized:
+        return "16-bit"
+    if fmt.mode == "affine":
+        return f"{fmt.bits}-bit g{fmt.group_size}"
+    if fmt.mode == COMPACT:
+        return f"{fmt.bits}-bit g{fmt.group_size} cs"
+    return fmt.mode
+
+
+def _cell_formats(plan: Plan) -> dict[tuple[int, str], str]:
+    """(layer, column) -> the format drawn there: a whole tensor's own, or for an expert stack
+    the format that holds most of its experts' parameters (a 100-layer MoE stays readable)."""
+    shares: dict[tuple[int, str], Counter[str]] = {}
+    for a in plan.assignments:
+        if a.layer is None:
+            continue
+        cell = (a.layer, _column(a.path))
+        shares.setdefault(cell, Counter())[a.format] += a.numel
+    return {cell: c.most_common(1)[0][0] for cell, c in shares.items()}
+
+
+def heatmap_figure(plan: Plan, title: str = ""):  # type: ignore[no-untyped-def]
+    """Layers x tensor roles, one colour per format used (legend), ordered by bits per weight.
+
+    A continuous bits-per-weight scale made 3, 4 and 5 bits look alike; a discrete colour per
+    (bits, group, format) does not. Tensors outside the layers are listed in the title.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    used = sorted(
+        {a.format for a in plan.assignments},
+        key=lambda n: (format_by_name(n).bits_per_weight(), n),
+    )
+    index = {name: i for i, name in enumerate(used)}
+    palette = plt.get_cmap("tab20" if len(used) > 10 else "tab10")
+    colours = [palette(i % palette.N) for i in range(len(used))]
+    cells = _cell_formats(plan)
+    columns = sorted({c for _, c in cells})
+    layers = sorted({layer for layer, _ in cells})
+    grid = [[float("nan")] * len(columns) for _ in layers]
+    for (layer, column), name in cells.items():
+        grid[layers.index(layer)][columns.index(column)] = index[name]
+    per_layer = 0.22 if len(layers) <= 48 else 0.12
+    fig, ax = plt.subplots(
+        figsize=(3.2 + 0.9 * max(len(columns), 1), 1.8 + per_layer * len(layers)), dpi=110
+    )
+    ax.imshow(
+        grid or [[float("nan")]],
+        aspect="auto",
+        interpolation="nearest",
+        cmap=ListedColormap(colours or ["white"]),
+        norm=BoundaryNorm([i - 0.5 for i in range(len(used) + 1)], max(len(used), 1)),
+    )
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+    step = 1 if len(layers) <= 48 else 5
+    ax.set_yticks(
+        range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)]
+    )
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_ylabel("layer")
+    ax.legend(
+        handles=[Patch(color=colours[i], label=format_label(n)) for i, n in enumerate(used)],
+        title="format",
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+    )
+    others = [a for a in plan.assignments if a.layer is None]
+    extra = ", ".join(f"{a.path.split('.')[-1]}: {format_label(a.format)}" for a in others)
+    experts = any(split_expert_path(a.path)[1] is not None for a in plan.assignments)
+    subtitle = [f"outside layers: {extra}" if extra else ""]
+    if experts:
+        subtitle.append("expert stacks: the format of most of their parameters")
+    ax.set_title("\n".join(t for t in [title, *subtitle] if t), fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def layer_heatmap(plan: Plan, path: Path, title: str = "") -> Path:
-    """Layers x tensor roles, colour = bits per weight of the chosen format."""
+    """Save :func:`heatmap_figure` as a PNG."""
     plt = _pyplot()
-    layered = [a for a in plan.assignments if a.layer is not None]
-    columns = sorted({_column(a.path) for a in layered})
-    layers = sorted({a.layer for a in layered if a.layer is not None})
-    grid = [[float("nan")] * len(columns) for _ in layers]
-    for a in layered:
-        bpw = format_by_name(a.format).bits_per_weight()
-        grid[layers.index(a.layer)][columns.index(_column(a.path))] = bpw  # type: ignore[arg-type]
-    others = [a for a in plan.assignments if a.layer is None]
-    fig, ax = plt.subplots(
-        figsize=(1.2 + 0.9 * max(len(columns), 1), 1.6 + 0.22 * len(layers)), dpi=110
-    )
-    image = ax.imshow(grid or [[0.0]], aspect="auto", cmap="viridis", vmin=2, vmax=16)
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
-    ax.set_ylabel("layer")
-    fig.colorbar(image, ax=ax, label="bits per weight")
-    extra = ", ".join(
-        f"{a.path.split('.')[-1]}: {format_by_name(a.format).bits_per_weight():.2f}" for a in others
-    )
-    ax.set_title(
-        (title + "\n" if title else "") + (f"outside layers: {extra}" if extra else ""), fontsize=8
-    )
-    fig.tight_layout()
+    fig = heatmap_figure(plan, title)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -113,3 +113,39 @@ def test_library_call_without_a_command_still_has_no_path(deep_llama: Path, tmp_
     convert(deep_llama, out, bpw=4.5)
     text = (out / "README.md").read_text()
     assert str(deep_llama) not in text and str(tmp_path) not in text
+
+
+def _assignment(path: str, layer: int | None, fmt: str, numel: int = 64 * 64):
+    from mint_mlx.allocate import Assignment
+
+    return Assignment(path, (numel // 64, 64), "linear", layer, fmt, 0, 0.0, 0.0, 0.0)
+
+
+def test_heatmap_legend_lists_exactly_the_formats_in_the_plan() -> None:
+    from mint_mlx.allocate import Plan
+    from mint_mlx.plots import heatmap_figure
+
+    assignments = [_assignment("model.embed_tokens", None, "affine-6-g64")]
+    for layer in range(60):  # a deep MoE: experts summarised per projection
+        assignments.append(_assignment(f"model.layers.{layer}.self_attn.q_proj", layer,
+                                       "affine-4-g64" if layer % 2 else "affine-3-g32"))  # fmt: skip
+        for e in range(4):  # three of four experts in 5-bit: the cell shows 5-bit
+            fmt = "affine-5-g128" if e else "mxfp4"
+            path = f"model.layers.{layer}.mlp.switch_mlp.up_proj#{e}"
+            assignments.append(_assignment(path, layer, fmt))
+    plan = Plan(1, "bfloat16", "fisher", 0.0, assignments, 0, 0, 1, True)
+    fig = heatmap_figure(plan)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    # by bits per weight: 3 + 32/32 = 4.0, mxfp4 4 + 8/32 = 4.25, 4 + 32/64 = 4.5, 5.25, 6.5
+    assert labels == ["3-bit g32", "mxfp4", "4-bit g64", "5-bit g128", "6-bit g64"]
+    columns = [t.get_text() for t in ax.get_xticklabels()]
+    assert columns == ["q_proj", "switch_mlp.up_proj"]
+    grid = ax.images[0].get_array()
+    assert grid.shape == (60, 2)
+    assert set(grid[:, 1].tolist()) == {labels.index("5-bit g128")}
+    assert grid[0, 0] == labels.index("3-bit g32") and grid[1, 0] == labels.index("4-bit g64")
+    assert "embed_tokens: 6-bit g64" in ax.get_title()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
