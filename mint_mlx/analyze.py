@@ -36,12 +36,14 @@ from .experts import expert_infos, splits_per_expert
 from .formats import Format
 from .path_safety import writing
 from .paths import cache_root
-from .quantize import row_squared_errors
+from .quantize import row_errors
 from .row_sample import SAMPLE_ELEMENTS, draw, row_stats, sample_rows, seed_for
 from .source import Source, TensorInfo
 
 #: Bump when the measurement changes meaning, so stale caches are not reused.
-ANALYSIS_VERSION = 4  # 2: scale fit re-rounds MLX's (scale, bias); 3: content hashes; 4: sampled
+#: 2: scale fit re-rounds MLX's (scale, bias); 3: content hashes; 4: sampled; 5: with each fitted
+#: format, the error of MLX's own scales (what stock mlx-lm writes: the stock comparison)
+ANALYSIS_VERSION = 5
 
 #: Elements per chunk when measuring a large tensor (16 MB of float32 per chunk).
 CHUNK_ELEMENTS = 1 << 22
@@ -55,6 +57,16 @@ class Candidate:
     nbytes: int
     sse: float
     wsse: float | None = None  # squared error weighted by output sensitivity (Fisher columns)
+    #: For a format whose scales were fitted: the errors with MLX's own round-to-nearest
+    #: scales, i.e. of what ``mlx_lm convert`` would write (see :mod:`mint_mlx.stock`).
+    rtn_sse: float | None = None
+    rtn_wsse: float | None = None
+
+    def as_stock(self) -> Candidate:
+        """This format as stock mlx-lm would store it (its errors with MLX's own scales)."""
+        if self.rtn_sse is None:
+            return self
+        return Candidate(self.format, self.nbytes, self.rtn_sse, self.rtn_wsse)
 
 
 @dataclass
@@ -125,6 +137,19 @@ class Measured:
     wsse: list[float] | None
     finite: bool
     sampled_rows: int = 0
+    #: Per format: the errors with MLX's own scales where the scales were fitted, else None.
+    rtn_sse: list[float | None] | None = None
+    rtn_wsse: list[float | None] | None = None
+
+
+def _sum_parts(parts: Sequence[list[float | None] | None]) -> list[float | None] | None:
+    """Element-wise sums over experts of optional per-format lists (None stays None)."""
+    if any(p is None for p in parts):
+        return None
+    out: list[float | None] = []
+    for values in zip(*parts, strict=True):  # type: ignore[misc]
+        out.append(None if any(v is None for v in values) else sum(values))
+    return out
 
 
 def measure(
@@ -166,27 +191,43 @@ def measure(
             else [sum(v) for v in zip(*(p.wsse or [] for p in parts), strict=True)],
             finite=all(p.finite for p in parts),
             sampled_rows=sum(p.sampled_rows for p in parts),
+            rtn_sse=_sum_parts([p.rtn_sse for p in parts]),
+            rtn_wsse=None if columns is None else _sum_parts([p.rtn_wsse for p in parts]),
         )
     rows = weight.reshape(-1, weight.shape[-1])
     stats = row_stats(rows, columns)
     energy = float(stats.energy.sum())
     sse = [0.0] * len(formats)
     wsse = None if columns is None else [0.0] * len(formats)
+    rtn = _Totals(len(formats), columns is not None)
     if not stats.finite or not math.isfinite(energy):
         return Measured(energy, sse, wsse, False)
     n = sample_rows(rows.shape[0], rows.shape[1], sample_elements)
     if n is None:
         for chunk in _chunks(rows):
-            _add_errors(chunk, formats, dtype, columns, scales, sse, wsse)
-        return Measured(energy, sse, wsse, True)
+            _add_errors(chunk, formats, dtype, columns, scales, sse, wsse, rtn=rtn)
+        return Measured(energy, sse, wsse, True, 0, rtn.plain, rtn.weighted)
     sample = draw(stats, n, seed)
     picked = rows[mx.array(sample.rows)]
     factors = (
         mx.array(sample.plain_factor, mx.float32),
         mx.array(sample.weighted_factor, mx.float32),
     )
-    _add_errors(picked, formats, dtype, columns, scales, sse, wsse, factors)
-    return Measured(energy, sse, wsse, True, sampled_rows=n)
+    _add_errors(picked, formats, dtype, columns, scales, sse, wsse, factors, rtn)
+    return Measured(energy, sse, wsse, True, n, rtn.plain, rtn.weighted)
+
+
+class _Totals:
+    """Running per-format sums of the round-to-nearest errors that came with a fit."""
+
+    def __init__(self, formats: int, weighted: bool) -> None:
+        self.plain: list[float | None] = [None] * formats
+        self.weighted: list[float | None] | None = [None] * formats if weighted else None
+
+    def add(self, i: int, plain: float, weighted: float | None) -> None:
+        self.plain[i] = (self.plain[i] or 0.0) + plain
+        if self.weighted is not None and weighted is not None:
+            self.weighted[i] = (self.weighted[i] or 0.0) + weighted
 
 
 def _add_errors(
@@ -198,22 +239,32 @@ def _add_errors(
     sse: list[float],
     wsse: list[float] | None,
     factors: tuple[mx.array, mx.array] | None = None,
+    rtn: _Totals | None = None,
 ) -> None:
     """Add each format's error over ``rows`` (each row times its factor, if given) to the
-    running totals."""
+    running totals, and to ``rtn`` the round-to-nearest errors that came with a fit."""
     rows = rows.astype(mx.float32)
+
+    def total(a: mx.array | None, factor: int) -> mx.array | None:
+        return None if a is None else (a if factors is None else a * factors[factor]).sum()
+
     for i, f in enumerate(formats):
         # one format at a time: evaluating all at once would keep every candidate's
         # dequantized rows alive together (measured 2.7 GB peak on a 135M model)
-        plain, weighted = row_squared_errors(rows, f, dtype, columns, scales)
-        if factors is not None:
-            plain = plain * factors[0]
-            weighted = None if weighted is None else weighted * factors[1]
-        totals = [plain.sum()] + ([] if weighted is None else [weighted.sum()])
-        mx.eval(totals)
-        sse[i] += float(totals[0].item())  # type: ignore[arg-type]
-        if wsse is not None and len(totals) > 1:
-            wsse[i] += float(totals[1].item())  # type: ignore[arg-type]
+        e = row_errors(rows, f, dtype, columns, scales)
+        sums = [total(e.plain, 0), total(e.weighted, 1), total(e.rtn_plain, 0)]
+        sums.append(total(e.rtn_weighted, 1))
+        mx.eval([t for t in sums if t is not None])
+        plain, weighted, rtn_plain, rtn_weighted = (
+            None if t is None else float(t.item())  # type: ignore[arg-type]
+            for t in sums
+        )
+        assert plain is not None
+        sse[i] += plain
+        if wsse is not None and weighted is not None:
+            wsse[i] += weighted
+        if rtn is not None and rtn_plain is not None:
+            rtn.add(i, rtn_plain, rtn_weighted)
 
 
 def analyze_tensor(
@@ -233,19 +284,22 @@ def analyze_tensor(
     )
     m = measure(weight, options, dtype, columns, scales, sample_elements, seed_for(info.path))
     energy, sse, wsse = m.energy, m.sse, m.wsse
+    rtn_sse = m.rtn_sse or [None] * len(sse)
+    rtn_wsse = m.rtn_wsse or [None] * len(sse)
     note = ""
     if not m.finite:
         # NaN/Inf weights cannot be quantized meaningfully: keep them in 16 bits and say so.
         options = [f for f in formats if not f.is_quantized][:1] or [Format("passthrough", 16, 0)]
         sse, energy, note = [0.0], 0.0, "non-finite values: kept in 16-bit"
         wsse = None if wsse is None else [0.0]
+        rtn_sse, rtn_wsse = [None], [None]
     elif energy == 0.0:
         # every format stores zeros exactly: the allocator takes the cheapest, and says so
         note = "all zeros: stored exactly in the smallest format"
     weighted = wsse if wsse is not None else [None] * len(sse)
     candidates = [
-        Candidate(f.name, f.nbytes(info.shape, dtype_bytes), float(s), w)
-        for f, s, w in zip(options, sse, weighted, strict=True)
+        Candidate(f.name, f.nbytes(info.shape, dtype_bytes), float(s), w, rs, rw)
+        for f, s, w, rs, rw in zip(options, sse, weighted, rtn_sse, rtn_wsse, strict=True)
     ]
     return RDCurve(
         path=info.path,

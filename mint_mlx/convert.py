@@ -35,6 +35,7 @@ from .report import distribution_table, model_card, summary_lines
 from .save import save_model_dir, staging_dir
 from .sizes import format_size, parse_size
 from .source import Source, open_source
+from .stock import StockPoint, best_within
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -47,7 +48,7 @@ CARD_IMAGES = (
 
 def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> None:
     """The card's size/quality curve (a budget sweep over the same analysis) and layer heatmap."""
-    from .plan import plan_points, sweep_budgets
+    from .plan import plan_points, stock_curve, sweep_budgets
     from .plots import layer_heatmap, size_quality_curve
 
     def quality(p: Plan) -> float:
@@ -69,6 +70,7 @@ def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> 
         chosen=(plan.bits_per_weight, quality(plan)),
         title=f"{name}: size vs quality",
         ylabel=label,
+        stock=stock_curve(prepared.stock),
     )
     layer_heatmap(plan, directory / CARD_IMAGES[1][1], title=name)
 
@@ -85,6 +87,8 @@ class ConvertResult:
     replaced: str | None = None  # what --force replaced at ``path`` ("a mint-mlx output")
     #: Wall seconds per phase: sensitivity, analysis, plan, card (figures), save.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Stock mlx-lm settings priced from the same analysis (the comparison the card shows).
+    stock: list[StockPoint] = field(default_factory=list)
 
 
 def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
@@ -191,7 +195,7 @@ def convert(
     if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
         return ConvertResult(plan, None, prepared.cache, rank=group.rank(), seconds=seconds)
     if dry_run:
-        return ConvertResult(plan, None, prepared.cache, seconds=seconds)
+        return ConvertResult(plan, None, prepared.cache, seconds=seconds, stock=prepared.stock)
     origin = origin_of(hf_path, source.path, source.config)
     card = model_card(
         plan,
@@ -203,6 +207,7 @@ def convert(
         ),
         name=out.name,
         images=CARD_IMAGES,
+        stock=prepared.stock,
     )
     check_free_space(out, plan.total_bytes)
     try:
@@ -239,7 +244,13 @@ def convert(
 
         url = upload(out, upload_repo)
     return ConvertResult(
-        plan, out, prepared.cache, url, replaced=_saved.get("replaced"), seconds=seconds
+        plan,
+        out,
+        prepared.cache,
+        url,
+        replaced=_saved.get("replaced"),
+        seconds=seconds,
+        stock=prepared.stock,
     )
 
 
@@ -367,6 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stock_line(plan: Plan, stock: Sequence[StockPoint]) -> str | None:
+    """One line: the best stock mlx-lm setting of no more bytes, and how mint compares."""
+    best = best_within(stock, plan.total_bytes or plan.planned_bytes)
+    if best is None:
+        return None
+    if plan.predicted_kld is not None and best.predicted_kld:
+        return (
+            f"best stock setting that fits ({best.command}): predicted KLD "
+            f"{best.predicted_kld:.4f}, this plan {plan.predicted_kld / best.predicted_kld:.2f}x that"
+        )
+    return f"best stock setting that fits ({best.command}): distortion {best.distortion:.4g}"
+
+
 def print_plan(plan: Plan) -> None:
     print(distribution_table(plan))
     print()
@@ -423,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.rank != 0:
         return 0  # mlx.launch worker rank: rank 0 reports
     print_plan(result.plan)
+    line = stock_line(result.plan, result.stock)
+    if line:
+        print(line)
     if result.replaced is not None:
         print(f"replaced {result.path} ({result.replaced}, as --force asked)")
     if result.path is not None:

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .sizes import format_size, parse_size
 from .source import open_source
+from .stock import StockPoint, best_within, frontier, unmeasured_note
 
 
 def mix(plan: Plan) -> str:
@@ -54,6 +55,32 @@ class SweepPoint:
     distortion: float
     predicted_kld: float | None
     mix: str
+    #: The best stock mlx-lm setting no larger than this plan's bytes (mint_mlx.stock), and
+    #: its predicted quality in the same units: what a user would get from mlx_lm convert.
+    stock: str | None = None
+    stock_bytes: int | None = None
+    stock_distortion: float | None = None
+    stock_predicted_kld: float | None = None
+
+    def with_stock(self, points: Sequence[StockPoint]) -> SweepPoint:
+        best = best_within(points, self.bytes)
+        if best is None:
+            return self
+        return replace(
+            self,
+            stock=best.name,
+            stock_bytes=best.bytes,
+            stock_distortion=best.distortion,
+            stock_predicted_kld=best.predicted_kld,
+        )
+
+    def stock_ratio(self) -> float | None:
+        """This plan's predicted quality over the best stock setting's (lower is better)."""
+        if self.stock_distortion is None or self.stock_distortion <= 0:
+            return None
+        if self.predicted_kld is not None and self.stock_predicted_kld:
+            return self.predicted_kld / self.stock_predicted_kld
+        return self.distortion / self.stock_distortion
 
 
 def sweep_budgets(prepared: Prepared, points: int = 12) -> list[int]:
@@ -98,6 +125,8 @@ class PlanReport:
     fit: Fit | None = None
     fit_point: SweepPoint | None = None
     decode_ceiling_tps: float | None = None
+    stock: list[StockPoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -105,6 +134,8 @@ class PlanReport:
             "parameters": self.parameters,
             "objective": self.objective,
             "points": [asdict(p) for p in self.points],
+            "stock": [p.to_json() for p in self.stock],
+            "notes": self.notes,
         }
         if self.fit is not None:
             d["fit"] = {
@@ -176,11 +207,14 @@ def plan(
     if sweep or (not wanted and fit is None):
         wanted += sweep_budgets(prepared)
     report = PlanReport(str(hf_path), source.total_parameters, objective, [])
+    report.stock = prepared.stock
+    unpriced = unmeasured_note(report.stock)
+    report.notes = [n for n in [unpriced] if n]
     if fit is not None:
         machine = parse_machine(fit)
         report.fit = fit_budget(machine, source.config, context)
         fit_plan = prepared.plan(report.fit.weight_budget)
-        report.fit_point = to_point(report.fit.weight_budget, fit_plan)
+        report.fit_point = to_point(report.fit.weight_budget, fit_plan).with_stock(report.stock)
         experts = sum(a.nbytes for a in fit_plan.assignments if a.role == "experts")
         per_token = bytes_per_token(source.config, fit_plan.total_bytes, experts)
         report.decode_ceiling_tps = decode_ceiling(machine, per_token)
@@ -190,7 +224,7 @@ def plan(
         previous = report.points[-1] if report.points else None
         if previous and b not in explicit and previous.bytes == p.total_bytes:
             continue  # a sweep point that buys nothing more (the next upgrade does not fit)
-        report.points.append(to_point(b, p))
+        report.points.append(to_point(b, p).with_stock(report.stock))
     if png is not None and report.points:
         from .plots import size_quality_curve
 
@@ -204,6 +238,7 @@ def plan(
                 chosen=chosen,
                 title=f"{Path(str(hf_path)).name}: size vs predicted quality",
                 ylabel=_quality_label(objective),
+                stock=stock_curve(report.stock),
             )
         except OSError as e:  # no such folder, permission denied, read-only, disk full
             raise MintError(
@@ -217,6 +252,26 @@ def _quality(p: SweepPoint) -> float:
     return p.predicted_kld if p.predicted_kld is not None else p.distortion
 
 
+def stock_curve(points: Sequence[StockPoint]) -> list[tuple[float, float, str]]:
+    """(bits per weight, predicted quality, name) of the stock settings on their frontier."""
+    return [
+        (
+            p.bits_per_weight,
+            p.predicted_kld if p.predicted_kld is not None else p.distortion,
+            p.name,
+        )
+        for p in frontier(points)
+    ]
+
+
+def _stock_cell(p: SweepPoint) -> str:
+    if p.stock is None:
+        return "none fits"
+    quality = p.stock_predicted_kld if p.stock_predicted_kld is not None else p.stock_distortion
+    ratio = p.stock_ratio()
+    return f"{p.stock} ({quality:.4g}{'' if ratio is None else f', mint {ratio:.2f}x'})"
+
+
 def _quality_label(objective: str) -> str:
     if objective == "fisher":
         return "predicted mean KL divergence (nats)"
@@ -225,22 +280,29 @@ def _quality_label(objective: str) -> str:
 
 def format_report(report: PlanReport) -> str:
     lines = [
-        "| budget | bytes | bits/weight | predicted KLD | distortion | mix (share of parameters) |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| budget | bytes | bits/weight | predicted KLD | distortion | best stock that fits "
+        "(its prediction, mint's ratio) | mix (share of parameters) |",
+        "|---:|---:|---:|---:|---:|---|---|",
     ]
     for p in report.points:
         kld = f"{p.predicted_kld:.4f}" if p.predicted_kld is not None else "n/a"
         lines.append(
             f"| {format_size(p.budget)} | {format_size(p.bytes)} | {p.bits_per_weight:.3f} | "
-            f"{kld} | {p.distortion:.4g} | {p.mix} |"
+            f"{kld} | {p.distortion:.4g} | {_stock_cell(p)} | {p.mix} |"
         )
+    lines += [
+        "",
+        "stock: the best `mlx_lm convert -q` setting no larger than the plan, priced from the "
+        "same analysis (MLX's own scales, mlx-lm's own layer rules)",
+        *(f"note: {n}" for n in report.notes),
+    ]
     if report.fit is not None and report.fit_point is not None:
         lines += [""] + report.fit.lines()
         fp = report.fit_point
         kld = f", predicted KLD {fp.predicted_kld:.4f}" if fp.predicted_kld is not None else ""
         lines.append(
             f"best plan that fits: {format_size(fp.bytes)}, {fp.bits_per_weight:.3f} bits per weight{kld}"
-            f" ({fp.mix})"
+            f" ({fp.mix}); best stock that fits: {_stock_cell(fp)}"
         )
         if report.decode_ceiling_tps is not None:
             lines.append(

@@ -43,6 +43,7 @@ from .row_sample import SAMPLE_ELEMENTS
 from .save import exact_total_bytes
 from .sizes import format_size
 from .source import Source, has_tokenizer
+from .stock import StockPoint, stock_points
 
 
 @dataclass
@@ -141,6 +142,15 @@ class Prepared:
             return plan
         return self._allocate(budget)
 
+    def exact_bytes(self, plan: Plan) -> int:
+        """All ``.safetensors`` bytes of ``plan`` as it would be saved (headers included)."""
+        return exact_total_bytes(self.source, plan, self.dtype, self.max_shard_bytes)
+
+    @functools.cached_property
+    def stock(self) -> list[StockPoint]:
+        """Every stock mlx-lm setting this analysis can price (:mod:`mint_mlx.stock`)."""
+        return stock_points(self)
+
     def _allocate(self, budget: int) -> Plan:
         digits = offset_digits(budget)
         plan = allocate(
@@ -157,7 +167,7 @@ class Prepared:
         )
         plan.scales = self.scales
         plan.notes = [*self.notes, *plan.notes]
-        plan.total_bytes = exact_total_bytes(self.source, plan, self.dtype, self.max_shard_bytes)
+        plan.total_bytes = self.exact_bytes(plan)
         if plan.total_bytes > budget:  # the accounting is an upper bound: a bug if this fires
             raise BudgetError(
                 f"internal accounting error: plan takes {plan.total_bytes} bytes over budget "

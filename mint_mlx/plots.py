@@ -32,15 +32,30 @@ def size_quality_curve(
     chosen: tuple[float, float] | None = None,
     title: str = "",
     ylabel: str = "predicted mean KL divergence (nats)",
+    stock: Sequence[tuple[float, float, str]] = (),
 ) -> Path:
-    """Quality against bits per weight, log scale, with the chosen plan marked."""
+    """Quality against bits per weight, log scale, with the chosen plan marked and, when given,
+    the stock mlx-lm settings (bits per weight, quality, name) priced the same way."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     # a log axis cannot show an exact (zero-error) plan, e.g. the all-16-bit one
     shown = [p for p in points if p[1] > 0]
     xs = [p[0] for p in shown]
     ys = [p[1] for p in shown]
-    ax.plot(xs, ys, "o-", color="#1f77b4", label="plans at other budgets")
+    ax.plot(xs, ys, "o-", color="#1f77b4", label="mint-mlx plans")
+    shown_stock = [p for p in stock if p[1] > 0]
+    if shown_stock:
+        ax.plot(
+            [p[0] for p in shown_stock],
+            [p[1] for p in shown_stock],
+            "s--",
+            color="#7f7f7f",
+            markersize=5,
+            label="stock mlx_lm convert (best settings)",
+        )
+        for x, y, name in shown_stock:
+            ax.annotate(name, (x, y), fontsize=6, color="#555555", xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
     if chosen is not None and chosen[1] > 0:
         ax.plot(
             [chosen[0]],

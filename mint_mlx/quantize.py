@@ -6,6 +6,8 @@ of exactly the arrays that get written.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 
 from .formats import Format
@@ -117,6 +119,46 @@ def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     )
 
 
+class RowErrors(NamedTuple):
+    """Per-row squared errors of one format: as stored (plain, column-weighted) and, for a
+    fitted affine format, those of MLX's own round-to-nearest scales (``None`` otherwise: then
+    the stored error is already what stock mlx-lm would write)."""
+
+    plain: mx.array
+    weighted: mx.array | None
+    rtn_plain: mx.array | None = None
+    rtn_weighted: mx.array | None = None
+
+
+def row_errors(
+    weight: mx.array,
+    fmt: Format,
+    dtype: mx.Dtype,
+    column_weights: mx.array | None = None,
+    scales: str = "rtn",
+) -> RowErrors:
+    """Per row of a 2-D ``weight``: the squared difference between it (as float32) and its
+    stored version, and the same with each input column weighted by ``column_weights`` (if
+    given). Rows are what the analysis samples (:mod:`mint_mlx.row_sample`). The scale fit
+    measures MLX's own rule first, so its error comes along at no cost."""
+    if fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales == "optimized":
+        fit = fit_affine(weight, fmt.bits, fmt.group_size, dtype, column_weights)
+        assert fit.rtn_plain_error is not None and fit.rtn_weighted_error is not None
+        weighted = column_weights is not None
+        return RowErrors(
+            fit.plain_error.sum(axis=(-2, -1)),
+            fit.weighted_error.sum(axis=(-2, -1)) if weighted else None,
+            fit.rtn_plain_error.sum(axis=(-2, -1)),
+            fit.rtn_weighted_error.sum(axis=(-2, -1)) if weighted else None,
+        )
+    stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
+    restored = dequantize_weight(stored, fmt)
+    diff = restored - weight.astype(mx.float32)
+    d2 = diff * diff
+    weighted_rows = None if column_weights is None else (d2 * column_weights).sum(axis=-1)
+    return RowErrors(d2.sum(axis=-1), weighted_rows)
+
+
 def row_squared_errors(
     weight: mx.array,
     fmt: Format,
@@ -124,19 +166,9 @@ def row_squared_errors(
     column_weights: mx.array | None = None,
     scales: str = "rtn",
 ) -> tuple[mx.array, mx.array | None]:
-    """Per row of a 2-D ``weight``: the squared difference between it (as float32) and its
-    stored version, and the same with each input column weighted by ``column_weights`` (if
-    given). Rows are what the analysis samples (:mod:`mint_mlx.row_sample`)."""
-    if fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales == "optimized":
-        fit = fit_affine(weight, fmt.bits, fmt.group_size, dtype, column_weights)
-        plain = fit.plain_error.sum(axis=(-2, -1))
-        return plain, None if column_weights is None else fit.weighted_error.sum(axis=(-2, -1))
-    stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
-    restored = dequantize_weight(stored, fmt)
-    diff = restored - weight.astype(mx.float32)
-    d2 = diff * diff
-    weighted = None if column_weights is None else (d2 * column_weights).sum(axis=-1)
-    return d2.sum(axis=-1), weighted
+    """(plain, weighted) of :func:`row_errors`."""
+    e = row_errors(weight, fmt, dtype, column_weights, scales)
+    return e.plain, e.weighted
 
 
 def squared_error(

@@ -11,6 +11,7 @@ from .experts import needs_mint
 from .formats import COMPACT
 from .origin import Origin
 from .sizes import format_size
+from .stock import StockPoint, best_within
 
 
 def config_label(row: dict) -> str:
@@ -97,14 +98,61 @@ def _usage_lines(plan: Plan, name: str) -> list[str]:
     ]
 
 
+def _quality(plan_kld: float | None, distortion: float) -> str:
+    return f"{plan_kld:.4f}" if plan_kld is not None else f"{distortion:.4g} (distortion)"
+
+
+def stock_comparison(plan: Plan, stock: Sequence[StockPoint]) -> list[str]:
+    """The card's "Against stock mlx-lm" section: this model beside the best stock setting no
+    larger than it, and the smallest stock setting predicted to be as good (empty without
+    stock points)."""
+    if not stock:
+        return []
+    size = plan.total_bytes or plan.planned_bytes
+    fits = best_within(stock, size)
+    as_good = [p for p in stock if p.distortion <= plan.distortion]
+    smallest_as_good = min(as_good, key=lambda p: p.bytes) if as_good else None
+    label = "predicted KLD" if plan.predicted_kld is not None else "distortion"
+    lines = [
+        "## Against stock mlx-lm",
+        "",
+        f"| model | bytes | bits/weight | {label} |",
+        "|---|---:|---:|---:|",
+        f"| this model | {size:,} | {plan.bits_per_weight:.3f} | "
+        f"{_quality(plan.predicted_kld, plan.distortion)} |",
+    ]
+    for title, p in (
+        ("best stock setting that fits the same bytes", fits),
+        ("smallest stock setting predicted as good", smallest_as_good),
+    ):
+        if p is not None:
+            lines.append(
+                f"| {title}: `{p.command}` | {p.bytes:,} | {p.bits_per_weight:.3f} | "
+                f"{_quality(p.predicted_kld, p.distortion)} |"
+            )
+    if fits is None:
+        lines.append("| no stock setting fits the same bytes | | | |")
+    lines += [
+        "",
+        "Stock rows are predicted from the same analysis (each tensor's error with MLX's own "
+        "scales, mlx-lm's own layer rules), not measured.",
+        "",
+    ]
+    return lines
+
+
 def model_card(
     plan: Plan,
     origin: Origin,
     command: str,
     name: str,
     images: Sequence[tuple[str, str]] = (),
+    stock: Sequence[StockPoint] = (),
 ) -> str:
     """README.md for the output directory, in the hub's model-card conventions.
+
+    ``stock`` are the stock mlx-lm settings priced from the same analysis
+    (:mod:`mint_mlx.stock`): the card compares this model with the best of them that fits.
 
     ``origin`` names the source without any local path (see :mod:`mint_mlx.origin`);
     ``images`` are (alt text, file name) pairs of figures saved next to the card.
@@ -147,6 +195,7 @@ def model_card(
         "",
         "Per-tensor choices, bytes and errors are in `mint_plan.json`.",
         "",
+        *stock_comparison(plan, stock),
         *[line for alt, file in images for line in (f"![{alt}]({file})", "")],
         *_usage_lines(plan, name),
         "## How it was made",

@@ -181,6 +181,10 @@ class _BlockFit:
     weighted: np.ndarray
     plain: np.ndarray
     codes: np.ndarray | None  # (g, m) float32 codes of (s, b) when asked for
+    #: The errors of the incumbent (MLX's own rule: what ``mlx_lm convert`` writes), free here
+    #: because the fit measures it first; the stock comparison prices stock settings with it.
+    rtn_weighted: np.ndarray | None = None
+    rtn_plain: np.ndarray | None = None
 
 
 def _fit_block(
@@ -212,6 +216,7 @@ def _fit_block(
         best_s, best_b = s.copy(), b.copy()
     best_w, best_p = _codes_and_errors(x, c, best_s, best_b, qmax, t, q)
     best_w, best_p = best_w.copy(), best_p.copy()
+    rtn_w, rtn_p = best_w.copy(), best_p.copy()
     if c is None:
         csum: np.ndarray = np.full(m, g, dtype=np.float32)
         cw = x.sum(axis=0)
@@ -247,7 +252,7 @@ def _fit_block(
         q = bufs[1].reshape(g, m)
         _codes_and_errors(x, None, best_s, best_b, qmax, bufs[0].reshape(g, m), q)
         codes = q
-    return _BlockFit(best_s, best_b, best_w, best_p, codes)
+    return _BlockFit(best_s, best_b, best_w, best_p, codes, rtn_w, rtn_p)
 
 
 def _block_rows(rows: int, width: int) -> list[tuple[int, int]]:
@@ -328,6 +333,9 @@ class AffineFit:
     weighted_error: mx.array  # (..., groups, 1)
     plain_error: mx.array  # (..., groups, 1)
     packed: mx.array | None = None  # (..., in * bits / 32) uint32
+    #: Per-group errors of MLX's own (scale, bias) (round to nearest): the fit's incumbent.
+    rtn_weighted_error: mx.array | None = None  # (..., groups, 1)
+    rtn_plain_error: mx.array | None = None  # (..., groups, 1)
 
 
 @dataclass
@@ -337,6 +345,8 @@ class _Fit2D:
     weighted: np.ndarray
     plain: np.ndarray
     packed: np.ndarray | None  # (rows, in * bits / 32)
+    rtn_weighted: np.ndarray  # (rows, groups): MLX's own rule, the incumbent
+    rtn_plain: np.ndarray
 
 
 def _fit_2d(
@@ -351,7 +361,7 @@ def _fit_2d(
     """The fit of a 2-D float32 weight (rows, in) with column weights (in,), block by block."""
     rows, n = w.shape
     groups = n // group_size
-    out = [np.empty((rows, groups), dtype=np.float32) for _ in range(4)]
+    out = [np.empty((rows, groups), dtype=np.float32) for _ in range(6)]
     packed = np.empty((rows, n * bits // 32), dtype=np.uint32) if want_packed else None
     blocks = _block_rows(rows, n)
     step = blocks[0][1] - blocks[0][0]
@@ -368,13 +378,15 @@ def _fit_2d(
         fit = _fit_block(
             x, None if ct is None else ct[:, :m], bits, rnd, iterations, mlx_incumbent, want_packed
         )
-        for dst, src in zip(out, (fit.s, fit.b, fit.weighted, fit.plain), strict=True):
+        fields = (fit.s, fit.b, fit.weighted, fit.plain, fit.rtn_weighted, fit.rtn_plain)
+        for dst, src in zip(out, fields, strict=True):
+            assert src is not None
             dst[r0:r1] = src.reshape(r1 - r0, groups)
         if packed is not None and fit.codes is not None:
             packed[r0:r1] = _pack_transposed(fit.codes, bits).reshape(r1 - r0, -1)
 
     _map(work, blocks)
-    return _Fit2D(out[0], out[1], out[2], out[3], packed)
+    return _Fit2D(out[0], out[1], out[2], out[3], packed, out[4], out[5])
 
 
 def _fit_numpy(
@@ -400,9 +412,15 @@ def _fit_numpy(
             _fit_2d(w[e].reshape(-1, n), cols[e], bits, group_size, rnd, iterations, want_packed)
             for e in range(w.shape[0])
         ]
+
+        def stacked(k: str) -> np.ndarray:
+            return np.stack([getattr(p, k) for p in parts])
+
         fit = _Fit2D(
-            *(np.stack([getattr(p, k) for p in parts]) for k in ("s", "b", "weighted", "plain")),
+            *(stacked(k) for k in ("s", "b", "weighted", "plain")),
             packed=np.stack([p.packed for p in parts]) if want_packed else None,  # type: ignore[misc]
+            rtn_weighted=stacked("rtn_weighted"),
+            rtn_plain=stacked("rtn_plain"),
         )
     else:
         fit = _fit_2d(w.reshape(-1, n), cols, bits, group_size, rnd, iterations, want_packed)
@@ -416,6 +434,8 @@ def _fit_numpy(
         shaped(fit.weighted),
         shaped(fit.plain),
         None if fit.packed is None else shaped(fit.packed),
+        shaped(fit.rtn_weighted),
+        shaped(fit.rtn_plain),
     )
 
 
@@ -445,6 +465,8 @@ def fit_affine(
         mx.array(fit.weighted[..., None]),
         mx.array(fit.plain[..., None]),
         None if fit.packed is None else mx.array(fit.packed),
+        mx.array(fit.rtn_weighted[..., None]),
+        mx.array(fit.rtn_plain[..., None]),
     )
 
 

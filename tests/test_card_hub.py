@@ -55,6 +55,10 @@ def test_card_names_the_hub_model_and_its_license(named_source: Path, tmp_path: 
     assert card.data.library_name == "mlx"
     assert "Quantized from `example-org/tiny-llama`" in card.text
     assert "--hf-path example-org/tiny-llama --mlx-path out --bpw 4.5" in card.text
+    # the gain over stock: the best stock setting no larger than the model, with its command
+    assert "## Against stock mlx-lm" in card.text
+    section = card.text.split("## Against stock mlx-lm")[1].split("\n## ")[0]
+    assert "best stock setting that fits the same bytes: `mlx_lm.convert -q" in section
 
 
 def test_no_local_absolute_path_in_the_output(named_source: Path, tmp_path: Path) -> None:
