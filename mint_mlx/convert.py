@@ -29,6 +29,7 @@ from .origin import Origin, origin_of
 from .parallel import default_jobs, distributed_group
 from .path_safety import check_run, not_writable
 from .paths import cache_root
+from .phases import TIMINGS_FILE, PhaseLog, closing_lines
 from .planner import Prepared, prepare
 from .quantize import SCALE_METHODS
 from .report import distribution_table, model_card, summary_lines
@@ -89,6 +90,8 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)
     #: Stock mlx-lm settings priced from the same analysis (the comparison the card shows).
     stock: list[StockPoint] = field(default_factory=list)
+    #: The phases as announced, with the memory peak at the end of each.
+    phases: PhaseLog | None = None
 
 
 def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
@@ -169,6 +172,17 @@ def convert(
     )
     out_dtype = output_dtype(source, dtype)
     nbytes = resolve_budget(source, budget, bpw)
+    phases = PhaseLog(
+        [
+            *(["sensitivity"] if objective == "fisher" else []),
+            "analysis",
+            "plan",
+            *([] if dry_run else ["card", "save"]),
+        ],
+        source.total_parameters,
+        enabled=progress and writes,
+        timings=cache_root(create=False) / TIMINGS_FILE,
+    )
     prepared = prepare(
         source,
         out_dtype,
@@ -185,8 +199,10 @@ def convert(
         max_memory=resolve_max_memory(max_memory),
         exact_analysis=exact_analysis,
         sampler=sampler,
+        phases=phases,
     )
     seconds = dict(prepared.seconds)
+    phases.start("plan", f"budget {format_size(nbytes)}")
     start = time.perf_counter()
     plan = prepared.plan(nbytes)
     seconds["plan"] = time.perf_counter() - start
@@ -195,7 +211,10 @@ def convert(
     if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
         return ConvertResult(plan, None, prepared.cache, rank=group.rank(), seconds=seconds)
     if dry_run:
-        return ConvertResult(plan, None, prepared.cache, seconds=seconds, stock=prepared.stock)
+        phases.finish()
+        return ConvertResult(
+            plan, None, prepared.cache, seconds=seconds, stock=prepared.stock, phases=phases
+        )
     origin = origin_of(hf_path, source.path, source.config)
     card = model_card(
         plan,
@@ -212,9 +231,11 @@ def convert(
     check_free_space(out, plan.total_bytes)
     try:
         with staging_dir(out, force, reads, _published) as tmp:
+            phases.start("card", "size/quality curve over 10 budgets, layer heatmap")
             start = time.perf_counter()
             card_figures(prepared, plan, tmp, out.name)
             seconds["card"] = time.perf_counter() - start
+            phases.start("save", f"{format_size(plan.total_bytes)}, then read back and checked")
             start = time.perf_counter()
             save_model_dir(
                 source,
@@ -227,6 +248,9 @@ def convert(
                 columns=prepared.columns,
             )
             seconds["save"] = time.perf_counter() - start
+            phases.finish()
+            if progress:
+                phases.save_rates(seconds)
     except OSError as e:
         refused = not_writable(e, "--mlx-path", out)
         if refused is not None:
@@ -251,6 +275,7 @@ def convert(
         replaced=_saved.get("replaced"),
         seconds=seconds,
         stock=prepared.stock,
+        phases=phases,
     )
 
 
@@ -292,12 +317,6 @@ def public_command(argv: Sequence[str], origin: Origin, out: Path) -> str:
         else:
             args.append(arg)
     return "python -m mint_mlx.convert " + shlex.join(args)
-
-
-def phase_line(seconds: dict[str, float]) -> str:
-    """One line with each phase's wall time, so a user can see where a conversion went."""
-    parts = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
-    return f"time: {parts} (total {sum(seconds.values()):.1f} s)"
 
 
 def check_free_space(out: Path, weight_bytes: int) -> None:
@@ -454,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"replaced {result.path} ({result.replaced}, as --force asked)")
     if result.path is not None:
         print(f"saved {result.path}")
-    print(phase_line(result.seconds))
+    for line in closing_lines(result.seconds, result.phases):
+        print(line)
     if result.url:
         print(f"uploaded {result.url}")
     return 0

@@ -39,6 +39,7 @@ from .layout import (
     offset_digits,
 )
 from .parallel import jobs_within, worker_memory
+from .phases import PhaseLog
 from .row_sample import SAMPLE_ELEMENTS
 from .save import exact_total_bytes
 from .sizes import format_size
@@ -192,6 +193,7 @@ def prepare(
     max_memory: int | None = None,
     exact_analysis: bool = False,
     sampler: str = "auto",
+    phases: PhaseLog | None = None,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
@@ -221,6 +223,8 @@ def prepare(
             "in before generating text"
         )
     if objective == "fisher":
+        if phases is not None:
+            phases.start("sensitivity", "how much each weight column moves the output")
         config = CalibrationConfig(text_file=calibration)
         found = sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler)
         calib_key = found.key  # the full model's text and a 4-bit copy's have their own keys
@@ -255,6 +259,12 @@ def prepare(
     cache = analysis or default_cache_path(
         source, candidates, dtype, calib_key, scales, per_expert, sample
     )
+    if phases is not None:
+        phases.start(
+            "analysis",
+            f"{len(source.quantizable)} tensors x {len(candidates)} formats"
+            + ("" if sample is None else ", errors from a row sample"),
+        )
     start = time.perf_counter()
     curves = analyze(
         source,
