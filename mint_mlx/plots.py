@@ -109,6 +109,25 @@ def _cell_formats(plan: Plan) -> dict[tuple[int, str], str]:
     return {cell: c.most_common(1)[0][0] for cell, c in shares.items()}
 
 
+#: A colour family per bit width, so 3, 4 and 5 bits read apart at a glance; within a family a
+#: finer group is a darker shade (more precision, as more bits).
+_BIT_FAMILIES = {2: "Purples", 3: "Blues", 4: "Greens", 5: "Oranges", 6: "Reds", 8: "Greys"}
+_GROUP_SHADES = {16: 0.95, 32: 0.8, 64: 0.6, 128: 0.42, 256: 0.3}
+
+
+def _format_colour(plt, name: str) -> tuple[float, float, float, float]:  # type: ignore[no-untyped-def]
+    fmt = format_by_name(name)
+    if not fmt.is_quantized:
+        return (0.1, 0.1, 0.1, 1.0)  # 16-bit: near black
+    if fmt.mode not in ("affine", COMPACT):  # float modes: their own hues
+        return {"mxfp4": (0.55, 0.35, 0.2, 1.0), "nvfp4": (0.75, 0.6, 0.2, 1.0)}.get(
+            fmt.mode, (0.4, 0.7, 0.7, 1.0)
+        )
+    family = plt.get_cmap(_BIT_FAMILIES.get(fmt.bits, "Greys"))
+    r, g, b, a = family(_GROUP_SHADES.get(fmt.group_size, 0.6))
+    return (r, g, b, a)
+
+
 def heatmap_figure(plan: Plan, title: str = ""):  # type: ignore[no-untyped-def]
     """Layers x tensor roles, one colour per format used (legend), ordered by bits per weight.
 
@@ -124,8 +143,7 @@ def heatmap_figure(plan: Plan, title: str = ""):  # type: ignore[no-untyped-def]
         key=lambda n: (format_by_name(n).bits_per_weight(), n),
     )
     index = {name: i for i, name in enumerate(used)}
-    palette = plt.get_cmap("tab20" if len(used) > 10 else "tab10")
-    colours = [palette(i % palette.N) for i in range(len(used))]
+    colours = [_format_colour(plt, name) for name in used]
     cells = _cell_formats(plan)
     columns = sorted({c for _, c in cells})
     layers = sorted({layer for layer, _ in cells})
