@@ -58,6 +58,10 @@ class CalibrationMemoryError(MintError):
 #: Bump when the estimate changes meaning.
 CALIBRATION_VERSION = 2
 
+#: Sequences of sampled (or read) calibration text, and their length in tokens.
+DEFAULT_SEQUENCES = 8
+SEQ_LEN = 256
+
 #: How the pass may run: chosen by memory, or forced (tests, users who know better).
 SENSITIVITY_PASSES = ("auto", "in-memory", "streamed")
 
@@ -73,8 +77,8 @@ class CalibrationConfig:
     """How many sequences of how many tokens, the sampling seed, an optional text file, and
     whether the 4-bit copy samples the text (``proxy``; ignored with a text file)."""
 
-    sequences: int = 8
-    seq_len: int = 256
+    sequences: int = DEFAULT_SEQUENCES
+    seq_len: int = SEQ_LEN
     seed: int = 0
     text_file: str | None = None
     proxy: bool = False

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
-from .calibrate import add_sensitivity_arguments
+from .calibrate import DEFAULT_SEQUENCES, SEQ_LEN, add_sensitivity_arguments
 from .errors import BudgetError, DiskFullError, MintError
 from .formats import FORMAT_SETS
 from .layout import MAX_SHARD_BYTES
@@ -138,6 +138,7 @@ def convert(
     max_memory: str | int | None = None,
     exact_analysis: bool = False,
     sampler: str = "auto",
+    calibration_sequences: int = DEFAULT_SEQUENCES,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
@@ -200,6 +201,7 @@ def convert(
         exact_analysis=exact_analysis,
         sampler=sampler,
         phases=phases,
+        calibration_sequences=calibration_sequences,
     )
     seconds = dict(prepared.seconds)
     phases.start("plan", f"budget {format_size(nbytes)}")
@@ -364,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="text file for the sensitivity estimate (default: text the model samples itself)",
     )
     p.add_argument(
+        "--calibration-sequences",
+        type=int,
+        default=DEFAULT_SEQUENCES,
+        metavar="N",
+        help=f"sequences of {SEQ_LEN} tokens for the sensitivity estimate (default "
+        f"{DEFAULT_SEQUENCES}); fewer is faster and noisier (see README)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the plan, write only the analysis cache"
     )
     p.add_argument("--analysis", help="analysis cache file (default: in ~/.cache/mint_mlx)")
@@ -443,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_memory=args.max_memory,
             exact_analysis=args.exact_analysis,
             sampler=args.sampler,
+            calibration_sequences=args.calibration_sequences,
         )
     except MintError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from .allocate import (
     feasible_range,
 )
 from .analyze import RDCurve, analyze, default_cache_path
-from .calibrate import CalibrationConfig, sensitivity
+from .calibrate import DEFAULT_SEQUENCES, CalibrationConfig, sensitivity
 from .errors import BudgetError, MintError
 from .experts import splits_per_expert
 from .formats import FORMAT_SETS, Format, formats_for
@@ -194,11 +194,13 @@ def prepare(
     exact_analysis: bool = False,
     sampler: str = "auto",
     phases: PhaseLog | None = None,
+    calibration_sequences: int = DEFAULT_SEQUENCES,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
     The ``fisher`` objective first estimates output sensitivities: from text the model samples
-    itself, or from the ``calibration`` text file. ``formats`` is the candidate set
+    itself, or from the ``calibration`` text file (``calibration_sequences`` sequences of 256
+    tokens: fewer is faster and a noisier estimate). ``formats`` is the candidate set
     (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
     names, so a native and an extended analysis of the same model never mix. The sensitivity
     pass runs in memory or block by block as ``sensitivity_pass`` and ``max_memory`` (bytes)
@@ -225,12 +227,17 @@ def prepare(
     if objective == "fisher":
         if phases is not None:
             phases.start("sensitivity", "how much each weight column moves the output")
-        config = CalibrationConfig(text_file=calibration)
+        if calibration_sequences < 1:
+            raise MintError(
+                f"--calibration-sequences must be at least 1, not {calibration_sequences}"
+            )
+        config = CalibrationConfig(sequences=calibration_sequences, text_file=calibration)
         found = sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler)
         calib_key = found.key  # the full model's text and a 4-bit copy's have their own keys
         columns = found.columns
         how = "read from the cache" if found.choice is None else found.choice.describe(max_memory)
-        notes.append(f"sensitivity from {found.text}; {how}")
+        tokens = f"{config.sequences} x {config.seq_len} tokens"
+        notes.append(f"sensitivity from {found.text}, {tokens}; {how}")
         if not all(bool(mx.all(mx.isfinite(c)).item()) for c in columns.values()):
             # NaN/Inf weights make every gradient NaN: weigh by weight error instead, and say so
             notes.append(

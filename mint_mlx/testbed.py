@@ -156,9 +156,18 @@ TESTBEDS = (
 DITHER = 1.0
 SEED = 0
 
-#: Held-out evaluation used by the build checks: 32 windows of 512 tokens.
+#: Held-out evaluation used by the full build check: 32 windows of 512 tokens.
 CHECK_SEQ_LEN = 512
 CHECK_WINDOWS = 32
+#: How much a testbed build verifies (``--check``). ``none``: nothing. ``quick`` (the default,
+#: seconds): the NRMSE of 4-bit RTN, the tokenizer round trip on ``heldout.txt`` and the PPL of
+#: the model alone over its first ``QUICK_WINDOWS`` windows, enough to catch a wrong Q/K
+#: permutation, norm offset or tokenizer (hundreds of PPL). ``full`` (minutes): the same over
+#: ``CHECK_WINDOWS`` windows, a dithered model against its undithered reference (PPL of both,
+#: KLD); the test suite asks for it. The build itself is the same bytes at every level.
+CHECK_LEVELS = ("none", "quick", "full")
+DEFAULT_CHECK = "quick"
+QUICK_WINDOWS = 2
 MIN_HELDOUT_TOKENS = 40_000
 #: The dither has erased the Q4_1 grid when plain min/max 4-bit g32 NRMSE is at least this
 #: fraction of g64's (a normal model's ratio; measured 0.86 at full dither, 0.59 at half).
@@ -1138,12 +1147,18 @@ MAX_PPL = {"smollm2-135m": 40.0, "gemma3-270m": 40.0}
 
 
 def check_model(
-    model_dir: Path, reference: Path | None, max_ppl: float, progress: bool = False
+    model_dir: Path,
+    reference: Path | None,
+    max_ppl: float,
+    progress: bool = False,
+    windows: int = CHECK_WINDOWS,
 ) -> dict[str, Any]:
-    """Measure what ``testbed.json`` records: NRMSE and held-out perplexity (+ KLD vs reference).
+    """Measure what ``testbed.json`` records: NRMSE and held-out perplexity (+ KLD vs reference)
+    over ``windows`` windows of ``CHECK_SEQ_LEN`` tokens.
 
-    Raises :class:`TestbedError` on a broken build: PPL above ``max_ppl``, MLX 4-bit g32 NRMSE not
-    between 0.02 and g64's, dithered PPL above 1.5x the undithered one. Whether the dither erased
+    Raises :class:`TestbedError` on a broken build: PPL (the model's, or the reference's) above
+    ``max_ppl``, MLX 4-bit g32 NRMSE not between 0.02 and g64's, dithered PPL above 1.5x the
+    undithered one. Whether the dither erased
     the GGUF grid is recorded (``grid_removed``), not enforced, so that weaker dithers can still be
     built and measured. Also checks that the tokenizer decodes the held-out text back to itself.
     """
@@ -1159,7 +1174,7 @@ def check_model(
     ids = encode(tok, body)
     heldout_tokens = len(ids)
     round_trip = tok.decode(ids) == body
-    tokens = min(CHECK_WINDOWS * CHECK_SEQ_LEN, heldout_tokens)
+    tokens = min(windows * CHECK_SEQ_LEN, heldout_tokens)
     r = evaluate(
         model_dir,
         reference,
@@ -1189,8 +1204,11 @@ def check_model(
         problems.append(
             f"held-out PPL {r.ppl:.1f} > {max_ppl:g} (wrong Q/K permutation, norms or tokenizer?)"
         )
-    if reference is not None and r.ppl_reference is not None and r.ppl > 1.5 * r.ppl_reference:
-        problems.append(f"dithered PPL {r.ppl:.2f} > 1.5 x undithered {r.ppl_reference:.2f}")
+    if reference is not None and r.ppl_reference is not None:
+        if r.ppl_reference > max_ppl:
+            problems.append(f"undithered reference PPL {r.ppl_reference:.1f} > {max_ppl:g}")
+        if r.ppl > 1.5 * r.ppl_reference:
+            problems.append(f"dithered PPL {r.ppl:.2f} > 1.5 x undithered {r.ppl_reference:.2f}")
     if not (0.02 < g32 < g64):
         problems.append(f"4-bit NRMSE g32 {g32:.4f} not in (0.02, g64 {g64:.4f})")
     if problems:
@@ -1201,6 +1219,68 @@ def check_model(
 def check_smollm2(model_dir: Path, reference: Path | None, progress: bool = False) -> dict:
     """:func:`check_model` with SmolLM2's PPL bound."""
     return check_model(model_dir, reference, MAX_PPL["smollm2-135m"], progress)
+
+
+def _check_level(check: str) -> int:
+    if check not in CHECK_LEVELS:
+        raise TestbedError(f"unknown check {check!r}; choose one of {', '.join(CHECK_LEVELS)}")
+    return CHECK_LEVELS.index(check)
+
+
+def recorded_check(meta: dict[str, Any]) -> str:
+    """The check level a ``testbed.json`` records. Testbeds built before levels existed carry
+    ``checks`` only when they ran the full check (the only one there was)."""
+    return str(meta.get("check") or ("full" if meta.get("checks") else "none"))
+
+
+def run_checks(
+    model_dir: Path, family: str, dithered: bool, check: str, progress: bool = False
+) -> dict[str, Any] | None:
+    """The ``check`` level's measurements of a built ``family`` model (see ``CHECK_LEVELS``).
+
+    ``full`` on a dithered model evaluates it against the undithered testbed (built or taken
+    from the cache with the quick check only: this full check measures the reference's PPL over
+    the same windows and bounds it, so its own 32-window check would be the same evaluation
+    run a second time).
+    """
+    if _check_level(check) == 0:
+        return None
+    if check == "quick":
+        return check_model(model_dir, None, MAX_PPL[family], progress, windows=QUICK_WINDOWS)
+    reference = (
+        ensure_testbed(f"{family}-undithered", progress=progress, check="quick")
+        if dithered
+        else None
+    )
+    checks = check_model(model_dir, reference, MAX_PPL[family], progress)
+    if reference is not None:
+        checks["reference"] = reference.name  # a testbed name, not a path
+    return checks
+
+
+def _write_meta(model_dir: Path, meta: dict[str, Any]) -> None:
+    tmp = model_dir / f".testbed.json.{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, model_dir / "testbed.json")
+
+
+def verify_testbed(model_dir: Path, check: str = "full", progress: bool = False) -> dict[str, Any]:
+    """Run the ``check`` level on an already built model testbed, unless ``testbed.json``
+    records that level or a higher one; record it there and return the metadata.
+
+    Raises :class:`TestbedError` when the check fails; ``testbed.json`` then keeps the level
+    it had (a testbed that fails the full check is reported, never marked as verified).
+    """
+    level = _check_level(check)
+    meta = json.loads((model_dir / "testbed.json").read_text())
+    if level <= _check_level(recorded_check(meta)):
+        return meta
+    family = str(meta["name"]).removesuffix("-undithered")
+    start = time.perf_counter()
+    checks = run_checks(model_dir, family, bool(meta["dither"]["amplitude"]), check, progress)
+    meta.update(check=check, checks=checks, check_seconds=round(time.perf_counter() - start, 1))
+    _write_meta(model_dir, meta)
+    return meta
 
 
 # --------------------------------------------------------------------------- build + cache
@@ -1222,11 +1302,12 @@ def _build_from_gguf(
     *,
     amplitude: float,
     seed: int,
-    checks: bool,
+    check: str,
     progress: bool,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Convert, check (the dithered build against ``{family}-undithered``) and write testbed.json."""
+    """Convert, check at the ``check`` level (see :func:`run_checks`) and write testbed.json."""
+    _check_level(check)
     summary = convert(gguf_path, out, amplitude, seed, progress)
     meta: dict[str, Any] = {
         "name": family if amplitude else f"{family}-undithered",
@@ -1236,14 +1317,15 @@ def _build_from_gguf(
         **(extra or {}),
         **summary,
         "build_seconds": None,
+        "check": check,
     }
-    if checks:
-        reference = ensure_testbed(f"{family}-undithered", progress=progress) if amplitude else None
-        meta["checks"] = check_model(out, reference, MAX_PPL[family], progress)
-        if reference is not None:
-            meta["checks"]["reference"] = reference.name  # a testbed name, not a path
+    built = time.perf_counter()
+    checks = run_checks(out, family, bool(amplitude), check, progress)
+    if checks is not None:
+        meta["checks"] = checks
+        meta["check_seconds"] = round(time.perf_counter() - built, 1)
     meta["build_seconds"] = round(time.perf_counter() - start, 1)
-    (out / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_meta(out, meta)
     return meta
 
 
@@ -1251,13 +1333,13 @@ def build_smollm2(
     out: Path,
     amplitude: float = DITHER,
     seed: int = SEED,
-    checks: bool = True,
+    check: str = DEFAULT_CHECK,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Build the SmolLM2-135M testbed into ``out`` (which must not exist); return testbed.json.
 
-    With ``checks``, the dithered model is evaluated against the undithered testbed (built or taken
-    from the cache), and the undithered one on its own.
+    ``check`` is one of ``CHECK_LEVELS``: with ``full``, the dithered model is evaluated against
+    the undithered testbed (built or taken from the cache), the undithered one on its own.
     """
     start = time.perf_counter()
     gguf_path = extract_file(
@@ -1277,7 +1359,7 @@ def build_smollm2(
         start,
         amplitude=amplitude,
         seed=seed,
-        checks=checks,
+        check=check,
         progress=progress,
     )
 
@@ -1286,13 +1368,13 @@ def build_gemma3(
     out: Path,
     amplitude: float = DITHER,
     seed: int = SEED,
-    checks: bool = True,
+    check: str = DEFAULT_CHECK,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Build the Gemma 3 270M testbed into ``out`` (which must not exist); return testbed.json.
 
-    The GGUF is reassembled from its four chunk wheels (sha256 per chunk and of the whole). With
-    ``checks``, as :func:`build_smollm2`.
+    The GGUF is reassembled from its four chunk wheels (sha256 per chunk and of the whole).
+    ``check`` as in :func:`build_smollm2`.
     """
     start = time.perf_counter()
     spec = GEMMA3_GGUF
@@ -1322,7 +1404,7 @@ def build_gemma3(
         start,
         amplitude=amplitude,
         seed=seed,
-        checks=checks,
+        check=check,
         progress=progress,
         extra=conventions,
     )
@@ -1373,20 +1455,29 @@ def _complete(path: Path) -> bool:
     return (path / "testbed.json").is_file() or (path / "manifest.json").is_file()
 
 
-def ensure_testbed(name: str, progress: bool = False) -> Path:
-    """The cached testbed directory ``cache_root()/"testbeds"/name``, built first if missing."""
-    builder = _builder(name, progress)
+def ensure_testbed(name: str, progress: bool = False, check: str = DEFAULT_CHECK) -> Path:
+    """The cached testbed directory ``cache_root()/"testbeds"/name``, built first if missing.
+
+    A model testbed is checked at least at the ``check`` level (``CHECK_LEVELS``): a cached one
+    that recorded a lower level is verified in place (no rebuild: the build is deterministic)
+    and its ``testbed.json`` updated. ``check`` does not apply to ``wiki-text``.
+    """
+    _check_level(check)
+    kw = {} if name == "wiki-text" else {"check": check}
+    builder = _builder(name, progress, **kw)
     final = cache_root() / "testbeds" / name
-    if _complete(final):
-        return final
-    if final.exists():
-        shutil.rmtree(final)  # an incomplete leftover in our own cache
-    try:
-        return _build_atomically(final, builder)
-    except OutputExistsError:
-        if _complete(final):
-            return final  # another process finished first; theirs is as good as ours
-        raise
+    if not _complete(final):
+        if final.exists():
+            shutil.rmtree(final)  # an incomplete leftover in our own cache
+        try:
+            _build_atomically(final, builder)
+        except OutputExistsError:
+            if not _complete(final):
+                raise
+            # another process finished first; theirs is as good as ours once checked as asked
+    if name != "wiki-text":
+        verify_testbed(final, check, progress)
+    return final
 
 
 def ensure_wiki_text() -> Path:
@@ -1407,18 +1498,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--dither", type=float, default=DITHER, help="dither amplitude in steps")
     parser.add_argument("--seed", type=int, default=SEED, help="dither base seed")
-    parser.add_argument("--no-checks", action="store_true", help="skip NRMSE/PPL checks")
+    parser.add_argument(
+        "--check",
+        choices=CHECK_LEVELS,
+        default=None,
+        help=f"how much to verify (default {DEFAULT_CHECK}): quick = NRMSE, tokenizer and PPL "
+        f"over {QUICK_WINDOWS} x {CHECK_SEQ_LEN} held-out tokens (seconds); full = "
+        f"{CHECK_WINDOWS} x {CHECK_SEQ_LEN} tokens against the undithered reference (minutes; "
+        "on a cached testbed it verifies without rebuilding); none",
+    )
+    parser.add_argument("--no-checks", action="store_true", help="the same as --check none")
     args = parser.parse_args(argv)
+    if args.no_checks and args.check not in (None, "none"):
+        parser.error("--no-checks contradicts --check " + args.check)
+    check = "none" if args.no_checks else (args.check or DEFAULT_CHECK)
     try:
         kw: dict[str, Any] = {}
         if args.name != "wiki-text":
-            kw = {"seed": args.seed, "checks": not args.no_checks}
+            kw = {"seed": args.seed, "check": check}
             if not args.name.endswith("-undithered"):
                 kw["amplitude"] = args.dither
         if args.out is None:
-            if args.dither != DITHER or args.seed != SEED or args.no_checks:
-                raise TestbedError("non-default --dither, --seed or --no-checks need --out")
-            path = ensure_testbed(args.name, progress=True)
+            if args.dither != DITHER or args.seed != SEED:
+                raise TestbedError("non-default --dither or --seed need --out")
+            path = ensure_testbed(args.name, progress=True, check=check)
         else:
             path = _build_atomically(args.out, _builder(args.name, True, **kw), args.force)
     except MintError as e:
@@ -1435,6 +1538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{fname}: {info['articles']} articles, {info['words']} words")
         return 0
     checks = meta.get("checks")
+    level = recorded_check(meta)
     if checks:
         ev = checks["heldout_eval"]
         n = checks["nrmse_rtn"]
@@ -1454,7 +1558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"undithered PPL {ev['ppl_reference']:.3f}; KLD(undithered || this) "
                 f"mean {ev['kld_mean']:.4f}, top-1 agreement {ev['top1_agreement']:.3f}"
             )
-    print(f"built in {meta['build_seconds']} s")
+    print(f"built in {meta['build_seconds']} s; check: {level}")
+    if level != "full":
+        print(
+            f"(verify it in full, {CHECK_WINDOWS} x {CHECK_SEQ_LEN} tokens against the undithered "
+            f"build, minutes: python -m mint_mlx.testbed {args.name} --check full)"
+        )
     return 0
 
 

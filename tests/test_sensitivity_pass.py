@@ -203,3 +203,30 @@ def test_calibration_file_without_tokenizer_is_one_line(
     code, _, err = run_cli([*args, "--calibration", str(text)], capsys)
     assert_one_line_error(code, err, "needs the model's tokenizer", "drop --calibration")
     assert not out.exists()
+
+
+def test_calibration_sequences_flag_sets_the_sample_size(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """``--calibration-sequences N`` (the demo passes 4) samples N sequences of 256 tokens, has
+    its own calibration cache entry and says so in the notes; the default stays 8."""
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))  # no earlier test's entry
+    drawn: list[int] = []
+    real = calibrate_module.sample_sequences
+
+    def spy(model, start, n, length, seed, progress=False):  # type: ignore[no-untyped-def]
+        drawn.append(n)
+        return real(model, start, n, length, seed, progress)
+
+    monkeypatch.setattr(calibrate_module, "sample_sequences", spy)
+    base = ["--hf-path", str(tiny_llama), "--bpw", "4.5", "--dry-run"]
+    code, out, err = run_cli([*base, "--calibration-sequences", "2"], capsys)
+    assert code == 0, err
+    assert drawn == [2] and "2 x 256 tokens" in out
+    source = open_source(tiny_llama)
+    assert calibrate_module.calibration_path(source, CalibrationConfig(sequences=2)).exists()
+    code, out, err = run_cli(base, capsys)
+    assert code == 0, err
+    assert drawn == [2, 8] and "8 x 256 tokens" in out
+    code, out, err = run_cli([*base, "--calibration-sequences", "0"], capsys)
+    assert_one_line_error(code, err, "--calibration-sequences must be at least 1")

@@ -608,6 +608,124 @@ def test_tiny_gemma3_gguf_round_trips_to_an_mlx_lm_model(tmp_path: Path) -> None
     assert logits.shape == (1, len(ids), len(_TINY_SPM)) and bool(mx.all(mx.isfinite(logits)))
 
 
+# ------------------------------------------------------------------------------ check levels
+
+
+def _fake_checks(windows: int, reference: Path | None) -> dict:
+    ev = {
+        "ppl": 29.0,
+        "n_tokens": windows * tb.CHECK_SEQ_LEN,
+        "n_windows": windows,
+        "seq_len": tb.CHECK_SEQ_LEN,
+        "ppl_reference": None if reference is None else 22.7,
+        "kld_mean": None if reference is None else 0.36,
+        "top1_agreement": None if reference is None else 0.8,
+    }
+    nrmse = {k: {"pooled": 0.09} for k in ("g32", "g64", "minmax_g32", "minmax_g64")}
+    return {"nrmse_rtn": nrmse, "grid_removed": True, "heldout_tokens": 50_000, "heldout_eval": ev}
+
+
+@pytest.fixture
+def fake_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """The SmolLM2 testbed CLI with the GGUF read and the held-out evaluation faked: returns the
+    list of (model name, windows, reference name) of every check_model call and the list of
+    models converted, so a test sees which evaluation ran on what, in what order."""
+    monkeypatch.setattr(tb, "cache_root", lambda create=True: tmp_path / "cache")
+    monkeypatch.setattr(tb, "extract_file", lambda spec, out: out)
+    calls: list[tuple[str, int, str | None]] = []
+    built: list[float] = []
+
+    def convert(gguf: Path, out: Path, amplitude: float, seed: int, progress: bool) -> dict:
+        built.append(amplitude)
+        name = "smollm2-135m" if amplitude else "smollm2-135m-undithered"
+        (out / "fake-name").write_text(name)
+        return {"tensors": 1}
+
+    def check_model(
+        model_dir: Path,
+        reference: Path | None,
+        max_ppl: float,
+        progress: bool = False,
+        windows: int = tb.CHECK_WINDOWS,
+    ) -> dict:
+        name = (model_dir / "fake-name").read_text()
+        calls.append((name, windows, None if reference is None else reference.name))
+        return _fake_checks(windows, reference)
+
+    monkeypatch.setattr(tb, "gguf_llama_to_hf", convert)
+    monkeypatch.setattr(tb, "check_model", check_model)
+    return calls, built
+
+
+def test_testbed_cli_default_runs_only_the_quick_check(
+    fake_smollm2: tuple[list, list], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the demo runs: no 32-window perplexity, no undithered reference build."""
+    calls, built = fake_smollm2
+    assert tb.main(["smollm2-135m"]) == 0
+    assert built == [tb.DITHER]  # the undithered reference is not built
+    assert len(calls) == 1
+    _, windows, reference = calls[0]
+    assert windows == tb.QUICK_WINDOWS < tb.CHECK_WINDOWS and reference is None
+    meta = json.loads((tb.cache_root() / "testbeds" / "smollm2-135m" / "testbed.json").read_text())
+    assert meta["check"] == "quick" and meta["checks"]["heldout_eval"]["n_windows"] == 2
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("smollm2-135m")  # the demo reads the path from line 1
+    assert "check: quick" in out and "--check full" in out
+
+
+def test_testbed_cli_check_full_verifies_the_cached_build_once(
+    fake_smollm2: tuple[list, list],
+) -> None:
+    """``--check full`` on a quick-checked testbed verifies it in place (no rebuild), evaluates
+    the 32 windows once, against the undithered reference, and that reference's own check is
+    the quick one (its 32 windows are already part of this evaluation)."""
+    calls, built = fake_smollm2
+    assert tb.main(["smollm2-135m"]) == 0
+    calls.clear()
+    built.clear()
+    assert tb.main(["smollm2-135m", "--check", "full"]) == 0
+    assert built == [0.0]  # only the undithered reference, once
+    full = [c for c in calls if c[1] == tb.CHECK_WINDOWS]
+    assert full == [("smollm2-135m", tb.CHECK_WINDOWS, "smollm2-135m-undithered")]
+    assert calls == [("smollm2-135m-undithered", tb.QUICK_WINDOWS, None), *full]
+    meta = json.loads((tb.cache_root() / "testbeds" / "smollm2-135m" / "testbed.json").read_text())
+    assert meta["check"] == "full" and meta["checks"]["reference"] == "smollm2-135m-undithered"
+    assert meta["checks"]["heldout_eval"]["n_windows"] == tb.CHECK_WINDOWS
+    # recorded: asking again (or asking for less) runs nothing
+    calls.clear()
+    assert tb.main(["smollm2-135m", "--check", "full"]) == 0
+    assert tb.ensure_testbed("smollm2-135m") and calls == []
+
+
+def test_testbed_check_none_and_old_records(fake_smollm2: tuple[list, list]) -> None:
+    calls, _ = fake_smollm2
+    assert tb.main(["smollm2-135m", "--no-checks"]) == 0
+    assert calls == []
+    path = tb.cache_root() / "testbeds" / "smollm2-135m"
+    assert tb.recorded_check(json.loads((path / "testbed.json").read_text())) == "none"
+    # a testbed.json from before check levels: "checks" present means the full check ran
+    assert tb.recorded_check({"checks": {"heldout_eval": {}}}) == "full"
+    assert tb.recorded_check({}) == "none"
+    with pytest.raises(tb.TestbedError, match="unknown check"):
+        tb.ensure_testbed("smollm2-135m", check="fast")
+
+
+def test_failed_full_check_keeps_the_lower_level(
+    fake_smollm2: tuple[list, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert tb.main(["smollm2-135m"]) == 0
+
+    def broken(*args: object, **kw: object) -> dict:
+        raise tb.TestbedError("testbed check failed: held-out PPL 900.0 > 40")
+
+    monkeypatch.setattr(tb, "check_model", broken)
+    with pytest.raises(tb.TestbedError, match="PPL 900"):
+        tb.ensure_testbed("smollm2-135m", check="full")
+    path = tb.cache_root() / "testbeds" / "smollm2-135m"
+    assert json.loads((path / "testbed.json").read_text())["check"] == "quick"
+
+
 # ------------------------------------------------------------------------------ slow: real testbed
 
 
@@ -624,8 +742,11 @@ def test_wiki_text_split() -> None:
 
 @pytest.mark.slow
 def test_smollm2_testbed_recorded_checks() -> None:
-    path = tb.ensure_testbed("smollm2-135m", progress=False)
+    """The full check (32 x 512 tokens against the undithered build): the suite runs it, the
+    demo does not."""
+    path = tb.ensure_testbed("smollm2-135m", progress=False, check="full")
     meta = json.loads((path / "testbed.json").read_text())
+    assert tb.recorded_check(meta) == "full"
     assert meta["source"]["sha256"] == tb.SMOLLM2_GGUF.sha256
     assert meta["dither"]["amplitude"] == tb.DITHER
     checks = meta["checks"]
@@ -673,15 +794,16 @@ def test_smollm2_dithered_ppl_within_factor_of_undithered() -> None:
 
 
 # ------------------------------------------------------------------------------ slow: Gemma 3 270M
-# First run: ~2 x 1 min of conversion plus the held-out checks (32 x 512 tokens: the undithered
-# model alone, then dithered vs undithered), about 20 minutes on 2 shared cores; later runs read
-# the cached testbeds and take seconds.
+# First run: ~2 x 1 min of conversion plus the full check (32 x 512 tokens, dithered vs
+# undithered; the undithered build gets the quick check), minutes on 2 shared cores; later runs
+# read the cached testbeds and take seconds.
 
 
 @pytest.mark.slow
 def test_gemma3_testbed_recorded_checks() -> None:
-    path = tb.ensure_testbed("gemma3-270m", progress=False)
+    path = tb.ensure_testbed("gemma3-270m", progress=False, check="full")
     meta = json.loads((path / "testbed.json").read_text())
+    assert tb.recorded_check(meta) == "full"
     assert meta["source"]["sha256"] == tb.GEMMA3_GGUF.sha256
     assert set(meta["gguf_types"]) == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
     assert meta["dithered_tensors"] == meta["tensors"] - meta["gguf_types"]["F32"]
