@@ -31,6 +31,9 @@ Our adaptations, each so that HQQ is measured on the same footing as the other m
   round-to-nearest in its own objective. The allocator is then shown the *squared*
   (Fisher-weighted) error of the kept values, like every other method's.
 
+Extended formats (group 16/256, compact scales) take HQQ's (scale, bias) as they take the
+fitted ones (:mod:`mint_mlx.extended`); float modes keep MLX's own scales, as with every method.
+
 Everything else - blocks of whole rows in the transposed (position, group) layout, the
 thread pool, expert stacks, packing - is :mod:`mint_mlx.scales`'s, through its block-fitter
 hook, so the output packs exactly as ``mx.quantize`` packs and stock mlx-lm loads it.
