@@ -45,14 +45,20 @@ from mint_mlx.paths import cache_root
 #: published method; "nrmse" and "fisher-rtn" are the ablation steps between them (issue 7): the
 #: native candidate set with a weight-error objective, then output-aware weighting, then fitted
 #: scales. "mint-ext" is the default with ``--formats extended`` (issue 4): the same objective
-#: over the native and the extended formats, at the same bytes as "mint".
+#: over the native and the extended formats, at the same bytes as "mint". "mint-hqq" is the
+#: default with ``--scales hqq`` (issue 22): same objective and candidates, HQQ's scales instead
+#: of the fitted ones (its RTN counterpart, ``--scales rtn``, is "fisher-rtn").
 MATCHED = {
     "mint": ("fisher", "optimized", "native"),
     "paper": ("paper", "rtn", "native"),
     "nrmse": ("nrmse", "rtn", "native"),
     "fisher-rtn": ("fisher", "rtn", "native"),
     "mint-ext": ("fisher", "optimized", "extended"),
+    "mint-hqq": ("fisher", "hqq", "native"),
 }
+#: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
+#: MLX's round-to-nearest scales, beside the default (fitted scales).
+SCALE_ROWS = ("mint-hqq", "fisher-rtn")
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
     "mint": "mint-mlx default",
@@ -60,8 +66,12 @@ PLOT_LABELS = {
     "nrmse": "ablation: native formats, NRMSE objective, RTN",
     "fisher-rtn": "ablation: + Fisher weighting, RTN",
     "mint-ext": "mint-mlx --formats extended",
+    "mint-hqq": "mint-mlx --scales hqq",
+    "hqq": "uniform, HQQ scales (stock layout)",
 }
-METHODS = ("stock", *MATCHED)
+#: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as
+#: mlx-lm's convert; no allocation, no calibration), the stock-style HQQ baseline of issue 22.
+METHODS = ("stock", "hqq", *MATCHED)
 ISSUE_TARGETS = ("affine-3-g64", "affine-4-g64", "affine-4-g32", "mixed_3_6-g64")
 #: Line colours by family (the stock affine and mixed lines by group size), distinct from
 #: mint's red and paper mode's purple.
@@ -230,6 +240,39 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
         shutil.rmtree(path)
         write_reports(args.out, state)
 
+    def hqq_row(name: str) -> None:
+        key = f"hqq:{name}"
+        if key in rows:
+            return
+        path = work / key.replace(":", "-")
+        print(f"[{testbed}] {key}: stock layout, HQQ scales", flush=True)
+        start = time.perf_counter()
+        b = build_baseline(ref, path, name, force=True, total_parameters=params)
+        stock_bytes = safetensors_bytes(path)
+        requantized = requantize_hqq(path, ref)
+        build_seconds = time.perf_counter() - start
+        nbytes = safetensors_bytes(path)
+        # the same tensors, shapes and dtypes (requantize_hqq checks each); only the safetensors
+        # header may differ by a few bytes (MLX lays the tensors out in its own order, so the
+        # offsets in the header have other digits)
+        if abs(nbytes - stock_bytes) > 1024:
+            raise SystemExit(f"error: {key} is {nbytes} bytes, the stock layout {stock_bytes}")
+        r = score(key, path)
+        row = _row(key, "hqq", r, nbytes, params)
+        row.update(
+            name=f"{name} (HQQ)",
+            target=name,
+            build_seconds=build_seconds,
+            requantized_layers=requantized,
+            stock_bytes=stock_bytes,
+            command=f"{b.command}; then every affine layer re-quantized with "
+            "mint_mlx.hqq.hqq_affine (no columns), same bits and group size",
+        )
+        rows[key] = row
+        save_state(out_json, state)
+        shutil.rmtree(path)
+        write_reports(args.out, state)
+
     def matched_row(method: str, target: str) -> None:
         key = f"{method}@{target}"
         if key in rows:
@@ -287,6 +330,8 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
         *args.targets,
         *args.ablation_targets,
         *args.extended_targets,
+        *args.scale_targets,
+        *args.hqq_baselines,
         *(args.baselines if "stock" in args.methods else []),
     ]
     for name in dict.fromkeys(order):
@@ -301,6 +346,12 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                     matched_row(method, name)
         if name in args.extended_targets and "mint-ext" in args.methods:
             matched_row("mint-ext", name)
+        if name in args.scale_targets:
+            for method in SCALE_ROWS:
+                if method in args.methods:
+                    matched_row(method, name)
+        if name in args.hqq_baselines and "hqq" in args.methods:
+            hqq_row(name)
 
     write_reports(args.out, state)
     if not args.keep_reference_cache:
@@ -394,6 +445,7 @@ def markdown(state: dict[str, Any]) -> str:
             )
     lines += vs_every_baseline(state)
     lines += extended_vs_native(state)
+    lines += scale_methods(state)
     return "\n".join(lines) + "\n"
 
 
@@ -432,6 +484,91 @@ def extended_vs_native(state: dict[str, Any]) -> list[str]:
             f"| {ext.get('extended_pct_params', 0.0):.1f}% | {chosen or '—'} |"
         )
     return out
+
+
+def scale_methods(state: dict[str, Any]) -> list[str]:
+    """Issue 22: at each target, mint with fitted (default), HQQ and RTN scales, each paired
+    against the default; and uniform HQQ against uniform RTN (stock) at the same bytes."""
+    rows = {k: r for k, r in state["rows"].items() if "error" not in r}
+    targets = sorted(
+        {r["target"] for r in rows.values() if r["method"] in (*SCALE_ROWS, "hqq")},
+        key=lambda t: rows[f"stock:{t}"]["bytes"] if f"stock:{t}" in rows else 0,
+    )
+    if not targets:
+        return []
+    out = [
+        "",
+        "Scale methods (issue 22): mint-mlx with its fitted scales (default), `--scales hqq` "
+        "and `--scales rtn` (fisher-rtn) at the same budget, each against the default "
+        "(ratio = KLD / default's, verdict paired by window); and mlx-lm's uniform layout with "
+        "HQQ's scales against stock RTN at the same bytes.",
+        "",
+        "| budget of | default KLD | hqq KLD | hqq / default | verdict | rtn KLD | rtn / default "
+        "| verdict | stock RTN KLD | uniform HQQ KLD | HQQ / RTN | verdict |",
+        "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+
+    def cell(r: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+        if r is None:
+            return "not run | — | —"
+        if base is None:
+            return f"{r['kld_mean']:.4f} | — | —"
+        return f"{r['kld_mean']:.4f} | {r['kld_mean'] / base['kld_mean']:.2f} | {verdict(r, base)}"
+
+    for t in targets:
+        mint = rows.get(f"mint@{t}")
+        stock = rows.get(f"stock:{t}")
+        hqq_u = rows.get(f"hqq:{t}")
+        uniform = (
+            "— | not run | — | —"
+            if hqq_u is None
+            else f"{stock['kld_mean']:.4f} | {cell(hqq_u, stock)}"
+            if stock
+            else f"— | {cell(hqq_u, None)}"
+        )
+        out.append(
+            f"| {t} | {_fmt(mint and mint['kld_mean'], '.4f')} "
+            f"| {cell(rows.get(f'mint-hqq@{t}'), mint)} "
+            f"| {cell(rows.get(f'fisher-rtn@{t}'), mint)} | {uniform} |"
+        )
+    return out
+
+
+def requantize_hqq(path: Path, ref: Path) -> int:
+    """Replace every affine layer of the mlx-lm model at ``path`` by HQQ's quantization of the
+    same source weight at the same bits and group size (no column weights: HQQ needs no data),
+    in place; returns the number of layers. Float-mode layers (no biases) are left alone."""
+    import mlx.core as mx
+
+    from mint_mlx.hqq import hqq_affine
+    from mint_mlx.source import open_source
+
+    source = open_source(ref)
+    config = json.loads((path / "config.json").read_text())
+    quant = config.get("quantization", {})
+    done = 0
+    for shard in sorted(path.glob("*.safetensors")):
+        arrays = mx.load(str(shard))
+        for k in [k for k in arrays if k.endswith(".scales")]:
+            module = k[: -len(".scales")]
+            if f"{module}.biases" not in arrays:
+                continue
+            entry = quant.get(module)
+            entry = entry if isinstance(entry, dict) else quant
+            bits, group = int(entry["bits"]), int(entry["group_size"])
+            w = source.tensor(f"{module}.weight")
+            wq, s, b = hqq_affine(w, bits, group, arrays[k].dtype)
+            for suffix, new in (("weight", wq), ("scales", s), ("biases", b)):
+                old = arrays[f"{module}.{suffix}"]
+                if old.shape != new.shape or old.dtype != new.dtype:
+                    raise SystemExit(f"error: {module}.{suffix}: {new.shape} vs {old.shape}")
+                arrays[f"{module}.{suffix}"] = new
+            done += 1
+        mx.eval(arrays)
+        tmp = shard.with_suffix(".tmp.safetensors")
+        mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
+        tmp.replace(shard)
+    return done
 
 
 def _ratio(x: float) -> str:
@@ -538,6 +675,8 @@ def plot(state: dict[str, Any], path: Path) -> None:
     styles[PLOT_LABELS["nrmse"]] = dict(color="C8", marker="^", ms=8, ls="none")
     styles[PLOT_LABELS["fisher-rtn"]] = dict(color="C9", marker="v", ms=8, ls="none")
     styles[PLOT_LABELS["mint-ext"]] = dict(color="C6", lw=1.5, marker="*", ms=10, ls="-.")
+    styles[PLOT_LABELS["mint-hqq"]] = dict(color="C5", lw=1.5, marker="P", ms=8, ls="--")
+    styles[PLOT_LABELS["hqq"]] = dict(color="k", marker="X", ms=8, ls="none")
     for label in sorted(series):
         pts = sorted(series[label], key=lambda r: r["bits_per_weight"])
         x = [r["bits_per_weight"] for r in pts]
@@ -624,6 +763,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help="baselines whose byte size mint-mlx --formats extended is run at (method mint-ext)",
     )
+    p.add_argument(
+        "--scale-targets",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="baselines whose byte size mint with --scales hqq (mint-hqq) and --scales rtn "
+        "(fisher-rtn) are run at (issue 22)",
+    )
+    p.add_argument(
+        "--hqq-baselines",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="stock affine rows re-quantized with HQQ's scales (method hqq)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, help="where models are built (default: cache/frontier)")
     p.add_argument(
@@ -637,7 +791,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.targets = args.baselines if {"mint", "paper"} & set(args.methods) else []
     if not {"mint", "paper"} & set(args.methods):
         args.targets = []
-    for n in [*args.baselines, *args.targets, *args.ablation_targets, *args.extended_targets]:
+    for n in [
+        *args.baselines,
+        *args.targets,
+        *args.ablation_targets,
+        *args.extended_targets,
+        *args.scale_targets,
+        *args.hqq_baselines,
+    ]:
         baseline_by_name(n)
     args.out.mkdir(parents=True, exist_ok=True)
     for testbed in args.testbed:

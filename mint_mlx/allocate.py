@@ -137,7 +137,7 @@ class Plan:
     exact: bool
     notes: list[str] = field(default_factory=list)
     total_bytes: int = 0  # exact size of all .safetensors files, filled in from the layout
-    scales: str = "rtn"  # how affine scales were chosen: "rtn" (MLX's rule) or "optimized"
+    scales: str = "rtn"  # how affine scales were chosen: "rtn" (MLX's rule), "optimized" or "hqq"
     #: Measured peak resident memory of the conversion up to planning (sensitivity pass and
     #: analysis), in bytes; 0 where not measured (a plan made by the library alone).
     peak_memory: int = 0

@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scales",
         choices=SCALE_METHODS,
-        help="affine scales: optimized (fitted, default) or rtn (MLX's rule; default in paper mode)",
+        help="affine scales: optimized (fitted, default), rtn (MLX's rule; default in paper mode) "
+        "or hqq (HQQ's lp-norm zero-point solver)",
     )
     p.add_argument(
         "--calibration",

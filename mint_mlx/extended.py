@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import COMPACT, Format, compact_groups_per_block
+from .hqq import hqq_fit
 from .kernels.reference import unpack_affine
 from .scales import fit_affine, pack_for
 
@@ -30,7 +31,11 @@ def _unpack(packed: mx.array, bits: int) -> mx.array:
 def _fit(
     weight: mx.array, fmt: Format, dtype: mx.Dtype, scales: str, columns: mx.array | None
 ) -> tuple[mx.array, mx.array]:
-    """Per-group (scale, bias), float32, shape (..., groups, 1): fitted or min/max."""
+    """Per-group (scale, bias), float32, shape (..., groups, 1): fitted (least squares or
+    HQQ) or min/max."""
+    if scales == "hqq":
+        fit = hqq_fit(weight, fmt.bits, fmt.group_size, dtype, columns)
+        return fit.scales, fit.biases
     fit = fit_affine(
         weight,
         fmt.bits,

@@ -179,6 +179,8 @@ def formats_for(objective: str, scales: str = "rtn", formats: str = "native") ->
     are fitted (fitted affine 4-bit g64 beats nvfp4 at the same 4.5 bits), while on a CPU they
     cost about a third of the whole analysis. With MLX's round-to-nearest scales they do win
     tensors (the fisher/RTN ablation gives them ~40% of the parameters), so they stay there.
+    HQQ (``scales="hqq"``) is a fitted method and gets the fitted candidates, so its rows
+    differ from the default's only in how the affine scales are chosen.
 
     ``formats="extended"`` adds :func:`extended_formats` to that set, so the allocator can only
     do better at a given budget, except affine group 16 with 16-bit scales: compact scales at
@@ -192,7 +194,7 @@ def formats_for(objective: str, scales: str = "rtn", formats: str = "native") ->
         raise ValueError(f"unknown format set {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     if objective == "paper":
         return paper_formats()
-    if scales == "optimized":
+    if scales in ("optimized", "hqq"):  # HQQ fits scales too: the same candidates as optimized
         base = [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
     else:
         base = native_formats()

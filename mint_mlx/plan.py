@@ -179,6 +179,8 @@ def plan(
     """
     from .convert import output_dtype
 
+    if scales is not None and scales not in SCALE_METHODS:
+        raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
     source = open_source(hf_path)
     cache = Path(analysis).expanduser() if analysis else None
     check_run(  # before any work: the cache and the plot may not be written into the source
@@ -338,7 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="candidate formats: native (stock mlx-lm, default) or extended (needs mint_mlx.load)",
     )
     p.add_argument(
-        "--scales", choices=SCALE_METHODS, help="affine scales: optimized (default) or rtn"
+        "--scales",
+        choices=SCALE_METHODS,
+        help="affine scales: optimized (default), rtn (MLX's rule) or hqq (HQQ's solver)",
     )
     add_sensitivity_arguments(p)
     p.add_argument(

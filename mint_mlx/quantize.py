@@ -11,10 +11,37 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from .formats import Format
-from .scales import fit_affine, optimized_affine
+from .hqq import hqq_affine, hqq_fit
+from .scales import AffineFit, fit_affine, optimized_affine
 
-#: How affine scales and biases are chosen: MLX's rule, or fitted (see mint_mlx.scales).
-SCALE_METHODS = ("optimized", "rtn")
+#: How affine scales and biases are chosen: fitted to the weighted squared error
+#: (:mod:`mint_mlx.scales`), MLX's rule, or HQQ's lp-norm zero-point solver (:mod:`mint_mlx.hqq`).
+SCALE_METHODS = ("optimized", "rtn", "hqq")
+
+#: The scale methods that fit each group's (scale, bias) instead of taking MLX's rule.
+FITTED_SCALES = ("optimized", "hqq")
+
+
+def _fits_affine(fmt: Format, scales: str) -> bool:
+    """Whether ``fmt`` in ``scales`` goes through a numpy fit (native affine, fitted scales);
+    float modes always take MLX's own scales."""
+    return fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales in FITTED_SCALES
+
+
+def fit_for(
+    weight: mx.array,
+    bits: int,
+    group_size: int,
+    dtype: mx.Dtype,
+    scales: str,
+    columns: mx.array | None = None,
+) -> AffineFit:
+    """The per-group fit of a fitted scale method (``optimized`` or ``hqq``), without packing."""
+    if scales == "hqq":
+        return hqq_fit(weight, bits, group_size, dtype, columns)
+    if scales == "optimized":
+        return fit_affine(weight, bits, group_size, dtype, columns)
+    raise ValueError(f"{scales!r} is not a fitted scale method")
 
 
 def quantize_weight(
@@ -27,8 +54,9 @@ def quantize_weight(
     """The arrays saved for ``weight`` in ``fmt``: suffix (``weight``/``scales``/``biases``) -> array.
 
     ``dtype`` is the 16-bit output dtype; affine scales and biases are stored in it, as mlx-lm does.
-    ``scales="optimized"`` fits affine scales/biases to minimize the error weighted by ``columns``
-    (still plain MLX affine); float modes always use MLX's own scales.
+    ``scales="optimized"`` fits affine scales/biases to minimize the error weighted by ``columns``,
+    ``scales="hqq"`` runs HQQ's lp-norm zero-point solver (weighted by ``columns``); both are
+    still plain MLX affine. Float modes always use MLX's own scales.
     """
     w = weight.astype(dtype)
     if not fmt.is_quantized:
@@ -37,8 +65,9 @@ def quantize_weight(
         from .extended import quantize_extended
 
         return quantize_extended(weight, fmt, dtype, scales, columns)
-    if fmt.mode == "affine" and scales == "optimized":
-        wq, s, b = optimized_affine(weight, fmt.bits, fmt.group_size, dtype, columns)
+    if _fits_affine(fmt, scales):
+        fit = hqq_affine if scales == "hqq" else optimized_affine
+        wq, s, b = fit(weight, fmt.bits, fmt.group_size, dtype, columns)
         return {"weight": wq, "scales": s, "biases": b}
     out = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
     if fmt.mode == "affine":
@@ -130,6 +159,10 @@ class RowErrors(NamedTuple):
     rtn_weighted: mx.array | None = None
 
 
+def _summed(per_group: mx.array | None) -> mx.array | None:
+    return None if per_group is None else per_group.sum(axis=(-2, -1))
+
+
 def row_errors(
     weight: mx.array,
     fmt: Format,
@@ -141,15 +174,15 @@ def row_errors(
     stored version, and the same with each input column weighted by ``column_weights`` (if
     given). Rows are what the analysis samples (:mod:`mint_mlx.row_sample`). The scale fit
     measures MLX's own rule first, so its error comes along at no cost."""
-    if fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales == "optimized":
-        fit = fit_affine(weight, fmt.bits, fmt.group_size, dtype, column_weights)
-        assert fit.rtn_plain_error is not None and fit.rtn_weighted_error is not None
+    if _fits_affine(fmt, scales):
+        fit = fit_for(weight, fmt.bits, fmt.group_size, dtype, scales, column_weights)
         weighted = column_weights is not None
+        rtn = scales == "optimized"  # that fit measures MLX's own rule first; HQQ's does not
         return RowErrors(
             fit.plain_error.sum(axis=(-2, -1)),
             fit.weighted_error.sum(axis=(-2, -1)) if weighted else None,
-            fit.rtn_plain_error.sum(axis=(-2, -1)),
-            fit.rtn_weighted_error.sum(axis=(-2, -1)) if weighted else None,
+            _summed(fit.rtn_plain_error) if rtn else None,
+            _summed(fit.rtn_weighted_error) if rtn and weighted else None,
         )
     stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
     restored = dequantize_weight(stored, fmt)

@@ -187,6 +187,13 @@ class _BlockFit:
     rtn_plain: np.ndarray | None = None
 
 
+#: A per-block fit: (x (g, m), column weights (g, m) or None, bits, rounder, iterations,
+#: MLX's rule is the incumbent, want codes) -> the block's kept (s, b), errors and codes.
+#: :func:`_fit_block` is this module's; :mod:`mint_mlx.hqq` plugs in HQQ's through the same
+#: block, thread and expert machinery.
+BlockFitter = Callable[[np.ndarray, np.ndarray | None, int, Rounder, int, bool, bool], _BlockFit]
+
+
 def _fit_block(
     x: np.ndarray,
     c: np.ndarray | None,
@@ -357,8 +364,10 @@ def _fit_2d(
     rnd: Rounder,
     iterations: int,
     want_packed: bool,
+    fitter: BlockFitter | None = None,
 ) -> _Fit2D:
-    """The fit of a 2-D float32 weight (rows, in) with column weights (in,), block by block."""
+    """The fit of a 2-D float32 weight (rows, in) with column weights (in,), block by block,
+    each block by ``fitter`` (default :func:`_fit_block`)."""
     rows, n = w.shape
     groups = n // group_size
     out = [np.empty((rows, groups), dtype=np.float32) for _ in range(6)]
@@ -375,13 +384,13 @@ def _fit_2d(
         r0, r1 = block
         m = (r1 - r0) * groups
         x = np.ascontiguousarray(w[r0:r1].reshape(m, group_size).T)
-        fit = _fit_block(
+        fit = (fitter or _fit_block)(
             x, None if ct is None else ct[:, :m], bits, rnd, iterations, mlx_incumbent, want_packed
         )
         fields = (fit.s, fit.b, fit.weighted, fit.plain, fit.rtn_weighted, fit.rtn_plain)
         for dst, src in zip(out, fields, strict=True):
-            assert src is not None
-            dst[r0:r1] = src.reshape(r1 - r0, groups)
+            # a fitter that does not measure MLX's rule first (HQQ's) leaves its errors unknown
+            dst[r0:r1] = np.nan if src is None else src.reshape(r1 - r0, groups)
         if packed is not None and fit.codes is not None:
             packed[r0:r1] = _pack_transposed(fit.codes, bits).reshape(r1 - r0, -1)
 
@@ -397,6 +406,7 @@ def _fit_numpy(
     columns: mx.array | None,
     iterations: int,
     want_packed: bool,
+    fitter: BlockFitter | None = None,
 ) -> _Fit2D:
     """The fit of any weight (..., in): leading axes are rows, except that a 3-D expert stack
     with columns (E, in) is fitted expert by expert, each with its own columns. Arrays come
@@ -409,7 +419,9 @@ def _fit_numpy(
     cols = None if columns is None else _as_numpy(columns)
     if cols is not None and cols.ndim == 2:
         parts = [
-            _fit_2d(w[e].reshape(-1, n), cols[e], bits, group_size, rnd, iterations, want_packed)
+            _fit_2d(
+                w[e].reshape(-1, n), cols[e], bits, group_size, rnd, iterations, want_packed, fitter
+            )
             for e in range(w.shape[0])
         ]
 
@@ -423,7 +435,9 @@ def _fit_numpy(
             rtn_plain=stacked("rtn_plain"),
         )
     else:
-        fit = _fit_2d(w.reshape(-1, n), cols, bits, group_size, rnd, iterations, want_packed)
+        fit = _fit_2d(
+            w.reshape(-1, n), cols, bits, group_size, rnd, iterations, want_packed, fitter
+        )
 
     def shaped(a: np.ndarray) -> np.ndarray:
         return a.reshape(*lead, a.shape[-1])

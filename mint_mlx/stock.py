@@ -94,11 +94,16 @@ def stock_formats(model: nn.Module, baseline: Baseline) -> dict[str, str]:
     return out
 
 
-def _stock_candidate(curve: RDCurve, name: str) -> Candidate | None:
-    """The curve's measurement of ``name`` as stock would store it, or None if unmeasured."""
+def _stock_candidate(curve: RDCurve, name: str, scales: str) -> Candidate | None:
+    """The curve's measurement of ``name`` as stock would store it, or None if unmeasured
+    (an affine format whose scales were fitted without measuring MLX's rule first: HQQ)."""
     for c in curve.candidates:
         if c.format == name:
-            return c.as_stock()
+            if c.rtn_sse is not None:
+                return c.as_stock()
+            fmt = format_by_name(name)
+            fitted = fmt.is_quantized and fmt.mode == "affine" and scales != "rtn"
+            return None if fitted else c
     if len(curve.candidates) == 1 and curve.fixed:  # a pinned tensor: the same either way
         return curve.candidates[0]
     return None
@@ -114,7 +119,7 @@ def stock_plan(prepared: Prepared, baseline: Baseline) -> Plan | None:
     for curve in prepared.curves:
         module = split_expert_path(curve.path)[0]
         name = by_module.get(module, UNQUANTIZED)
-        c = _stock_candidate(curve, name)
+        c = _stock_candidate(curve, name, prepared.scales)
         if c is None:
             return None
         fmt: Format = format_by_name(c.format)
@@ -196,7 +201,8 @@ def unmeasured_note(points: Sequence[StockPoint]) -> str | None:
         return None
     return (
         f"stock {', '.join(missing)} not compared: the analysis did not measure their formats "
-        "(the fitted-scales analysis leaves the float modes out; --scales rtn measures them)"
+        "with MLX's own scales (the fitted-scales analysis leaves the float modes out, HQQ's "
+        "measures no MLX scales; --scales rtn measures them all)"
     )
 
 

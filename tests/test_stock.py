@@ -137,3 +137,14 @@ def test_plan_json_and_table_show_stock(deep_llama: Path, capsys: pytest.Capture
             assert point["stock"] is None
     assert any("mxfp4" in n for n in report["notes"])
     assert plan_main(["--hf-path", str(deep_llama), "--quiet", "--budgets", "2MB"]) in (0, 2)
+
+
+def test_stock_is_priced_only_from_mlx_scales(deep_llama: Path) -> None:
+    source = open_source(deep_llama)
+    dtype = output_dtype(source, None)
+    rtn = prepare(source, dtype, objective="fisher", scales="rtn")
+    names = {p.name for p in rtn.stock}
+    assert {"mxfp4", "nvfp4", "mxfp8", "affine-4-g64"} <= names  # all measured with MLX's rule
+    # HQQ's fit never measures MLX's own scales: no affine stock setting can be priced from it
+    hqq = prepare(source, dtype, objective="fisher", scales="hqq")
+    assert hqq.stock == []
