@@ -339,11 +339,12 @@ def _distribution(plan: Any) -> str:
 
 def _quant_summary(q: dict[str, Any]) -> dict[str, int]:
     """How many layers the output stores at each (bits, group size): ``{"4/64": 180, ...}``
-    (``16`` for an explicit ``False`` entry: a layer left unquantized)."""
+    (``"none"`` for an explicit ``False`` entry: a module the tool left unquantized, which
+    includes norms that nothing quantizes)."""
     out: dict[str, int] = {}
     for v in q.values():
         if v is False:
-            label = "16"
+            label = "none"
         elif isinstance(v, dict):
             label = f"{v.get('bits')}/{v.get('group_size')}"
         else:

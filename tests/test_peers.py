@@ -115,4 +115,4 @@ def test_quantization_summary_counts_layers_per_setting(monkeypatch: pytest.Monk
         "model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 64},
         "model.norm": False,
     }
-    assert peers._quant_summary(q) == {"16": 1, "4/64": 2, "6/64": 1}
+    assert peers._quant_summary(q) == {"4/64": 2, "6/64": 1, "none": 1}
