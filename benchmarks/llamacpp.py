@@ -307,6 +307,18 @@ def tool(llama_cpp: Path, name: str) -> Path:
     raise SystemExit(f"error: no {name} under {llama_cpp}; build it (see this script's docstring)")
 
 
+def llama_cpp_version(llama_cpp: Path) -> str:
+    """The source's git commit when it has one (the sdist's vendor/llama.cpp does)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(llama_cpp), "log", "-1", "--format=%H %cs"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"commit {out.stdout.strip()}"
+
+
 def run_tool(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run one llama.cpp tool, output to ``log``; its wall time and the load around it."""
     load_before = os.getloadavg()
@@ -328,9 +340,9 @@ def imatrix_info(log: Path) -> dict[str, Any]:
     """Chunks, tokens and the final PPL estimate llama-imatrix printed."""
     text = log.read_text(errors="replace")
     info: dict[str, Any] = {}
-    m = re.search(r"computing over (\d+) chunks(?:, n_seq = \d+)? with batch_size (\d+)", text)
+    m = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", text)
     if m:
-        info["chunks"] = int(m.group(1))
+        info["chunks"], info["ctx"] = int(m.group(1)), int(m.group(2))
     m = re.search(r"Final estimate: PPL = ([\d.]+)", text)
     if m:
         info["ppl"] = float(m.group(1))
@@ -393,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
     info: dict[str, Any] = state.setdefault("llamacpp", {})
     info["machine"] = _machine()
     info["llama_cpp"] = str(args.llama_cpp)
+    info["llama_cpp_version"] = llama_cpp_version(args.llama_cpp)
     info.setdefault("commands", [])
     command = "python benchmarks/llamacpp.py " + shlex.join(sys.argv[1:])
     if command not in info["commands"]:
@@ -602,7 +615,7 @@ def markdown(state: dict[str, Any], comps: list[dict[str, Any]]) -> str:
             mcols = (
                 f"{mint['bytes']:,} | {mint['kld_mean']:.4f} | {mint['ppl']:.3f} | {diff} "
                 f"| {mint['kld_mean'] / c['kld_mean']:.2f} | {c['verdict']} "
-                f"| {mint['build_seconds']:.0f}"
+                f"| {_convert_seconds(mint)}"
             )
         elif mint:
             mcols = f"— | — | — | — | — | {mint['error']} | —"
@@ -619,11 +632,27 @@ def markdown(state: dict[str, Any], comps: list[dict[str, Any]]) -> str:
             f"; {fb} of {c['tensors']} tensors fell back (rows not divisible by 256)" if fb else ""
         )
         lines.append(f"- {c['qtype']}: {_types(c['params_by_type'])}{note}")
+    stock = sorted(
+        (r for r in state["rows"].values() if r.get("method") == "stock" and "error" not in r),
+        key=lambda r: r["bytes"],
+    )
+    if stock:
+        lines += ["", "The stock mlx-lm rows of record nearest in size (same tokens):", ""]
+        for c in comps:
+            below = [r for r in stock if r["bytes"] <= c["bytes"]][-1:]
+            above = [r for r in stock if r["bytes"] > c["bytes"]][:1]
+            near = "; ".join(
+                f"{r['name']} {r['bits_per_weight']:.2f} bits/weight KLD {r['kld_mean']:.4f}"
+                for r in below + above
+            )
+            lines.append(f"- {c['qtype']} ({c['bits_per_weight']:.2f} bits/weight): {near}")
     lines += ["", "mint-mlx's plans:", ""]
     for c in comps:
         mint = c.get("mint")
         if mint and "formats" in mint:
             lines.append(f"- at {c['qtype']}'s bytes: {mint['formats']}")
+    if info.get("llama_cpp_version"):
+        lines += ["", f"llama.cpp: {info['llama_cpp_version']}."]
     g = info.get("gguf", {})
     lines += [
         "",
@@ -638,6 +667,13 @@ def markdown(state: dict[str, Any], comps: list[dict[str, Any]]) -> str:
     lines += [f"- `{c['command']}`" for c in comps]
     lines += [f"- `{cmd}`" for cmd in info.get("commands", [])]
     return "\n".join(lines) + "\n"
+
+
+def _convert_seconds(mint: dict[str, Any]) -> str:
+    """Wall seconds of mint's convert; *cold* when it ran the sensitivity pass and the analysis
+    (the first size), else *cached* (a re-plan at another budget reuses both)."""
+    cold = mint.get("phase_seconds", {}).get("sensitivity", 0.0) > 1.0
+    return f"{mint['build_seconds']:.0f} ({'cold' if cold else 'cached'})"
 
 
 def _load(loadavg: Any) -> str:
