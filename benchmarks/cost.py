@@ -16,6 +16,10 @@ Output: ``<out>/cost-<testbed>.json`` and ``.md``, with every command line.
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -194,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hf_path is not None:
         src, name = args.hf_path.resolve(), args.hf_path.name
     else:
-        from mint_mlx.testbed import ensure_testbed
+        from mint_mlx.tools.testbed import ensure_testbed
 
         src, name = ensure_testbed(args.testbed, progress=True), args.testbed
     work = Path(args.work or tempfile.mkdtemp(prefix="mint-cost-"))

@@ -1,7 +1,7 @@
 """Predicted against measured KLD for the stock mlx-lm rows (issue 20).
 
 ``plan`` and the model card price every stock ``mlx_lm convert`` setting from mint's own
-analysis (:mod:`mint_mlx.stock`): each tensor's error with MLX's own scales, mlx-lm's own
+analysis (:mod:`mint_mlx.allocation.stock`): each tensor's error with MLX's own scales, mlx-lm's own
 layer rules, the same second-order KLD prediction as mint's plans. This checks that
 prediction against the stock rows the frontier measured (32k tokens of held-out text, the
 16-bit testbed as reference; ``benchmarks/results/32k/<testbed>.json``), and the predicted
@@ -15,6 +15,10 @@ testbed was analysed before.
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import math
@@ -26,11 +30,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import mint_mlx  # noqa: F401  (before any mlx.core import: it puts OpenBLAS under MLX)
+from mint_mlx.allocation.prepare import prepare
 from mint_mlx.convert import output_dtype
 from mint_mlx.paths import cache_root
-from mint_mlx.planner import prepare
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,24 +19,24 @@ from typing import Any
 
 import mlx.core as mx
 
-from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
-from .calibrate import DEFAULT_SEQUENCES, SEQ_LEN, add_sensitivity_arguments
-from .errors import BudgetError, DiskFullError, MintError
-from .formats import FORMAT_SETS
-from .layout import MAX_SHARD_BYTES
-from .memory import peak_rss, resolve_max_memory
-from .origin import Origin, origin_of
-from .parallel import default_jobs, distributed_group
-from .path_safety import check_run, not_writable
-from .paths import cache_root
-from .phases import TIMINGS_FILE, PhaseLog, closing_lines
-from .planner import Prepared, prepare
-from .quantize import SCALE_METHODS
-from .report import distribution_table, model_card, summary_lines
-from .save import save_model_dir, staging_dir
-from .sizes import format_size, parse_size
-from .source import Source, open_source
-from .stock import StockPoint, best_within
+from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from mint_mlx.allocation.prepare import Prepared, prepare
+from mint_mlx.allocation.stock import StockPoint, best_within
+from mint_mlx.analysis.workers import default_jobs, distributed_group
+from mint_mlx.errors import BudgetError, DiskFullError, MintError
+from mint_mlx.formats import FORMAT_SETS
+from mint_mlx.memory import peak_rss, resolve_max_memory
+from mint_mlx.output.card import distribution_table, model_card, summary_lines
+from mint_mlx.output.layout import MAX_SHARD_BYTES
+from mint_mlx.output.save import save_model_dir, staging_dir
+from mint_mlx.path_safety import check_run, not_writable
+from mint_mlx.paths import cache_root
+from mint_mlx.phases import TIMINGS_FILE, PhaseLog, closing_lines
+from mint_mlx.quant.quantize import SCALE_METHODS
+from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, SEQ_LEN, add_sensitivity_arguments
+from mint_mlx.sizes import format_size, parse_size
+from mint_mlx.source.model import Source, open_source
+from mint_mlx.source.origin import Origin, origin_of
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -49,8 +49,8 @@ CARD_IMAGES = (
 
 def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> None:
     """The card's size/quality curve (a budget sweep over the same analysis) and layer heatmap."""
-    from .plan import plan_points, stock_curve, sweep_budgets
-    from .plots import layer_heatmap, size_quality_curve
+    from mint_mlx.output.plots import layer_heatmap, size_quality_curve
+    from mint_mlx.plan import plan_points, stock_curve, sweep_budgets
 
     def quality(p: Plan) -> float:
         kld = p.predicted_kld
@@ -148,7 +148,7 @@ def convert(
     :func:`mint_mlx.load` (stock mlx-lm refuses it by name). ``max_memory`` (bytes or a size;
     default :func:`mint_mlx.memory.default_max_memory`) bounds the sensitivity pass, which runs
     in memory or block by block as ``sensitivity_pass`` says, from text that ``sampler`` (the
-    source, or its 4-bit copy; see :data:`mint_mlx.calibrate.SAMPLERS`) samples. Raises
+    source, or its 4-bit copy; see :data:`mint_mlx.sensitivity.calibrate.SAMPLERS`) samples. Raises
     :class:`MintError` subclasses for anything the user can fix.
     """
     out = Path(mlx_path).expanduser()
@@ -266,7 +266,7 @@ def convert(
         raise
     url = None
     if upload_repo:
-        from .hub import upload
+        from mint_mlx.output.hub import upload
 
         url = upload(out, upload_repo)
     return ConvertResult(
@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.upload_repo and _saved.get("path") == out.resolve():
             print(
                 f"error: interrupted during the upload; {out} is saved, resume with "
-                f"python -m mint_mlx.hub {shlex.quote(str(out))} --repo {args.upload_repo}",
+                f"python -m mint_mlx.output.hub {shlex.quote(str(out))} --repo {args.upload_repo}",
                 file=sys.stderr,
             )
         elif _saved.get("path") == out.resolve():

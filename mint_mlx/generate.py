@@ -12,14 +12,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import MintError
+from mint_mlx.errors import MintError
 
 PROG = "python -m mint_mlx.generate"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run mlx-lm's generate CLI on ``argv`` (default: the process's) with mint-mlx's loader."""
-    from .load import load
+    from mint_mlx.runtime.load import load
 
     # the module, not the function: mlx_lm's package attribute ``generate`` is the function
     mlx_generate: Any = importlib.import_module("mlx_lm.generate")

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DiskFullError, NotWritableError, OutputExistsError, PathConflictError
+from mint_mlx.errors import DiskFullError, NotWritableError, OutputExistsError, PathConflictError
 
 #: Name fragments of the temporary (being written) and replaced (being removed) directories.
 TMP_MARKER = ".mint-tmp-"

@@ -15,20 +15,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
-from .calibrate import add_sensitivity_arguments
-from .devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
-from .errors import MintError
-from .formats import COMPACT, FORMAT_SETS
-from .memory import resolve_max_memory
-from .parallel import default_jobs
-from .path_safety import check_run
-from .paths import cache_root
-from .planner import Prepared, prepare
-from .quantize import SCALE_METHODS
-from .sizes import format_size, parse_size
-from .source import open_source
-from .stock import StockPoint, best_within, frontier, unmeasured_note
+from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from mint_mlx.allocation.prepare import Prepared, prepare
+from mint_mlx.allocation.stock import StockPoint, best_within, frontier, unmeasured_note
+from mint_mlx.analysis.workers import default_jobs
+from mint_mlx.devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
+from mint_mlx.errors import MintError
+from mint_mlx.formats import COMPACT, FORMAT_SETS
+from mint_mlx.memory import resolve_max_memory
+from mint_mlx.path_safety import check_run
+from mint_mlx.paths import cache_root
+from mint_mlx.quant.quantize import SCALE_METHODS
+from mint_mlx.sensitivity.calibrate import add_sensitivity_arguments
+from mint_mlx.sizes import format_size, parse_size
+from mint_mlx.source.model import open_source
 
 
 def mix(plan: Plan) -> str:
@@ -55,7 +55,7 @@ class SweepPoint:
     distortion: float
     predicted_kld: float | None
     mix: str
-    #: The best stock mlx-lm setting no larger than this plan's bytes (mint_mlx.stock), and
+    #: The best stock mlx-lm setting no larger than this plan's bytes (mint_mlx.allocation.stock), and
     #: its predicted quality in the same units: what a user would get from mlx_lm convert.
     stock: str | None = None
     stock_bytes: int | None = None
@@ -177,7 +177,7 @@ def plan(
     ``formats`` and ``scales`` mean what they mean for :func:`mint_mlx.convert.convert`, so
     a plan printed here is the plan a conversion with the same flags makes (same cache too).
     """
-    from .convert import output_dtype
+    from mint_mlx.convert import output_dtype
 
     if scales is not None and scales not in SCALE_METHODS:
         raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
@@ -228,7 +228,7 @@ def plan(
             continue  # a sweep point that buys nothing more (the next upgrade does not fit)
         report.points.append(to_point(b, p).with_stock(report.stock))
     if png is not None and report.points:
-        from .plots import size_quality_curve
+        from mint_mlx.output.plots import size_quality_curve
 
         chosen = None
         if report.fit_point is not None:

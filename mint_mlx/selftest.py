@@ -5,7 +5,7 @@ scales) runs on the GPU against the float32 reference, and is timed against MLX'
 ``mx.quantized_matmul`` at about the same bytes per weight (our affine-b-g32-cs against native
 affine-b-g64, g16 against g32, g256 against g128), so a slow kernel shows up before a model uses
 it. Elsewhere the same kernels are compiled with g++ and run in the CPU emulator
-(:mod:`mint_mlx.kernels.emulate`) over a representative set of formats and shapes; that checks
+(:mod:`mint_mlx.tools.emulator.emulate`) over a representative set of formats and shapes; that checks
 correctness (and races, out-of-bounds accesses), not speed.
 
 Exit status: 0 when every case passes, 1 when one fails, 2 when nothing could be checked (no
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .formats import COMPACT, Format
-from .kernels import ops, quantized
-from .kernels.cases import TOLERANCE, close_enough, random_quantized, random_x
-from .kernels.spec import KernelCall, KernelSpec
+from mint_mlx.formats import COMPACT, Format
+from mint_mlx.runtime.kernels import ops, quantized
+from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.tools.emulator.cases import TOLERANCE, close_enough, random_quantized, random_x
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def _report(ok: bool, label: str, detail: str) -> None:
 
 def run_emulated(cases: Sequence[Case]) -> int:
     """Run ``cases`` in the CPU emulator; prints one line per case, returns the failures."""
-    from .kernels.emulate import EmulationError, run_call
+    from mint_mlx.tools.emulator.emulate import EmulationError, run_call
 
     failures = 0
     for case in cases:
@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
         failures = run_metal(cases, bench=not args.no_bench)
         total = len(cases)
     else:
-        from .kernels.emulate import find_compiler
+        from mint_mlx.tools.emulator.emulate import find_compiler
 
         if find_compiler() is None:
             print(

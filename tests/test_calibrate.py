@@ -7,10 +7,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mint_mlx.calibrate import CalibrationConfig, calibrate, load_float32_model
 from mint_mlx.convert import convert
-from mint_mlx.sampling import sample_sequences
-from mint_mlx.source import open_source
+from mint_mlx.sensitivity.calibrate import CalibrationConfig, calibrate, load_float32_model
+from mint_mlx.sensitivity.sampling import sample_sequences
+from mint_mlx.source.model import open_source
 
 
 def test_column_weights_cover_every_tensor(tiny_moe: Path) -> None:
@@ -47,7 +47,7 @@ def test_calibration_file_is_used(tiny_llama: Path, tmp_path: Path) -> None:
 
 def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None:
     """The fisher objective's total is a second-order KLD prediction: check it on real output."""
-    from mint_mlx.evaluate import evaluate
+    from mint_mlx.tools.evaluate import evaluate
 
     from tiny_models import CORPUS
 
@@ -67,7 +67,7 @@ def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None
 
 def test_fisher_beats_weight_error_objective(deep_llama: Path, tmp_path: Path) -> None:
     """At the same bytes the output-aware allocation must not be worse than the nrmse one."""
-    from mint_mlx.evaluate import evaluate
+    from mint_mlx.tools.evaluate import evaluate
 
     from tiny_models import CORPUS
 

@@ -1,4 +1,4 @@
-"""Fast tests of mint_mlx.evaluate on tiny random llama models with a real (trained) BPE tokenizer."""
+"""Fast tests of mint_mlx.tools.evaluate on tiny random llama models with a real (trained) BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.tools import evaluate as ev  # first: loads OpenBLAS before mlx.core
 
 # isort: split
 import mlx.core as mx
@@ -181,7 +181,7 @@ def test_openblas_loaded_before_mlx_and_too_late_after() -> None:
     directory = os.path.dirname(os.path.realpath(path))
     maps = f"any({directory!r} in line for line in open('/proc/self/maps'))"
     # A fresh process: importing evaluate loads OpenBLAS ahead of mlx.core.
-    code = f"import mint_mlx.evaluate, mint_mlx.blas as b; print(b.openblas_active(), {maps})"
+    code = f"import mint_mlx.tools.evaluate, mint_mlx.blas as b; print(b.openblas_active(), {maps})"
     assert _python(code) == "True True"
     # mlx.core imported first: too late, and use_openblas says so instead of pretending.
     code = f"import mlx.core, mint_mlx.blas as b; print(b.use_openblas(), {maps})"

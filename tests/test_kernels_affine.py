@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from test_metal_harness import mlx_generated_source
 
-from mint_mlx.kernels import affine
-from mint_mlx.kernels.affine import affine_qmv, affine_qmv_call, affine_qmv_spec
-from mint_mlx.kernels.emulate import emulate_call, find_compiler, run_call
-from mint_mlx.kernels.reference import (
+from mint_mlx.runtime.kernels import affine
+from mint_mlx.runtime.kernels.affine import affine_qmv, affine_qmv_call, affine_qmv_spec
+from mint_mlx.runtime.kernels.reference import (
     affine_qmv_reference,
     dequantize_affine,
     unpack_affine,
 )
+from mint_mlx.tools.emulator.emulate import emulate_call, find_compiler, run_call
 
 needs_cxx = pytest.mark.skipif(
     find_compiler() is None,

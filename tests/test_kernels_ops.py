@@ -1,6 +1,6 @@
-"""The public kernel API (mint_mlx.kernels.ops) on its reference path: against a NumPy
+"""The public kernel API (mint_mlx.runtime.kernels.ops) on its reference path: against a NumPy
 dequantize-and-multiply, against MLX's own quantized_matmul / gather_qmm where MLX has the format,
-and against the storage of mint_mlx.extended."""
+and against the storage of mint_mlx.quant.extended."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mint_mlx.extended import dequantize_extended, quantize_extended
 from mint_mlx.formats import COMPACT, Format, compact_groups_per_block, extended_formats
-from mint_mlx.kernels import ops
-from mint_mlx.kernels.cases import random_quantized, random_x
+from mint_mlx.quant.extended import dequantize_extended, quantize_extended
+from mint_mlx.runtime.kernels import ops
+from mint_mlx.tools.emulator.cases import random_quantized, random_x
 
 pytestmark = pytest.mark.skipif(
     mx.metal.is_available(), reason="a Metal GPU is available: ops runs the kernels there"

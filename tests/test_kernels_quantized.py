@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from mint_mlx.formats import COMPACT, Format
-from mint_mlx.kernels import ops, quantized
-from mint_mlx.kernels.cases import TOLERANCE, random_quantized, random_x, relative_error
-from mint_mlx.kernels.emulate import emulate_call, find_compiler, run_call
-from mint_mlx.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.runtime.kernels import ops, quantized
+from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.tools.emulator.cases import TOLERANCE, random_quantized, random_x, relative_error
+from mint_mlx.tools.emulator.emulate import emulate_call, find_compiler, run_call
 
 pytestmark = pytest.mark.skipif(
     find_compiler() is None,

@@ -25,14 +25,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-import mint_mlx.analyze
-import mint_mlx.save
-from mint_mlx import evaluate, generate, path_safety, selftest, testbed
-from mint_mlx.baselines import build_baseline
+import mint_mlx.analysis.analyze
+import mint_mlx.output.save
+from mint_mlx import generate, path_safety, selftest
 from mint_mlx.convert import convert, main
 from mint_mlx.errors import MintError, OutputExistsError, PathConflictError
-from mint_mlx.hub import check_uploadable
-from mint_mlx.save import staging_dir
+from mint_mlx.output.hub import check_uploadable
+from mint_mlx.output.save import staging_dir
+from mint_mlx.tools import evaluate, testbed
+from mint_mlx.tools.baselines import build_baseline
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):  # keep ./.hypothesis out of the checkout
     set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "mint-mlx-hypothesis")
@@ -384,7 +385,7 @@ def test_output_written_by_another_run_meanwhile(
     """Run B converts into the same path while run A is saving: A then refuses (or, with
     --force, replaces B's output whole)."""
     out = tmp_path / "o"
-    real_verify = mint_mlx.save.verify_saved
+    real_verify = mint_mlx.output.save.verify_saved
     state = {"nested": False, "b_tree": {}}
 
     def meanwhile(directory: Path, plan) -> None:
@@ -394,7 +395,7 @@ def test_output_written_by_another_run_meanwhile(
             convert(src, out, bpw=5.0, objective="nrmse", scales="rtn")  # run B, finished
             state["b_tree"] = tree(out)
 
-    monkeypatch.setattr(mint_mlx.save, "verify_saved", meanwhile)
+    monkeypatch.setattr(mint_mlx.output.save, "verify_saved", meanwhile)
     args = ["--hf-path", str(src), "--mlx-path", str(out), *CHEAP]
     code, _, err = run(args + (["--force"] if force else []))
     assert state["nested"]
@@ -441,7 +442,9 @@ def test_unwritable_output_location_is_refused_before_any_work(
         raise PermissionError(errno.EACCES, "Permission denied")
 
     analysed: list[str] = []
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", lambda *a, **k: analysed.append("x"))
+    monkeypatch.setattr(
+        mint_mlx.analysis.analyze, "analyze_tensor", lambda *a, **k: analysed.append("x")
+    )
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     code, _, err = run(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), *CHEAP])
     one_line(code, err, "cannot write --mlx-path", "permission denied")
@@ -467,7 +470,7 @@ def test_full_disk_while_writing_the_analysis_cache(
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", full)
+    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", full)
     cache = tmp_path / "a.jsonl"
     code, _, err = run(
         ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--analysis", str(cache)] + CHEAP
@@ -639,9 +642,9 @@ def test_ctrl_c_is_one_line_in_every_command(
         monkeypatch.setattr(importlib.import_module("mlx_lm.generate"), "main", interrupted)
         call = lambda: generate.main(["--model", "m"])  # noqa: E731
     elif command == "selftest":
-        import mint_mlx.kernels.emulate
+        import mint_mlx.tools.emulator.emulate
 
-        monkeypatch.setattr(mint_mlx.kernels.emulate, "find_compiler", lambda: "g++")
+        monkeypatch.setattr(mint_mlx.tools.emulator.emulate, "find_compiler", lambda: "g++")
         monkeypatch.setattr(selftest, "emulation_cases", interrupted)
         monkeypatch.setattr(selftest, "metal_cases", interrupted)
         call = lambda: selftest.main(["--quick", "--emulate"])  # noqa: E731

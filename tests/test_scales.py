@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mint_mlx.formats import Format
-from mint_mlx.quantize import dequantize_weight, quantize_weight
-from mint_mlx.scales import optimized_affine, pack_codes, unpack_codes
+from mint_mlx.quant.quantize import dequantize_weight, quantize_weight
+from mint_mlx.quant.scales import optimized_affine, pack_codes, unpack_codes
 
 
 def heavy_tailed(shape: tuple[int, ...], seed: int = 0) -> mx.array:
@@ -85,7 +85,7 @@ def test_saving_in_row_blocks_gives_the_same_arrays(scales: str, name: str) -> N
     """Save quantizes big tensors block by block to bound memory: rows are independent, so
     the result must be the whole-tensor result exactly (2-D and expert stacks)."""
     from mint_mlx.formats import format_by_name
-    from mint_mlx.quantize import quantize_in_chunks
+    from mint_mlx.quant.quantize import quantize_in_chunks
 
     fmt = format_by_name(name)
     for shape, cols_shape in (((37, 256), (256,)), ((3, 20, 128), (3, 128))):
@@ -148,7 +148,7 @@ def _per_group_reference(
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fit_matches_a_per_group_reference(bits: int, weighted: bool) -> None:
-    from mint_mlx.scales import fit_affine
+    from mint_mlx.quant.scales import fit_affine
 
     w = np.array(heavy_tailed((6, 256), seed=bits))
     w[0, :64] = 0.0  # a zero group and a constant one: no division by a zero scale
@@ -169,7 +169,7 @@ def test_fit_matches_a_per_group_reference(bits: int, weighted: bool) -> None:
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_incumbent_is_mx_quantize_scale_and_bias(dtype: mx.Dtype) -> None:
-    from mint_mlx.scales import mlx_scales, storage_rounder
+    from mint_mlx.quant.scales import mlx_scales, storage_rounder
 
     w = np.array(heavy_tailed((32, 512), seed=7))
     w[0, :128], w[1, :128], w[2, :128] = 0.0, 0.5, -0.01  # zero and constant groups
@@ -184,7 +184,7 @@ def test_incumbent_is_mx_quantize_scale_and_bias(dtype: mx.Dtype) -> None:
 
 
 def test_storage_rounding_is_mlx_cast() -> None:
-    from mint_mlx.scales import storage_rounder
+    from mint_mlx.quant.scales import storage_rounder
 
     rng = np.random.default_rng(0)
     a = (rng.standard_normal(1 << 16) * np.exp(rng.uniform(-50, 50, 1 << 16))).astype(np.float32)
@@ -198,8 +198,8 @@ def test_storage_rounding_is_mlx_cast() -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_fit_agrees_with_the_pure_mlx_reference(bits: int) -> None:
     """The fit it replaced: same candidates, so the same errors up to float summation order."""
-    from mint_mlx.scales import optimized_affine_error
-    from mint_mlx.scales_reference import optimized_affine_error_reference
+    from mint_mlx.quant.scales import optimized_affine_error
+    from mint_mlx.tools.scales_reference import optimized_affine_error_reference
 
     w = heavy_tailed((96, 512), seed=bits)
     cols = mx.array(np.random.default_rng(bits).gamma(0.5, size=512).astype(np.float32))
@@ -217,7 +217,7 @@ def test_fit_agrees_with_the_pure_mlx_reference(bits: int) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_transposed_packing_is_mlx_packing(bits: int) -> None:
     """Save packs codes in the fit's transposed block layout: the same words as mx.quantize."""
-    from mint_mlx.scales import _pack_transposed
+    from mint_mlx.quant.scales import _pack_transposed
 
     w = heavy_tailed((8, 768), seed=bits)
     for group in (32, 64, 128):
@@ -233,7 +233,7 @@ def test_analysis_error_is_the_error_of_what_save_writes(
 ) -> None:
     """The error the analysis reports (no packing) is the error of the saved arrays, whatever
     the block size and thread count the fit runs with (expert stacks included)."""
-    import mint_mlx.scales as scales
+    import mint_mlx.quant.scales as scales
 
     for shape, cols_shape in (((70, 384), (384,)), ((3, 24, 256), (3, 256))):
         w = heavy_tailed(shape, seed=11)

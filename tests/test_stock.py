@@ -14,15 +14,15 @@ import mlx.core as mx
 import pytest
 from safetensors import safe_open
 
-from mint_mlx.allocate import weighted_distortion
-from mint_mlx.analyze import Candidate
-from mint_mlx.baselines import baseline_by_name, build_baseline
+from mint_mlx.allocation.allocate import weighted_distortion
+from mint_mlx.allocation.prepare import Prepared, prepare
+from mint_mlx.allocation.stock import best_within, stock_formats, stock_plan
+from mint_mlx.analysis.analyze import Candidate
 from mint_mlx.convert import output_dtype
-from mint_mlx.experts import split_expert_path
 from mint_mlx.plan import main as plan_main
-from mint_mlx.planner import Prepared, prepare
-from mint_mlx.source import open_source
-from mint_mlx.stock import best_within, stock_formats, stock_plan
+from mint_mlx.quant.experts import split_expert_path
+from mint_mlx.source.model import open_source
+from mint_mlx.tools.baselines import baseline_by_name, build_baseline
 
 
 def _prepared(path: Path) -> Prepared:

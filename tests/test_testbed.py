@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mint_mlx import testbed as tb
+from mint_mlx.tools import testbed as tb
 
 # ------------------------------------------------------------------------------ markup stripper
 
@@ -466,7 +466,7 @@ def test_spm_tokenizer_matches_llama_cpp_conventions(tmp_path: Path) -> None:
     decoding gives the text back."""
     from mlx_lm.utils import load_tokenizer
 
-    from mint_mlx.evaluate import encode
+    from mint_mlx.tools.evaluate import encode
 
     tokens = [t for t, _ in _TINY_SPM]
     types = [ty for _, ty in _TINY_SPM]
@@ -779,7 +779,7 @@ PPL_FACTOR = 1.5
 
 @pytest.mark.slow
 def test_smollm2_dithered_ppl_within_factor_of_undithered() -> None:
-    from mint_mlx.evaluate import evaluate
+    from mint_mlx.tools.evaluate import evaluate
 
     r = evaluate(
         tb.ensure_testbed("smollm2-135m"),
@@ -857,8 +857,8 @@ def test_gemma3_tokenizer_matches_sentencepiece() -> None:
     from mlx_lm.utils import load_tokenizer
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from mint_mlx.evaluate import encode
     from mint_mlx.paths import cache_root
+    from mint_mlx.tools.evaluate import encode
 
     path = tb.ensure_testbed("gemma3-270m")
     reader = gguf.GGUFReader(str(cache_root() / "sources" / tb.GEMMA3_GGUF.name))

@@ -1,0 +1,132 @@
+"""Exact byte accounting of the saved files: which arrays are written, in which order and shard.
+
+The budget counts every byte of every ``.safetensors`` file, headers included. The allocator is
+given each candidate's data bytes *plus* an upper bound on the header bytes its arrays add, and
+the fixed part (unquantized tensors, per-shard overhead) is subtracted first, so a plan that fits
+on paper fits on disk. After planning the real layout is computed and its size is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from math import ceil, prod
+
+import mlx.core as mx
+
+from mint_mlx.formats import Format
+from mint_mlx.safetensors_io import (
+    MAX_OFFSET_DIGITS,
+    TAG_OF,
+    ShardLayout,
+    TensorSlot,
+    header_entry_bytes,
+    header_overhead_bytes,
+    plan_shards,
+)
+
+#: mlx-lm's shard size (5 GB of data per file).
+MAX_SHARD_BYTES = 5 * 10**9
+
+_FLOAT_TAGS = {"float16": "F16", "bfloat16": "BF16"}
+
+
+def _tag(kind: str, dtype: mx.Dtype) -> str:
+    if kind == "float":
+        return TAG_OF[dtype]
+    return {"uint32": "U32", "uint8": "U8", "int8": "I8"}[kind]
+
+
+def module_slots(path: str, fmt: Format, shape: Sequence[int], dtype: mx.Dtype) -> list[TensorSlot]:
+    """Arrays saved for one quantizable module in ``fmt`` (weight, then scales and biases)."""
+    return [
+        TensorSlot(f"{path}.{suffix}", _tag(kind, dtype), tuple(s))
+        for suffix, (s, kind) in fmt.array_specs(shape, dtype.size).items()
+    ]
+
+
+def offset_digits(budget: int) -> int:
+    """Digits of the largest byte offset a file within ``budget`` bytes can have."""
+    return len(str(max(budget, 1)))
+
+
+def candidate_bytes(
+    path: str,
+    fmt: Format,
+    shape: Sequence[int],
+    dtype: mx.Dtype,
+    digits: int = MAX_OFFSET_DIGITS,
+) -> int:
+    """Data bytes plus an upper bound of the header bytes of ``path`` stored as ``fmt``."""
+    slots = module_slots(path, fmt, shape, dtype)
+    return sum(s.nbytes + header_entry_bytes(s.name, s.dtype, s.shape, digits) for s in slots)
+
+
+def passthrough_dtype(source_dtype: mx.Dtype, out_dtype: mx.Dtype) -> mx.Dtype:
+    """Float tensors are saved in the output dtype (as mlx-lm does); others keep their dtype."""
+    return out_dtype if mx.issubdtype(source_dtype, mx.floating) else source_dtype
+
+
+def passthrough_slot(
+    key: str, shape: Sequence[int], source_dtype: mx.Dtype, out_dtype: mx.Dtype
+) -> TensorSlot:
+    return TensorSlot(key, TAG_OF[passthrough_dtype(source_dtype, out_dtype)], tuple(shape))
+
+
+def fixed_bytes(
+    passthrough: Mapping[str, tuple[tuple[int, ...], mx.Dtype]],
+    out_dtype: mx.Dtype,
+    budget: int,
+    largest_tensor: int,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> int:
+    """Bytes the allocator cannot change: unquantized tensors and per-shard overhead.
+
+    The shard count is bounded from the budget: every shard but the last holds at least
+    ``max_shard_bytes - largest_tensor`` bytes of data.
+    """
+    total = 0
+    for key, (shape, dtype) in passthrough.items():
+        slot = passthrough_slot(key, shape, dtype, out_dtype)
+        total += slot.nbytes + header_entry_bytes(
+            slot.name, slot.dtype, slot.shape, offset_digits(budget)
+        )
+    fill = max(max_shard_bytes - largest_tensor, 1)
+    shards = 1 + ceil(max(budget - max_shard_bytes, 0) / fill) + 1
+    return total + shards * header_overhead_bytes()
+
+
+def output_layout(
+    order: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, mx.Dtype],
+    formats: Mapping[str, Format],
+    out_dtype: mx.Dtype,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> list[ShardLayout]:
+    """The exact files: tensors written in source order (each shard's data is laid out smallest
+    first, see :class:`ShardLayout`); a quantizable module (a key of ``formats``,
+    by module path) expands into its weight/scales/biases. Per-expert keys (``module#e``) are
+    collapsed first: a module whose experts share a format is laid out as that format, any
+    other as its groups (:mod:`mint_mlx.quant.experts`)."""
+    from mint_mlx.quant.experts import collapse, per_expert_slots  # experts builds on module_slots
+
+    modules = collapse(formats)
+    slots: list[TensorSlot] = []
+    for key in order:
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        entry = modules.get(module) if module is not None else None
+        if module is None or entry is None:
+            slots.append(passthrough_slot(key, shapes[key], dtypes[key], out_dtype))
+        elif isinstance(entry, Format):
+            slots += module_slots(module, entry, shapes[key], out_dtype)
+        else:
+            slots += per_expert_slots(module, entry, shapes[key], out_dtype)
+    return plan_shards(slots, max_shard_bytes)
+
+
+def total_file_bytes(shards: Sequence[ShardLayout]) -> int:
+    return sum(s.file_bytes for s in shards)
+
+
+def largest_tensor_bytes(shapes: Mapping[str, tuple[int, ...]], dtype_bytes: int = 4) -> int:
+    return max((prod(s) * dtype_bytes for s in shapes.values()), default=0)

@@ -1,0 +1,1 @@
+"""Not on the conversion path: evaluation, testbeds, stock baselines, the kernel emulator."""
