@@ -35,11 +35,11 @@ from mint_mlx.output.layout import (
     MAX_OFFSET_DIGITS,
     MAX_SHARD_BYTES,
     candidate_bytes,
+    exact_total_bytes,
     fixed_bytes,
     largest_tensor_bytes,
     offset_digits,
 )
-from mint_mlx.output.save import exact_total_bytes
 from mint_mlx.phases import PhaseLog
 from mint_mlx.quant.experts import splits_per_expert
 from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, CalibrationConfig, sensitivity

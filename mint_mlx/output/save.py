@@ -22,12 +22,7 @@ from tqdm import tqdm
 from mint_mlx.allocation.allocate import Plan
 from mint_mlx.errors import SaveCheckError
 from mint_mlx.formats import Format, format_from_entry
-from mint_mlx.output.layout import (
-    MAX_SHARD_BYTES,
-    output_layout,
-    passthrough_dtype,
-    total_file_bytes,
-)
+from mint_mlx.output.layout import MAX_SHARD_BYTES, layout_for, passthrough_dtype
 from mint_mlx.path_safety import Read, staged_output
 from mint_mlx.quant.experts import collapse, module_arrays, module_entry, needs_mint
 from mint_mlx.safetensors_io import ShardLayout, ShardWriter, read_header
@@ -69,14 +64,6 @@ def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]
 
         config = mark_config(config)
     return config
-
-
-def layout_for(
-    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int
-) -> list[ShardLayout]:
-    return output_layout(
-        list(source.shapes), source.shapes, source.dtypes, plan.formats, dtype, max_shard_bytes
-    )
 
 
 def _arrays(
@@ -257,9 +244,3 @@ def save_model_dir(
     for name, data in extra_files:
         (directory / name).write_bytes(data)
     verify_saved(directory, plan)
-
-
-def exact_total_bytes(
-    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int = MAX_SHARD_BYTES
-) -> int:
-    return total_file_bytes(layout_for(source, plan, dtype, max_shard_bytes))
