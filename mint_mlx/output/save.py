@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mint_mlx.allocation.allocate import Plan
 from mint_mlx.errors import SaveCheckError
 from mint_mlx.formats import Format, format_from_entry
+from mint_mlx.output.config import mark_config
 from mint_mlx.output.layout import MAX_SHARD_BYTES, layout_for, passthrough_dtype
 from mint_mlx.path_safety import Read, staged_output
 from mint_mlx.quant.experts import collapse, module_arrays, module_entry, needs_mint
@@ -53,15 +54,13 @@ def quantization_config(plan: Plan) -> dict[str, Any]:
 
 def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]:
     """config.json of the output. A plan with an extended format gets the ``mint-mlx/`` model
-    type (:func:`mint_mlx.runtime.load.mark_config`): stock mlx-lm then stops with "Model type
+    type (:func:`mint_mlx.output.config.mark_config`): stock mlx-lm then stops with "Model type
     mint-mlx/<type> not supported" instead of loading packed weights it would misread."""
     config = without_local_paths(source.config, origin_of(source.path, source.path, source.config))
     config["quantization"] = quantization_config(plan)
     config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = str(dtype).split(".")[-1]
     if needs_mint(plan.formats):
-        from mint_mlx.runtime.load import mark_config
-
         config = mark_config(config)
     return config
 
