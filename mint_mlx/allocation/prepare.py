@@ -26,7 +26,8 @@ from mint_mlx.allocation.allocate import (
     feasible_range,
 )
 from mint_mlx.allocation.stock import StockPoint, stock_points
-from mint_mlx.analysis.analyze import RDCurve, analyze, default_cache_path
+from mint_mlx.analysis.analyze import analyze, default_cache_path
+from mint_mlx.analysis.measure import RDCurve
 from mint_mlx.analysis.row_sample import SAMPLE_ELEMENTS
 from mint_mlx.analysis.workers import jobs_within, worker_memory
 from mint_mlx.errors import BudgetError, MintError
