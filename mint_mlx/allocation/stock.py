@@ -214,3 +214,15 @@ __all__ = [
     "stock_plan",
     "stock_points",
 ]
+
+
+def stock_curve(points: Sequence[StockPoint]) -> list[tuple[float, float, str]]:
+    """(bits per weight, predicted quality, name) of the stock settings on their frontier."""
+    return [
+        (
+            p.bits_per_weight,
+            p.predicted_kld if p.predicted_kld is not None else p.distortion,
+            p.name,
+        )
+        for p in frontier(points)
+    ]
