@@ -52,18 +52,27 @@ def verify_saved(directory: Path, plan: Plan) -> None:
     if plan.total_bytes and size != plan.total_bytes:
         raise SaveCheckError(f"saved weights take {size} bytes, the plan said {plan.total_bytes}")
     try:
-        model, config = loader(directory, lazy=True, strict=True)
+        model, _ = loader(directory, lazy=True, strict=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the output is unusable
         raise SaveCheckError(
             f"the saved model does not load in {who} ({type(e).__name__}: {e})"
         ) from e
+    _check_modules(model, plan, (*QUANTIZED_TYPES, *extra_types))
+
+
+#: The layers stock mlx-lm loads a quantized module as.
+QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.QuantizedLinear,
+    nn.QuantizedEmbedding,
+    QuantizedSwitchLinear,
+)
+
+
+def _check_modules(
+    model: nn.Module, plan: Plan, quantized_types: tuple[type[nn.Module], ...]
+) -> None:
+    """Every planned module is in ``model``, quantized in its planned format or not at all."""
     modules: dict[str, Any] = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
-    quantized_types: tuple[type[nn.Module], ...] = (
-        nn.QuantizedLinear,
-        nn.QuantizedEmbedding,
-        QuantizedSwitchLinear,
-        *extra_types,
-    )
     for path, fmt in collapse(plan.formats).items():
         module = modules.get(path)
         if module is None:
