@@ -41,8 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import mint_mlx.allocation.allocate as allocate
-from mint_mlx.allocation.prepare import Prepared, prepare
-from mint_mlx.convert import output_dtype
+from mint_mlx.allocation.prepare import Prepared, output_dtype, prepare
 from mint_mlx.formats import format_by_name
 from mint_mlx.paths import cache_root
 from mint_mlx.quant.quantize import dequantize_weight, quantize_in_chunks

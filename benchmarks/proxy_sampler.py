@@ -46,8 +46,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mint_mlx.allocation.allocate import PREDICTION_SCALE, weighted_distortion
-from mint_mlx.allocation.prepare import Prepared, prepare
-from mint_mlx.convert import convert, output_dtype
+from mint_mlx.allocation.prepare import Prepared, output_dtype, prepare
+from mint_mlx.convert import convert
 from mint_mlx.memory import peak_rss
 from mint_mlx.paths import cache_root
 from mint_mlx.sensitivity.calibrate import (

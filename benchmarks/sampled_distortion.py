@@ -75,9 +75,8 @@ def _quantiles(values: list[float]) -> dict[str, float]:
 
 def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) -> dict[str, Any]:
     from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, weighted_distortion
-    from mint_mlx.allocation.prepare import Prepared
+    from mint_mlx.allocation.prepare import Prepared, output_dtype
     from mint_mlx.analysis.analyze import analyze
-    from mint_mlx.convert import output_dtype
     from mint_mlx.formats import formats_for
     from mint_mlx.sensitivity.calibrate import CalibrationConfig, sensitivity
     from mint_mlx.source.model import open_source

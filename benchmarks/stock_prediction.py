@@ -30,8 +30,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from mint_mlx.allocation.prepare import prepare
-from mint_mlx.convert import output_dtype
+from mint_mlx.allocation.prepare import output_dtype, prepare
 from mint_mlx.paths import cache_root
 from mint_mlx.source.model import open_source
 

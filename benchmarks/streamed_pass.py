@@ -102,9 +102,8 @@ def _matmul_weights(source: Any) -> int:
 
 def _plans(source: Any, columns: Any, budgets: dict[str, int], cache: Path) -> dict[str, Any]:
     from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR
-    from mint_mlx.allocation.prepare import Prepared
+    from mint_mlx.allocation.prepare import Prepared, output_dtype
     from mint_mlx.analysis.analyze import analyze
-    from mint_mlx.convert import output_dtype
     from mint_mlx.formats import formats_for
     from mint_mlx.sensitivity.calibrate import CalibrationConfig
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mint_mlx.cli import reported
 from mint_mlx.formats import COMPACT, Format
 from mint_mlx.runtime.kernels import ops, quantized
 from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
@@ -243,11 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--emulate", action="store_true", help="use the CPU emulator even where Metal is available"
     )
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:  # compiled kernels are cached by atomic renames: nothing half-made
-        print("error: interrupted; the checks printed above are all that ran", file=sys.stderr)
-        return 2
+    # Ctrl-C: compiled kernels are cached by atomic renames, nothing is left half-made
+    with reported("interrupted; the checks printed above are all that ran") as outcome:
+        code = _run(args)
+    return code if outcome.exit_code is None else outcome.exit_code
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,11 +20,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort
 
-import mint_mlx.analysis.analyze
+import mint_mlx.analysis.measure
 import mint_mlx.analysis.workers
 from mint_mlx.allocation.allocate import Plan
 from mint_mlx.allocation.prepare import Prepared
-from mint_mlx.analysis.analyze import RDCurve, analyze, cache_key
+from mint_mlx.analysis.analyze import analyze, cache_key
+from mint_mlx.analysis.measure import RDCurve
 from mint_mlx.formats import Format, format_by_name
 from mint_mlx.output.layout import (
     candidate_bytes,
@@ -162,7 +163,7 @@ def test_per_expert_curves_sum_to_the_stack(
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("per-expert curves should come from the cache")
 
-    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", boom)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", boom)
     again = analyze(source, ANALYSED, dtype, tmp_path / "s.jsonl", **per_expert)
     assert [c.to_json() for c in again] == [c.to_json() for c in split]
 

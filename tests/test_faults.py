@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mint_mlx.analysis.analyze
+import mint_mlx.analysis.measure
 import mint_mlx.safetensors_io
 from mint_mlx.convert import convert, main
 
@@ -54,18 +54,18 @@ def no_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("analysis should come from the cache")
 
-    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", boom)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", boom)
 
 
 def count_analysis(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
-    real = mint_mlx.analysis.analyze.analyze_tensor
+    real = mint_mlx.analysis.measure.analyze_tensor
 
     def counting(info, *args, **kwargs):
         seen.append(info.path)
         return real(info, *args, **kwargs)
 
-    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", counting)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", counting)
     return seen
 
 
@@ -295,7 +295,7 @@ def test_ctrl_c_during_analysis_from_the_command_line(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     cache = tmp_path / "a.jsonl"
-    real = mint_mlx.analysis.analyze.analyze_tensor
+    real = mint_mlx.analysis.measure.analyze_tensor
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -304,13 +304,13 @@ def test_ctrl_c_during_analysis_from_the_command_line(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", interrupted)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", interrupted)
     args = ["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "o"), "--bpw", "4"]
     code, _, err = run_cli([*args, "--analysis", str(cache)], capsys)
     assert_one_line_error(code, err, "interrupted", "cache is kept")
     assert not (tmp_path / "o").exists()
     assert len(cache.read_text().splitlines()) == 1 + 3  # header + the three finished tensors
-    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", real)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", real)
     code, _, err = run_cli([*args, "--analysis", str(cache)], capsys)
     assert code == 0, err
 

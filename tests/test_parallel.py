@@ -84,11 +84,11 @@ def test_mlx_launch_ranks_split_the_analysis(tiny_llama: Path, tmp_path: Path) -
 def test_ctrl_c_during_pooled_analysis_keeps_finished_records(
     tiny_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mint_mlx.analysis.analyze
+    import mint_mlx.analysis.measure
 
     monkeypatch.setattr(mint_mlx.analysis.workers, "PARALLEL_MIN_ELEMENTS", 0)
     cache = tmp_path / "a.jsonl"
-    real_from_json = mint_mlx.analysis.analyze.RDCurve.from_json
+    real_from_json = mint_mlx.analysis.measure.RDCurve.from_json
     seen = {"n": 0}
 
     def interrupt_after_three(d):
@@ -98,13 +98,13 @@ def test_ctrl_c_during_pooled_analysis_keeps_finished_records(
         return real_from_json(d)
 
     monkeypatch.setattr(
-        mint_mlx.analysis.analyze.RDCurve, "from_json", staticmethod(interrupt_after_three)
+        mint_mlx.analysis.measure.RDCurve, "from_json", staticmethod(interrupt_after_three)
     )
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=cache, dry_run=True, jobs=2)
     assert len(cache_records(cache)) == 3  # the finished ones, each whole
     monkeypatch.setattr(
-        mint_mlx.analysis.analyze.RDCurve, "from_json", staticmethod(real_from_json)
+        mint_mlx.analysis.measure.RDCurve, "from_json", staticmethod(real_from_json)
     )
     plan = convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=cache, dry_run=True, jobs=2).plan
     assert len(cache_records(cache)) == len(plan.assignments)

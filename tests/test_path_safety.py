@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-import mint_mlx.analysis.analyze
-import mint_mlx.output.save
+import mint_mlx.analysis.measure
+import mint_mlx.convert
 from mint_mlx import generate, path_safety, selftest
 from mint_mlx.convert import convert, main
 from mint_mlx.errors import MintError, OutputExistsError, PathConflictError
@@ -385,7 +385,7 @@ def test_output_written_by_another_run_meanwhile(
     """Run B converts into the same path while run A is saving: A then refuses (or, with
     --force, replaces B's output whole)."""
     out = tmp_path / "o"
-    real_verify = mint_mlx.output.save.verify_saved
+    real_verify = mint_mlx.convert.verify_saved
     state = {"nested": False, "b_tree": {}}
 
     def meanwhile(directory: Path, plan) -> None:
@@ -395,7 +395,7 @@ def test_output_written_by_another_run_meanwhile(
             convert(src, out, bpw=5.0, objective="nrmse", scales="rtn")  # run B, finished
             state["b_tree"] = tree(out)
 
-    monkeypatch.setattr(mint_mlx.output.save, "verify_saved", meanwhile)
+    monkeypatch.setattr(mint_mlx.convert, "verify_saved", meanwhile)
     args = ["--hf-path", str(src), "--mlx-path", str(out), *CHEAP]
     code, _, err = run(args + (["--force"] if force else []))
     assert state["nested"]
@@ -443,7 +443,7 @@ def test_unwritable_output_location_is_refused_before_any_work(
 
     analysed: list[str] = []
     monkeypatch.setattr(
-        mint_mlx.analysis.analyze, "analyze_tensor", lambda *a, **k: analysed.append("x")
+        mint_mlx.analysis.measure, "analyze_tensor", lambda *a, **k: analysed.append("x")
     )
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     code, _, err = run(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), *CHEAP])
@@ -470,7 +470,7 @@ def test_full_disk_while_writing_the_analysis_cache(
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mint_mlx.analysis.analyze, "analyze_tensor", full)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", full)
     cache = tmp_path / "a.jsonl"
     code, _, err = run(
         ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--analysis", str(cache)] + CHEAP

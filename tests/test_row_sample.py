@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import mint_mlx.allocation.prepare
-from mint_mlx.analysis.analyze import analyze, cache_key, measure
+from mint_mlx.analysis.analyze import analyze, cache_key
+from mint_mlx.analysis.measure import measure
 from mint_mlx.analysis.row_sample import draw, row_stats, sample_rows
 from mint_mlx.convert import convert
 from mint_mlx.formats import format_by_name

@@ -15,10 +15,9 @@ import pytest
 from safetensors import safe_open
 
 from mint_mlx.allocation.allocate import weighted_distortion
-from mint_mlx.allocation.prepare import Prepared, prepare
+from mint_mlx.allocation.prepare import Prepared, output_dtype, prepare
 from mint_mlx.allocation.stock import best_within, stock_formats, stock_plan
-from mint_mlx.analysis.analyze import Candidate
-from mint_mlx.convert import output_dtype
+from mint_mlx.analysis.measure import Candidate
 from mint_mlx.plan import main as plan_main
 from mint_mlx.quant.experts import split_expert_path
 from mint_mlx.source.model import open_source

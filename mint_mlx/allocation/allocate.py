@@ -27,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 
 from mint_mlx.allocation.knapsack import Infeasible, solve
-from mint_mlx.analysis.analyze import Candidate, RDCurve
+from mint_mlx.analysis.measure import Candidate, RDCurve
 from mint_mlx.errors import BudgetError
 from mint_mlx.formats import PASSTHROUGH, Format, format_by_name
 from mint_mlx.output.layout import candidate_bytes

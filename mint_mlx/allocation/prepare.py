@@ -26,7 +26,8 @@ from mint_mlx.allocation.allocate import (
     feasible_range,
 )
 from mint_mlx.allocation.stock import StockPoint, stock_points
-from mint_mlx.analysis.analyze import RDCurve, analyze, default_cache_path
+from mint_mlx.analysis.analyze import analyze, default_cache_path
+from mint_mlx.analysis.measure import RDCurve
 from mint_mlx.analysis.row_sample import SAMPLE_ELEMENTS
 from mint_mlx.analysis.workers import jobs_within, worker_memory
 from mint_mlx.errors import BudgetError, MintError
@@ -35,16 +36,29 @@ from mint_mlx.output.layout import (
     MAX_OFFSET_DIGITS,
     MAX_SHARD_BYTES,
     candidate_bytes,
+    exact_total_bytes,
     fixed_bytes,
     largest_tensor_bytes,
     offset_digits,
 )
-from mint_mlx.output.save import exact_total_bytes
 from mint_mlx.phases import PhaseLog
 from mint_mlx.quant.experts import splits_per_expert
 from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, CalibrationConfig, sensitivity
 from mint_mlx.sizes import format_size
 from mint_mlx.source.model import Source, has_tokenizer
+
+#: The 16-bit dtypes an output may store scales and unquantized tensors in (``--dtype``).
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
+    """The 16-bit dtype for scales and unquantized tensors: as asked, else the source's own
+    (float32 checkpoints become float16)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise MintError(f"--dtype {dtype} is not supported; use float16 or bfloat16")
+        return DTYPES[dtype]
+    return DTYPES.get(source.source_dtype(), mx.float16)
 
 
 @dataclass
@@ -212,57 +226,24 @@ def prepare(
     """
     if formats not in FORMAT_SETS:
         raise MintError(f"unknown --formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
-    columns, calib_key, notes = None, "", []
     start = time.perf_counter()
-    if formats == "extended" and objective == "paper":
-        notes.append(
-            "--formats extended does not apply to --objective paper: planned over the "
-            "paper's eight configurations"
-        )
-    if not has_tokenizer(source.path):
-        notes.append(
-            f"{source.path.name} has no tokenizer files, so neither has the output: copy them "
-            "in before generating text"
-        )
-    if objective == "fisher":
-        if phases is not None:
-            phases.start("sensitivity", "how much each weight column moves the output")
-        if calibration_sequences < 1:
-            raise MintError(
-                f"--calibration-sequences must be at least 1, not {calibration_sequences}"
-            )
-        config = CalibrationConfig(sequences=calibration_sequences, text_file=calibration)
-        found = sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler)
-        calib_key = found.key  # the full model's text and a 4-bit copy's have their own keys
-        columns = found.columns
-        how = "read from the cache" if found.choice is None else found.choice.describe(max_memory)
-        tokens = f"{config.sequences} x {config.seq_len} tokens"
-        notes.append(f"sensitivity from {found.text}, {tokens}; {how}")
-        if not all(bool(mx.all(mx.isfinite(c)).item()) for c in columns.values()):
-            # NaN/Inf weights make every gradient NaN: weigh by weight error instead, and say so
-            notes.append(
-                "the sensitivity pass gave non-finite values (the source has NaN/Inf weights); "
-                "planned with --objective nrmse instead"
-            )
-            objective, columns, calib_key = "nrmse", None, ""
+    notes = _source_notes(source, formats, objective)
+    objective, columns, calib_key = _sensitivity_pass(
+        source,
+        objective,
+        CalibrationConfig(sequences=calibration_sequences, text_file=calibration),
+        progress,
+        sensitivity_pass,
+        max_memory,
+        sampler,
+        phases,
+        notes,
+    )
     sensitivity_seconds = time.perf_counter() - start
     candidates = formats_for(objective, scales, formats)
-    # Per-expert configs are an extended format: each expert of a MoE stack is its own item in
-    # the knapsack. Only models that have expert stacks get the flag (it changes the cache key).
-    per_expert = (
-        formats == "extended"
-        and objective != "paper"
-        and any(splits_per_expert(info) for info in source.quantizable)
-    )
+    per_expert = _per_expert(source, formats, objective)
     sample = None if exact_analysis else SAMPLE_ELEMENTS
-    allowed = jobs_within(source, jobs, max_memory)
-    if allowed < jobs:
-        notes.append(
-            f"analysis ran in {allowed} process{'es' if allowed > 1 else ''} instead of --jobs "
-            f"{jobs}: each needs about {format_size(worker_memory(source))} and --max-memory is "
-            f"{format_size(max_memory or 0)}"
-        )
-        jobs = allowed
+    jobs = _analysis_jobs(source, jobs, max_memory, notes)
     cache = analysis or default_cache_path(
         source, candidates, dtype, calib_key, scales, per_expert, sample
     )
@@ -287,12 +268,7 @@ def prepare(
         sample_elements=sample,
     )
     seconds = {"sensitivity": sensitivity_seconds, "analysis": time.perf_counter() - start}
-    sampled = sum(1 for c in curves if c.sampled_rows)
-    if sampled:
-        notes.append(
-            f"errors of {sampled} of {len(curves)} tensors estimated from a stratified sample "
-            f"of about {SAMPLE_ELEMENTS:,} weights each (--exact-analysis measures every weight)"
-        )
+    notes += _sample_notes(curves)
     return Prepared(
         source,
         dtype,
@@ -306,3 +282,108 @@ def prepare(
         notes,
         seconds=seconds,
     )
+
+
+def _source_notes(source: Source, formats: str, objective: str) -> list[str]:
+    """What every plan of this run says about its options and its source."""
+    notes = []
+    if formats == "extended" and objective == "paper":
+        notes.append(
+            "--formats extended does not apply to --objective paper: planned over the "
+            "paper's eight configurations"
+        )
+    if not has_tokenizer(source.path):
+        notes.append(
+            f"{source.path.name} has no tokenizer files, so neither has the output: copy them "
+            "in before generating text"
+        )
+    return notes
+
+
+def _sensitivity_pass(
+    source: Source,
+    objective: str,
+    config: CalibrationConfig,
+    progress: bool,
+    sensitivity_pass: str,
+    max_memory: int | None,
+    sampler: str,
+    phases: PhaseLog | None,
+    notes: list[str],
+) -> tuple[str, dict[str, mx.array] | None, str]:
+    """(objective, Fisher column weights, their cache key) for the ``fisher`` objective (run or
+    read from the cache, described in ``notes``); the objective unchanged and no weights
+    otherwise. Non-finite sensitivities fall back to ``nrmse``, and say so."""
+    if objective != "fisher":
+        return objective, None, ""
+    if phases is not None:
+        phases.start("sensitivity", "how much each weight column moves the output")
+    if config.sequences < 1:
+        raise MintError(f"--calibration-sequences must be at least 1, not {config.sequences}")
+    found = sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler)
+    how = "read from the cache" if found.choice is None else found.choice.describe(max_memory)
+    tokens = f"{config.sequences} x {config.seq_len} tokens"
+    notes.append(f"sensitivity from {found.text}, {tokens}; {how}")
+    if not all(bool(mx.all(mx.isfinite(c)).item()) for c in found.columns.values()):
+        # NaN/Inf weights make every gradient NaN: weigh by weight error instead, and say so
+        notes.append(
+            "the sensitivity pass gave non-finite values (the source has NaN/Inf weights); "
+            "planned with --objective nrmse instead"
+        )
+        return "nrmse", None, ""
+    # the full model's text and a 4-bit copy's have their own keys
+    return objective, found.columns, found.key
+
+
+def _per_expert(source: Source, formats: str, objective: str) -> bool:
+    """Whether each expert of a MoE stack is its own item in the knapsack: per-expert configs
+    are an extended format, and only models that have expert stacks get the flag (it changes
+    the cache key)."""
+    return (
+        formats == "extended"
+        and objective != "paper"
+        and any(splits_per_expert(info) for info in source.quantizable)
+    )
+
+
+def _sample_notes(curves: Sequence[RDCurve]) -> list[str]:
+    """The note that errors were estimated from row samples, if any were."""
+    sampled = sum(1 for c in curves if c.sampled_rows)
+    if not sampled:
+        return []
+    return [
+        f"errors of {sampled} of {len(curves)} tensors estimated from a stratified sample "
+        f"of about {SAMPLE_ELEMENTS:,} weights each (--exact-analysis measures every weight)"
+    ]
+
+
+def _analysis_jobs(source: Source, jobs: int, max_memory: int | None, notes: list[str]) -> int:
+    """``jobs`` analysis processes, fewer if ``max_memory`` cannot hold them (and a note)."""
+    allowed = jobs_within(source, jobs, max_memory)
+    if allowed < jobs:
+        notes.append(
+            f"analysis ran in {allowed} process{'es' if allowed > 1 else ''} instead of --jobs "
+            f"{jobs}: each needs about {format_size(worker_memory(source))} and --max-memory is "
+            f"{format_size(max_memory or 0)}"
+        )
+    return allowed
+
+
+def sweep_budgets(prepared: Prepared, points: int = 12) -> list[int]:
+    """Budgets evenly spaced from the smallest feasible size to the 16-bit size."""
+    low, high = prepared.size_range()
+    return [low + (high - low) * k // (points - 1) for k in range(points)]
+
+
+def plan_points(prepared: Prepared, budgets: Sequence[int]) -> list[tuple[int, Plan]]:
+    """A plan per budget; never a worse plan for a larger budget (a plan that fits a smaller
+    budget fits a larger one too, so it is kept if the solver's answer is not better)."""
+    out: list[tuple[int, Plan]] = []
+    best: Plan | None = None
+    for budget in sorted(budgets):
+        plan = prepared.plan(budget)
+        if best is not None and best.distortion < plan.distortion:
+            plan = best
+        best = plan
+        out.append((budget, plan))
+    return out

@@ -4,7 +4,7 @@ stock, shown before a user spends time converting.
 Why it costs (almost) nothing: the analysis measures every native affine format of every
 tensor, and the scale fit measures MLX's own round-to-nearest scales first (its incumbent), so
 the error of the file ``mlx_lm convert -q --q-bits B --q-group-size G`` would write is already
-known for each tensor (:attr:`mint_mlx.analysis.analyze.Candidate.rtn_sse`). Which tensors stock
+known for each tensor (:attr:`mint_mlx.analysis.measure.Candidate.rtn_sse`). Which tensors stock
 quantizes, and how, is decided here by mlx-lm's own rules, run on the source's own (lazily
 loaded) mlx-lm model: :func:`mlx.nn.quantize`'s walk over leaf modules, ``quantize_model``'s
 divisibility rule (a layer whose width the group does not divide stays 16-bit), the model's
@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mint_mlx.allocation.allocate import Assignment, Plan, weighted_distortion
-from mint_mlx.analysis.analyze import Candidate, RDCurve
+from mint_mlx.analysis.measure import Candidate, RDCurve
 from mint_mlx.formats import Format, format_by_name
 from mint_mlx.quant.experts import split_expert_path
 from mint_mlx.tools.baselines import Baseline, stock_baselines
@@ -214,3 +214,15 @@ __all__ = [
     "stock_plan",
     "stock_points",
 ]
+
+
+def stock_curve(points: Sequence[StockPoint]) -> list[tuple[float, float, str]]:
+    """(bits per weight, predicted quality, name) of the stock settings on their frontier."""
+    return [
+        (
+            p.bits_per_weight,
+            p.predicted_kld if p.predicted_kld is not None else p.distortion,
+            p.name,
+        )
+        for p in frontier(points)
+    ]

@@ -17,7 +17,9 @@ single process, so the plan is identical.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -25,8 +27,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mint_mlx.analysis.measure import analyze_stack
 from mint_mlx.formats import Format, format_by_name
-from mint_mlx.source.model import Source, TensorInfo
+from mint_mlx.quant import scales as scale_fitting
+from mint_mlx.source.model import Source, TensorInfo, open_source
 
 #: Below this many elements to analyse, worker start-up (importing MLX, opening the source)
 #: costs more than it saves; the analysis stays in this process.
@@ -39,17 +43,11 @@ _WORKER_SOURCE: Source | None = None
 
 def _init_worker(source_path: str) -> None:
     global _WORKER_SOURCE
-    import signal
-
-    from mint_mlx.source.model import open_source
-
     # Ctrl-C is the parent's to handle: it keeps every finished record and stops the pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_SOURCE = open_source(source_path)
     # the processes already share the cores: threads inside each fit would only contend
-    from mint_mlx.quant import scales
-
-    scales.THREADS = 1
+    scale_fitting.THREADS = 1
 
 
 def _analyse_one(
@@ -62,8 +60,6 @@ def _analyse_one(
     sample_elements: int | None = None,
 ) -> list[dict[str, Any]]:
     """The records of one source tensor: one, or one per expert (see analyze_stack)."""
-    from mint_mlx.analysis.analyze import analyze_stack
-
     source = _WORKER_SOURCE
     assert source is not None, "worker was not initialised"
     info = next(t for t in source.quantizable if t.key == key)
@@ -121,8 +117,6 @@ def analyse_in_pool(
     as they arrive (in completion order; one record, or one per expert with ``per_expert``).
     At most ``2 * jobs`` tensors are in flight, so memory stays bounded by a few tensors per
     worker."""
-    import multiprocessing
-
     dtype_name = str(dtype).split(".")[-1]
     names = [f.name for f in formats]
     pending = list(infos)[::-1]

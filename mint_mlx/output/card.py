@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
 from mint_mlx.allocation.allocate import Plan
-from mint_mlx.allocation.stock import StockPoint, best_within
+from mint_mlx.allocation.prepare import Prepared, plan_points, sweep_budgets
+from mint_mlx.allocation.stock import StockPoint, best_within, stock_curve
 from mint_mlx.formats import COMPACT
+from mint_mlx.output.plots import layer_heatmap, size_quality_curve
 from mint_mlx.quant.experts import needs_mint
 from mint_mlx.sizes import format_size
 from mint_mlx.source.origin import Origin
@@ -208,3 +211,37 @@ def model_card(
         *([""] if plan.notes else []),
     ]
     return "\n".join(front + [""] + body)
+
+
+#: Figures written next to the model card: (alt text, file name).
+CARD_IMAGES = (
+    ("size/quality curve, this model marked", "size_quality.png"),
+    ("bits per weight by layer and tensor", "layers.png"),
+)
+
+
+def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> None:
+    """The card's size/quality curve (a budget sweep over the same analysis) and layer heatmap."""
+
+    def quality(p: Plan) -> float:
+        kld = p.predicted_kld
+        return kld if kld is not None else p.distortion
+
+    points = [
+        (p.bits_per_weight, quality(p))
+        for _, p in plan_points(prepared, sweep_budgets(prepared, 10))
+    ]
+    label = (
+        "predicted mean KL divergence (nats)"
+        if plan.objective == "fisher"
+        else f"{plan.objective} distortion"
+    )
+    size_quality_curve(
+        points,
+        directory / CARD_IMAGES[0][1],
+        chosen=(plan.bits_per_weight, quality(plan)),
+        title=f"{name}: size vs quality",
+        ylabel=label,
+        stock=stock_curve(prepared.stock),
+    )
+    layer_heatmap(plan, directory / CARD_IMAGES[1][1], title=name)

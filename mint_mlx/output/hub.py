@@ -42,13 +42,13 @@ import hashlib
 import importlib
 import json
 import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mint_mlx.errors import CorruptShardError, HubError, MintError
+from mint_mlx.cli import reported
+from mint_mlx.errors import CorruptShardError, HubError, MintError, one_line
 from mint_mlx.path_safety import OLD_MARKER, TMP_MARKER
 from mint_mlx.safetensors_io import read_header
 
@@ -98,13 +98,6 @@ MODEL_SUFFIXES = (".safetensors", ".json")
 GITATTRIBUTES = ".gitattributes"
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    """First line of an exception message, trimmed: hub errors carry multi-line server text."""
-    lines = str(text).strip().splitlines()
-    line = " ".join(lines[0].split()) if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _refuse(directory: Path, problem: str) -> HubError:
     """The error for a directory that is not fit to upload (names from a damaged file may hold
     line breaks: they are escaped, so the message stays one line)."""
@@ -122,7 +115,7 @@ def _read_json(directory: Path, name: str) -> Any:
     except FileNotFoundError:
         raise _refuse(directory, f"{name} is missing") from None
     except (OSError, ValueError, RecursionError) as e:
-        raise _refuse(directory, f"{name} is not valid JSON ({_one_line(e)})") from e
+        raise _refuse(directory, f"{name} is not valid JSON ({one_line(e)})") from e
 
 
 def _shard_names(directory: Path) -> tuple[list[str], dict[str, str]]:
@@ -189,7 +182,7 @@ def check_uploadable(directory: str | Path) -> None:
         try:
             header = read_header(shard)
         except CorruptShardError as e:
-            reason = _one_line(e.__cause__ or e)
+            reason = one_line(e.__cause__ or e)
             raise _refuse(directory, f"{name} is not a valid safetensors file ({reason})") from e
         tensors.update(k for k in header if k != "__metadata__")
         sizes += shard.stat().st_size
@@ -355,10 +348,10 @@ def _permanent_error(e: BaseException, repo_id: str, rerun: str) -> HubError:
         problem = "HF_HUB_OFFLINE is set"
         fix = "unset it"
     elif isinstance(e, ValueError) and status is None:
-        problem = f"{repo_id!r} was rejected ({_one_line(e)})"
+        problem = f"{repo_id!r} was rejected ({one_line(e)})"
         fix = "use a repo id of the form ORG/NAME"
     else:
-        problem = f"{name}: {_one_line(e)}"
+        problem = f"{name}: {one_line(e)}"
         fix = "fix the cause"
     return HubError(f"upload to {repo_id} failed ({problem}); {fix}, then re-run `{rerun}`")
 
@@ -384,7 +377,7 @@ def _with_retries(
             if attempt + 1 >= attempts:
                 raise HubError(
                     f"upload to {repo_id} failed after {attempts} attempts "
-                    f"({type(e).__name__}: {_one_line(e)}); check your network, then re-run "
+                    f"({type(e).__name__}: {one_line(e)}); check your network, then re-run "
                     f"`{rerun}` (it resumes where it stopped)"
                 ) from e
             delay = min(backoff_s * 2**attempt, max_backoff_s)
@@ -496,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with reported("interrupted; re-run the same command to resume the upload") as outcome:
         url = upload(
             args.directory,
             args.repo,
@@ -504,12 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             overwrite=args.overwrite_repo,
         )
-    except MintError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; re-run the same command to resume the upload", file=sys.stderr)
-        return 2
+    if outcome.exit_code is not None:
+        return outcome.exit_code
     print(f"uploaded {url}")
     return 0
 

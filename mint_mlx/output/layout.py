@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from math import ceil, prod
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -23,6 +24,10 @@ from mint_mlx.safetensors_io import (
     header_overhead_bytes,
     plan_shards,
 )
+
+if TYPE_CHECKING:  # types only: the plan and the source are upstream of the output
+    from mint_mlx.allocation.allocate import Plan
+    from mint_mlx.source.model import Source
 
 #: mlx-lm's shard size (5 GB of data per file).
 MAX_SHARD_BYTES = 5 * 10**9
@@ -130,3 +135,19 @@ def total_file_bytes(shards: Sequence[ShardLayout]) -> int:
 
 def largest_tensor_bytes(shapes: Mapping[str, tuple[int, ...]], dtype_bytes: int = 4) -> int:
     return max((prod(s) * dtype_bytes for s in shapes.values()), default=0)
+
+
+def layout_for(
+    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int
+) -> list[ShardLayout]:
+    """The files a plan writes for ``source``, shard by shard."""
+    return output_layout(
+        list(source.shapes), source.shapes, source.dtypes, plan.formats, dtype, max_shard_bytes
+    )
+
+
+def exact_total_bytes(
+    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> int:
+    """Every byte of every ``.safetensors`` file the plan writes, headers included."""
+    return total_file_bytes(layout_for(source, plan, dtype, max_shard_bytes))

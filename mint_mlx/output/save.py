@@ -2,7 +2,7 @@
 the plan uses an extended format, one :func:`mint_mlx.load` loads (and stock mlx-lm refuses).
 
 The directory is written to a temporary sibling and renamed into place only after the post-save
-check passed, so a failed or interrupted conversion never leaves a directory that looks complete.
+check (:mod:`mint_mlx.runtime.check`) passed, so a failed or interrupted conversion never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -15,22 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mint_mlx.allocation.allocate import Plan
-from mint_mlx.errors import SaveCheckError
-from mint_mlx.formats import Format, format_from_entry
-from mint_mlx.output.layout import (
-    MAX_SHARD_BYTES,
-    output_layout,
-    passthrough_dtype,
-    total_file_bytes,
-)
+from mint_mlx.formats import Format
+from mint_mlx.output.config import mark_config
+from mint_mlx.output.layout import MAX_SHARD_BYTES, layout_for, passthrough_dtype
 from mint_mlx.path_safety import Read, staged_output
 from mint_mlx.quant.experts import collapse, module_arrays, module_entry, needs_mint
-from mint_mlx.safetensors_io import ShardLayout, ShardWriter, read_header
+from mint_mlx.safetensors_io import ShardLayout, ShardWriter
 from mint_mlx.source.model import Source, copy_support_files
 from mint_mlx.source.origin import origin_of, without_local_paths
 
@@ -58,25 +51,15 @@ def quantization_config(plan: Plan) -> dict[str, Any]:
 
 def output_config(source: Source, plan: Plan, dtype: mx.Dtype) -> dict[str, Any]:
     """config.json of the output. A plan with an extended format gets the ``mint-mlx/`` model
-    type (:func:`mint_mlx.runtime.load.mark_config`): stock mlx-lm then stops with "Model type
+    type (:func:`mint_mlx.output.config.mark_config`): stock mlx-lm then stops with "Model type
     mint-mlx/<type> not supported" instead of loading packed weights it would misread."""
     config = without_local_paths(source.config, origin_of(source.path, source.path, source.config))
     config["quantization"] = quantization_config(plan)
     config["quantization_config"] = config["quantization"]
     config["torch_dtype"] = str(dtype).split(".")[-1]
     if needs_mint(plan.formats):
-        from mint_mlx.runtime.load import mark_config
-
         config = mark_config(config)
     return config
-
-
-def layout_for(
-    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int
-) -> list[ShardLayout]:
-    return output_layout(
-        list(source.shapes), source.shapes, source.dtypes, plan.formats, dtype, max_shard_bytes
-    )
 
 
 def _arrays(
@@ -151,75 +134,6 @@ def write_weights(
     return layout
 
 
-def verify_saved(directory: Path, plan: Plan) -> None:
-    """Load the directory the way its users will and check every module against the plan.
-
-    A native plan loads through stock mlx-lm's ``load_model`` (the promise is that no mint-mlx
-    import is needed); a plan with extended formats through :func:`mint_mlx.runtime.load.load_model`.
-    Catches the classic silent failure (a planned layer left unquantized because a default
-    config skipped it) and any byte overrun, before the directory is published.
-    """
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    loader: Callable[..., tuple[nn.Module, dict[str, Any]]]
-    extra_types: tuple[type[nn.Module], ...] = ()
-    if needs_mint(plan.formats):
-        from mint_mlx.runtime.expert_layers import PerExpertSwitchLinear
-        from mint_mlx.runtime.layers import EXTENDED_LAYERS
-        from mint_mlx.runtime.load import load_model as mint_load_model
-
-        loader, who = mint_load_model, "mint_mlx.load"
-        extra_types = (*EXTENDED_LAYERS, PerExpertSwitchLinear)
-    else:
-        from mlx_lm import utils as mlx_utils
-
-        loader, who = mlx_utils.load_model, "mlx-lm"
-
-    files = sorted(directory.glob("*.safetensors"))
-    for f in files:
-        read_header(f)
-    size = sum(f.stat().st_size for f in files)
-    if size > plan.budget:
-        raise SaveCheckError(f"saved weights take {size} bytes, over the budget of {plan.budget}")
-    if plan.total_bytes and size != plan.total_bytes:
-        raise SaveCheckError(f"saved weights take {size} bytes, the plan said {plan.total_bytes}")
-    try:
-        model, config = loader(directory, lazy=True, strict=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means the output is unusable
-        raise SaveCheckError(
-            f"the saved model does not load in {who} ({type(e).__name__}: {e})"
-        ) from e
-    modules: dict[str, Any] = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
-    quantized_types: tuple[type[nn.Module], ...] = (
-        nn.QuantizedLinear,
-        nn.QuantizedEmbedding,
-        QuantizedSwitchLinear,
-        *extra_types,
-    )
-    for path, fmt in collapse(plan.formats).items():
-        module = modules.get(path)
-        if module is None:
-            raise SaveCheckError(f"planned module {path} is missing from the loaded model")
-        if not isinstance(fmt, Format):  # per-expert groups
-            if getattr(module, "groups", None) != fmt:
-                raise SaveCheckError(f"{path} was planned per expert but loads differently")
-            continue
-        if fmt.is_quantized:
-            if not isinstance(module, quantized_types):
-                raise SaveCheckError(f"{path} was planned as {fmt.name} but loads unquantized")
-            got = format_from_entry(
-                {
-                    "bits": module.bits,
-                    "group_size": module.group_size,
-                    "mode": getattr(module, "mode", "affine"),
-                }
-            )
-            if got != fmt:
-                raise SaveCheckError(f"{path} was planned as {fmt.name} but loads as {got.name}")
-        elif isinstance(module, quantized_types):
-            raise SaveCheckError(f"{path} was planned in 16-bit but loads quantized")
-
-
 def staging_dir(
     out: Path,
     force: bool,
@@ -247,7 +161,8 @@ def save_model_dir(
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
 ) -> None:
-    """Everything that goes into the output directory, then the post-save check."""
+    """Everything that goes into the output directory (the check that it loads as planned is
+    :func:`mint_mlx.runtime.check.verify_saved`, run before the directory is published)."""
     write_weights(source, plan, directory, dtype, max_shard_bytes, progress, columns)
     config = output_config(source, plan, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -256,10 +171,3 @@ def save_model_dir(
     (directory / "README.md").write_text(card)
     for name, data in extra_files:
         (directory / name).write_bytes(data)
-    verify_saved(directory, plan)
-
-
-def exact_total_bytes(
-    source: Source, plan: Plan, dtype: mx.Dtype, max_shard_bytes: int = MAX_SHARD_BYTES
-) -> int:
-    return total_file_bytes(layout_for(source, plan, dtype, max_shard_bytes))

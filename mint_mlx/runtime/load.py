@@ -24,26 +24,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mint_mlx.errors import MintError, SourceError
 from mint_mlx.formats import Format, extended_formats, format_from_entry, native_formats
+from mint_mlx.output.config import FORMAT_VERSION
 from mint_mlx.quant.experts import is_per_expert_entry
 from mint_mlx.runtime.expert_layers import swap_per_expert_layers
 
-#: Version of the on-disk layout of extended outputs this loader reads.
-FORMAT_VERSION = 1
-
-#: Prefix of ``model_type`` in the config of an output that needs mint-mlx.
-MODEL_TYPE_PREFIX = "mint-mlx/"
-
 #: Keys of the ``quantization`` block that are defaults, not per-layer entries.
 _DEFAULT_KEYS = ("group_size", "bits", "mode")
-
-
-def mark_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with the marker of an output that needs mint-mlx (see the module docstring)."""
-    original = str(config["model_type"])
-    marked = dict(config)
-    marked["model_type"] = MODEL_TYPE_PREFIX + original
-    marked["mint_mlx"] = {"model_type": original, "format_version": FORMAT_VERSION}
-    return marked
 
 
 def resolve_model_path(path_or_hf_repo: str | Path, revision: str | None = None) -> Path:

@@ -22,7 +22,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mint_mlx.errors import HubError, SourceChangedError, SourceError, UnsupportedModelError
+from mint_mlx.errors import (
+    HubError,
+    SourceChangedError,
+    SourceError,
+    UnsupportedModelError,
+    one_line,
+)
 from mint_mlx.formats import Format, format_from_entry
 from mint_mlx.safetensors_io import read_header
 from mint_mlx.source.digests import DigestMemo, tensor_digest
@@ -50,15 +56,6 @@ HUB_ALLOW_PATTERNS = [
     "*.tiktoken",
     "*.jinja",
 ]
-
-
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    """``Type: first line`` of an exception, for messages that must stay on one line (errors
-    from mlx-lm's model classes and MLX span many lines)."""
-    lines = str(e).strip().splitlines()
-    text = " ".join(lines[0].split()) if lines else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,9 @@ class Source:
             try:
                 loaded = mx.load(str(f))
             except Exception as e:  # noqa: BLE001 - replaced by a damaged file, or removed
-                raise self._changed(f"{f.name} can no longer be read ({_one_line(e)})") from e
+                raise self._changed(
+                    f"{f.name} can no longer be read ({one_line(e, 160, typed=True)})"
+                ) from e
             assert isinstance(loaded, dict)
             weights.update(loaded)
         # sanitize may change the model it is called on (gemma3 drops its lm_head when tied),
@@ -246,7 +245,8 @@ def _shard_files(path: Path) -> list[Path]:
             names = sorted({str(n) for n in weight_map.values()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise SourceError(
-                f"{index} is not a valid index ({_one_line(e)}); re-download the model"
+                f"{index} is not a valid index ({one_line(e, 160, typed=True)}); "
+                "re-download the model"
             ) from e
         bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
         if bad:
@@ -277,7 +277,7 @@ def _load_config(path: Path) -> dict[str, Any]:
         config = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise SourceError(
-            f"{cfg} is not valid JSON ({_one_line(e)}); repair or re-download it"
+            f"{cfg} is not valid JSON ({one_line(e, 160, typed=True)}); repair or re-download it"
         ) from e
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise SourceError(f"{cfg} has no model_type; is this an HF-format model directory?")
@@ -300,8 +300,8 @@ def _build_model(config: dict[str, Any]) -> nn.Module:
         ) from e
     except Exception as e:  # noqa: BLE001 - e.g. "architectures": 1 (TypeError inside mlx-lm)
         raise SourceError(
-            f"config.json names its architecture in a form mlx-lm cannot read ({_one_line(e)}); "
-            "repair config.json"
+            "config.json names its architecture in a form mlx-lm cannot read "
+            f"({one_line(e, 160, typed=True)}); repair config.json"
         ) from e
     try:
         return model_class(args_class.from_dict(config))
@@ -309,7 +309,7 @@ def _build_model(config: dict[str, Any]) -> nn.Module:
         # ZeroDivisionError (0 heads), OverflowError (sizes past int32), MLX's TypeError ...
         raise SourceError(
             f"config.json does not describe a valid {config['model_type']} model "
-            f"({_one_line(e)}); repair config.json"
+            f"({one_line(e, 160, typed=True)}); repair config.json"
         ) from e
 
 
