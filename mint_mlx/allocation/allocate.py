@@ -122,7 +122,7 @@ class Assignment:
 class Plan:
     """One format per quantizable tensor, and the byte totals it implies.
 
-    A MoE stack analysed per expert has one assignment per expert (``module#e``);
+    A MoE stack analyzed per expert has one assignment per expert (``module#e``);
     :func:`mint_mlx.quant.experts.collapse` turns :attr:`formats` back into one entry per module.
     """
 
@@ -220,27 +220,27 @@ def _options_and_costs(
     dtype: mx.Dtype,
     min_sqnr: float,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int],
-) -> tuple[list[list[Candidate]], list[list[int]]]:
-    """Each tensor's candidates after the veto, and their bytes on disk (an expert's priced
-    under :func:`~mint_mlx.quant.experts.cost_key`)."""
+) -> tuple[list[list[Candidate]], list[list[Format]], list[list[int]]]:
+    """Each tensor's candidates after the veto, their formats (resolved from the candidates'
+    names once, here), and their bytes on disk (an expert's priced under
+    :func:`~mint_mlx.quant.experts.cost_key`)."""
     options = [_allowed(c, min_sqnr) for c in curves]
+    formats = [[format_by_name(c.format) for c in opts] for opts in options]
     costs = []
-    for cv, opts in zip(curves, options, strict=True):
+    for cv, fmts in zip(curves, formats, strict=True):
         path, shape = cost_key(cv.path, cv.shape)
-        costs.append([cost_fn(path, format_by_name(c.format), shape, dtype) for c in opts])
-    return options, costs
+        costs.append([cost_fn(path, fmt, shape, dtype) for fmt in fmts])
+    return options, formats, costs
 
 
-def _full_choice(
-    options: Sequence[Sequence[Candidate]], costs: Sequence[Sequence[int]]
-) -> list[int]:
+def _full_choice(formats: Sequence[Sequence[Format]], costs: Sequence[Sequence[int]]) -> list[int]:
     """The "16-bit" plan: passthrough where allowed, else the pinned format (e.g. a router)."""
     return [
         next(
-            (i for i, c in enumerate(opts) if c.format == "fp16"),
+            (i for i, f in enumerate(fmts) if not f.is_quantized),
             max(range(len(cost)), key=cost.__getitem__),
         )
-        for opts, cost in zip(options, costs, strict=True)
+        for fmts, cost in zip(formats, costs, strict=True)
     ]
 
 
@@ -252,9 +252,9 @@ def feasible_range(
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
 ) -> tuple[int, int]:
     """(smallest feasible, 16-bit) planned sizes in bytes: the span a budget sweep covers."""
-    options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
+    _, formats, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
     smallest = fixed_bytes + sum(min(c) for c in costs)
-    full = fixed_bytes + sum(c[i] for c, i in zip(costs, _full_choice(options, costs), strict=True))
+    full = fixed_bytes + sum(c[i] for c, i in zip(costs, _full_choice(formats, costs), strict=True))
     return smallest, full
 
 
@@ -280,13 +280,13 @@ def allocate(
         raise BudgetError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if num_layers is None:
         num_layers = 1 + max((c.layer for c in curves if c.layer is not None), default=-1)
-    options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
+    options, formats, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
     dists = [
         [weighted_distortion(cv, c, num_layers, objective, large_error_penalty) for c in opts]
         for cv, opts in zip(curves, options, strict=True)
     ]
     notes: list[str] = []
-    full = _full_choice(options, costs)
+    full = _full_choice(formats, costs)
     full_size = fixed_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
     capacity = budget - fixed_bytes
     exact = True
@@ -309,10 +309,11 @@ def allocate(
         choice, exact = solution.choice, solution.exact
     assignments = []
     planned = fixed_bytes
-    for cv, opts, cost, dist, k in zip(curves, options, costs, dists, choice, strict=True):
-        c = opts[k]
+    for cv, opts, fmts, cost, dist, k in zip(
+        curves, options, formats, costs, dists, choice, strict=True
+    ):
+        c, fmt = opts[k], fmts[k]
         planned += cost[k]
-        fmt = format_by_name(c.format)
         assignments.append(
             Assignment(
                 path=cv.path,
