@@ -1,6 +1,6 @@
 """From RD curves and a byte budget to a Plan: one format per tensor.
 
-A pure function of its inputs (curves, budget, fixed bytes, objective): re-planning at another
+A pure function of its inputs (curves, budget, overhead bytes, objective): re-planning at another
 budget needs no new analysis. Three rules keep the knapsack from doing something stupid:
 
 - the objective weighs each tensor's relative error by a role prior: the embedding and output
@@ -131,6 +131,8 @@ class Plan:
     objective: str
     min_sqnr: float
     assignments: list[Assignment]
+    #: Bytes outside the allocator's control (:func:`mint_mlx.output.layout.overhead_bytes`);
+    #: named as in mint_plan.json.
     fixed_bytes: int
     planned_bytes: int
     total_parameters: int
@@ -246,22 +248,24 @@ def _full_choice(formats: Sequence[Sequence[Format]], costs: Sequence[Sequence[i
 
 def feasible_range(
     curves: Sequence[RDCurve],
-    fixed_bytes: int,
+    overhead_bytes: int,
     dtype: mx.Dtype,
     min_sqnr: float = DEFAULT_MIN_SQNR,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
 ) -> tuple[int, int]:
     """(smallest feasible, 16-bit) planned sizes in bytes: the span a budget sweep covers."""
     _, formats, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
-    smallest = fixed_bytes + sum(min(c) for c in costs)
-    full = fixed_bytes + sum(c[i] for c, i in zip(costs, _full_choice(formats, costs), strict=True))
+    smallest = overhead_bytes + sum(min(c) for c in costs)
+    full = overhead_bytes + sum(
+        c[i] for c, i in zip(costs, _full_choice(formats, costs), strict=True)
+    )
     return smallest, full
 
 
 def allocate(
     curves: Sequence[RDCurve],
     budget: int,
-    fixed_bytes: int,
+    overhead_bytes: int,
     total_parameters: int,
     dtype: mx.Dtype,
     min_sqnr: float = DEFAULT_MIN_SQNR,
@@ -270,7 +274,7 @@ def allocate(
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
     large_error_penalty: float = LARGE_ERROR_PENALTY,
 ) -> Plan:
-    """Solve the multiple-choice knapsack of ``curves`` within ``budget - fixed_bytes`` bytes.
+    """Solve the multiple-choice knapsack of ``curves`` within ``budget - overhead_bytes`` bytes.
 
     ``cost_fn`` gives each candidate's bytes on disk (data plus header bound);
     ``large_error_penalty`` is :func:`weighted_distortion`'s (fisher objective).
@@ -287,8 +291,8 @@ def allocate(
     ]
     notes: list[str] = []
     full = _full_choice(formats, costs)
-    full_size = fixed_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
-    capacity = budget - fixed_bytes
+    full_size = overhead_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
+    capacity = budget - overhead_bytes
     exact = True
     if budget >= full_size:
         choice = full
@@ -300,7 +304,7 @@ def allocate(
         try:
             solution = solve(costs, dists, capacity)
         except Infeasible as e:
-            minimum = fixed_bytes + e.minimum
+            minimum = overhead_bytes + e.minimum
             raise BudgetError(
                 f"budget {format_size(budget)} is below the smallest feasible size "
                 f"{format_size(minimum, round_up=True)} ({minimum} bytes); raise the budget to at "
@@ -308,7 +312,7 @@ def allocate(
             ) from None
         choice, exact = solution.choice, solution.exact
     assignments = []
-    planned = fixed_bytes
+    planned = overhead_bytes
     for cv, opts, fmts, cost, dist, k in zip(
         curves, options, formats, costs, dists, choice, strict=True
     ):
@@ -346,7 +350,7 @@ def allocate(
         objective=objective,
         min_sqnr=min_sqnr,
         assignments=assignments,
-        fixed_bytes=fixed_bytes,
+        fixed_bytes=overhead_bytes,
         planned_bytes=planned,
         total_parameters=total_parameters,
         exact=exact,

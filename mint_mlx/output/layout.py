@@ -2,7 +2,7 @@
 
 The budget counts every byte of every ``.safetensors`` file, headers included. The allocator is
 given each candidate's data bytes *plus* an upper bound on the header bytes its arrays add, and
-the fixed part (unquantized tensors, per-shard overhead) is subtracted first, so a plan that fits
+the overhead (unquantized tensors, per-shard headers) is subtracted first, so a plan that fits
 on paper fits on disk. After planning the real layout is computed and its size is exact.
 """
 
@@ -85,7 +85,7 @@ def passthrough_slot(
     return TensorSlot(key, TAG_OF[passthrough_dtype(source_dtype, out_dtype)], tuple(shape))
 
 
-def fixed_bytes(
+def overhead_bytes(
     passthrough: Mapping[str, tuple[tuple[int, ...], mx.Dtype]],
     out_dtype: mx.Dtype,
     budget: int,
