@@ -40,6 +40,20 @@ from typing import Any
 PROMPT = "The history of the city dates back to the Roman period, when"
 
 
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured float32 ``n x n @ n x n`` throughput of MLX on its default device, in GFLOP/s
+    (the machine's speed, quoted beside the timings of scale.py and streamed_pass.py)."""
+    import mlx.core as mx  # only where measured: this script itself runs MLX in child processes
+
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a @ b)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def _tree_rss_bytes(root: int) -> int:
     """Sum of resident memory over ``root`` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}

@@ -35,7 +35,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cost import run_measured  # benchmarks/ is on sys.path when run as a script
+from cost import matmul_gflops, run_measured  # benchmarks/ is on sys.path when run as a script
 
 CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -189,7 +189,7 @@ def sensitivity_only(
     ``sequences`` x 256 tokens, sampled by the model or read from ``text``."""
     from math import prod
 
-    from mint_mlx.blas import matmul_gflops, openblas_active
+    from mint_mlx.blas import openblas_active
     from mint_mlx.source.model import open_source
 
     source = open_source(ckpt)

@@ -38,7 +38,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from cost import run_measured  # benchmarks/ is on sys.path when run as a script
+from cost import matmul_gflops, run_measured  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("affine-3-g64", "mixed_3_6-g64", "affine-4-g64", "affine-4-g32")
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import mlx.core as mx
 
-    from mint_mlx.blas import matmul_gflops, openblas_active
+    from mint_mlx.blas import openblas_active
     from mint_mlx.source.model import open_source
     from mint_mlx.tools.testbed import ensure_testbed
 

@@ -58,7 +58,11 @@ class Format:
 
     @property
     def name(self) -> str:
-        """Stable identifier used in caches, plans and tables, e.g. ``affine-4-g64``."""
+        """Stable identifier used in caches, plans and tables, e.g. ``affine-4-g64``.
+
+        The 16-bit passthrough format is named ``fp16`` whatever the output dtype: it is stored
+        in that dtype (bfloat16 for a bfloat16 model), not as float16. The name is kept because
+        it is written into mint_plan.json and analysis caches."""
         if self.mode == PASSTHROUGH:
             return "fp16" if self.bits == 16 else f"fp{self.bits}"
         if self.mode == "affine":

@@ -32,6 +32,7 @@ from mint_mlx.output.layout import (
     module_slots,
     output_layout,
     passthrough_dtype,
+    per_expert_slots,
     total_file_bytes,
 )
 from mint_mlx.quant.experts import (
@@ -46,7 +47,6 @@ from mint_mlx.quant.experts import (
     module_entry,
     needs_mint,
     per_expert_entry,
-    per_expert_slots,
     quantize_per_expert,
     split_expert_path,
 )

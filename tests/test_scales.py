@@ -21,7 +21,7 @@ def heavy_tailed(shape: tuple[int, ...], seed: int = 0) -> mx.array:
 def test_packing_matches_mlx(bits: int, group: int) -> None:
     w = heavy_tailed((8, 256), seed=bits)
     wq, _, _ = mx.quantize(w, group_size=group, bits=bits)
-    codes = unpack_codes(wq, bits, group)
+    codes = unpack_codes(wq, bits)
     assert float(codes.max().item()) <= 2**bits - 1
     assert mx.array_equal(pack_codes(codes, bits), wq).item()
 
@@ -48,7 +48,7 @@ def test_scales_are_stored_in_the_output_dtype_and_reproduce_exactly() -> None:
     assert s.dtype == mx.bfloat16 and b.dtype == mx.bfloat16 and wq.dtype == mx.uint32
     assert wq.shape == (16, 16) and s.shape == (16, 4)
     # what stock MLX computes from the saved arrays is s * code + b, with codes in range
-    codes = unpack_codes(wq, 4, 32).reshape(16, 4, 32)
+    codes = unpack_codes(wq, 4).reshape(16, 4, 32)
     manual = (s.astype(mx.float32)[..., None] * codes + b.astype(mx.float32)[..., None]).reshape(
         16, 128
     )
@@ -222,7 +222,7 @@ def test_transposed_packing_is_mlx_packing(bits: int) -> None:
     w = heavy_tailed((8, 768), seed=bits)
     for group in (32, 64, 128):
         wq, _, _ = mx.quantize(w, group_size=group, bits=bits)
-        codes = np.array(unpack_codes(wq, bits, group)).reshape(-1, group)  # (m, g)
+        codes = np.array(unpack_codes(wq, bits)).reshape(-1, group)  # (m, g)
         packed = _pack_transposed(np.ascontiguousarray(codes.T), bits).reshape(8, -1)
         assert np.array_equal(packed, np.array(wq)), group
 

@@ -1,6 +1,6 @@
 """From RD curves and a byte budget to a Plan: one format per tensor.
 
-A pure function of its inputs (curves, budget, fixed bytes, objective): re-planning at another
+A pure function of its inputs (curves, budget, overhead bytes, objective): re-planning at another
 budget needs no new analysis. Three rules keep the knapsack from doing something stupid:
 
 - the objective weighs each tensor's relative error by a role prior: the embedding and output
@@ -122,7 +122,7 @@ class Assignment:
 class Plan:
     """One format per quantizable tensor, and the byte totals it implies.
 
-    A MoE stack analysed per expert has one assignment per expert (``module#e``);
+    A MoE stack analyzed per expert has one assignment per expert (``module#e``);
     :func:`mint_mlx.quant.experts.collapse` turns :attr:`formats` back into one entry per module.
     """
 
@@ -131,6 +131,8 @@ class Plan:
     objective: str
     min_sqnr: float
     assignments: list[Assignment]
+    #: Bytes outside the allocator's control (:func:`mint_mlx.output.layout.overhead_bytes`);
+    #: named as in mint_plan.json.
     fixed_bytes: int
     planned_bytes: int
     total_parameters: int
@@ -220,48 +222,50 @@ def _options_and_costs(
     dtype: mx.Dtype,
     min_sqnr: float,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int],
-) -> tuple[list[list[Candidate]], list[list[int]]]:
-    """Each tensor's candidates after the veto, and their bytes on disk (an expert's priced
-    under :func:`~mint_mlx.quant.experts.cost_key`)."""
+) -> tuple[list[list[Candidate]], list[list[Format]], list[list[int]]]:
+    """Each tensor's candidates after the veto, their formats (resolved from the candidates'
+    names once, here), and their bytes on disk (an expert's priced under
+    :func:`~mint_mlx.quant.experts.cost_key`)."""
     options = [_allowed(c, min_sqnr) for c in curves]
+    formats = [[format_by_name(c.format) for c in opts] for opts in options]
     costs = []
-    for cv, opts in zip(curves, options, strict=True):
+    for cv, fmts in zip(curves, formats, strict=True):
         path, shape = cost_key(cv.path, cv.shape)
-        costs.append([cost_fn(path, format_by_name(c.format), shape, dtype) for c in opts])
-    return options, costs
+        costs.append([cost_fn(path, fmt, shape, dtype) for fmt in fmts])
+    return options, formats, costs
 
 
-def _full_choice(
-    options: Sequence[Sequence[Candidate]], costs: Sequence[Sequence[int]]
-) -> list[int]:
+def _full_choice(formats: Sequence[Sequence[Format]], costs: Sequence[Sequence[int]]) -> list[int]:
     """The "16-bit" plan: passthrough where allowed, else the pinned format (e.g. a router)."""
     return [
         next(
-            (i for i, c in enumerate(opts) if c.format == "fp16"),
+            (i for i, f in enumerate(fmts) if not f.is_quantized),
             max(range(len(cost)), key=cost.__getitem__),
         )
-        for opts, cost in zip(options, costs, strict=True)
+        for fmts, cost in zip(formats, costs, strict=True)
     ]
 
 
 def feasible_range(
     curves: Sequence[RDCurve],
-    fixed_bytes: int,
+    overhead_bytes: int,
     dtype: mx.Dtype,
     min_sqnr: float = DEFAULT_MIN_SQNR,
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
 ) -> tuple[int, int]:
     """(smallest feasible, 16-bit) planned sizes in bytes: the span a budget sweep covers."""
-    options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
-    smallest = fixed_bytes + sum(min(c) for c in costs)
-    full = fixed_bytes + sum(c[i] for c, i in zip(costs, _full_choice(options, costs), strict=True))
+    _, formats, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
+    smallest = overhead_bytes + sum(min(c) for c in costs)
+    full = overhead_bytes + sum(
+        c[i] for c, i in zip(costs, _full_choice(formats, costs), strict=True)
+    )
     return smallest, full
 
 
 def allocate(
     curves: Sequence[RDCurve],
     budget: int,
-    fixed_bytes: int,
+    overhead_bytes: int,
     total_parameters: int,
     dtype: mx.Dtype,
     min_sqnr: float = DEFAULT_MIN_SQNR,
@@ -270,7 +274,7 @@ def allocate(
     cost_fn: Callable[[str, Format, Sequence[int], mx.Dtype], int] = candidate_bytes,
     large_error_penalty: float = LARGE_ERROR_PENALTY,
 ) -> Plan:
-    """Solve the multiple-choice knapsack of ``curves`` within ``budget - fixed_bytes`` bytes.
+    """Solve the multiple-choice knapsack of ``curves`` within ``budget - overhead_bytes`` bytes.
 
     ``cost_fn`` gives each candidate's bytes on disk (data plus header bound);
     ``large_error_penalty`` is :func:`weighted_distortion`'s (fisher objective).
@@ -280,15 +284,15 @@ def allocate(
         raise BudgetError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if num_layers is None:
         num_layers = 1 + max((c.layer for c in curves if c.layer is not None), default=-1)
-    options, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
+    options, formats, costs = _options_and_costs(curves, dtype, min_sqnr, cost_fn)
     dists = [
         [weighted_distortion(cv, c, num_layers, objective, large_error_penalty) for c in opts]
         for cv, opts in zip(curves, options, strict=True)
     ]
     notes: list[str] = []
-    full = _full_choice(options, costs)
-    full_size = fixed_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
-    capacity = budget - fixed_bytes
+    full = _full_choice(formats, costs)
+    full_size = overhead_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
+    capacity = budget - overhead_bytes
     exact = True
     if budget >= full_size:
         choice = full
@@ -300,7 +304,7 @@ def allocate(
         try:
             solution = solve(costs, dists, capacity)
         except Infeasible as e:
-            minimum = fixed_bytes + e.minimum
+            minimum = overhead_bytes + e.minimum
             raise BudgetError(
                 f"budget {format_size(budget)} is below the smallest feasible size "
                 f"{format_size(minimum, round_up=True)} ({minimum} bytes); raise the budget to at "
@@ -308,11 +312,12 @@ def allocate(
             ) from None
         choice, exact = solution.choice, solution.exact
     assignments = []
-    planned = fixed_bytes
-    for cv, opts, cost, dist, k in zip(curves, options, costs, dists, choice, strict=True):
-        c = opts[k]
+    planned = overhead_bytes
+    for cv, opts, fmts, cost, dist, k in zip(
+        curves, options, formats, costs, dists, choice, strict=True
+    ):
+        c, fmt = opts[k], fmts[k]
         planned += cost[k]
-        fmt = format_by_name(c.format)
         assignments.append(
             Assignment(
                 path=cv.path,
@@ -345,7 +350,7 @@ def allocate(
         objective=objective,
         min_sqnr=min_sqnr,
         assignments=assignments,
-        fixed_bytes=fixed_bytes,
+        fixed_bytes=overhead_bytes,
         planned_bytes=planned,
         total_parameters=total_parameters,
         exact=exact,

@@ -37,9 +37,9 @@ from mint_mlx.output.layout import (
     MAX_SHARD_BYTES,
     candidate_bytes,
     exact_total_bytes,
-    fixed_bytes,
     largest_tensor_bytes,
     offset_digits,
+    overhead_bytes,
 )
 from mint_mlx.phases import PhaseLog
 from mint_mlx.quant.experts import splits_per_expert
@@ -83,13 +83,13 @@ class Prepared:
     _costs: dict[int, dict[tuple[str, str], int]] = field(default_factory=dict, repr=False)
 
     def fixed(self, budget: int) -> int:
-        """Bytes outside the allocator's control at this budget (see layout.fixed_bytes)."""
+        """Bytes outside the allocator's control at this budget (see layout.overhead_bytes)."""
         quantizable = {t.key for t in self.source.quantizable}
         shapes = self.source.shapes
         passthrough = {
             k: (shapes[k], self.source.dtypes[k]) for k in shapes if k not in quantizable
         }
-        return fixed_bytes(
+        return overhead_bytes(
             passthrough, self.dtype, budget, largest_tensor_bytes(shapes), self.max_shard_bytes
         )
 

@@ -2,7 +2,7 @@
 
 The budget counts every byte of every ``.safetensors`` file, headers included. The allocator is
 given each candidate's data bytes *plus* an upper bound on the header bytes its arrays add, and
-the fixed part (unquantized tensors, per-shard overhead) is subtracted first, so a plan that fits
+the overhead (unquantized tensors, per-shard headers) is subtracted first, so a plan that fits
 on paper fits on disk. After planning the real layout is computed and its size is exact.
 """
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from mint_mlx.formats import Format
+from mint_mlx.quant.experts import ExpertGroups, check_groups, collapse, group_name
 from mint_mlx.safetensors_io import (
     MAX_OFFSET_DIGITS,
     TAG_OF,
@@ -32,8 +33,6 @@ if TYPE_CHECKING:  # types only: the plan and the source are upstream of the out
 #: mlx-lm's shard size (5 GB of data per file).
 MAX_SHARD_BYTES = 5 * 10**9
 
-_FLOAT_TAGS = {"float16": "F16", "bfloat16": "BF16"}
-
 
 def _tag(kind: str, dtype: mx.Dtype) -> str:
     if kind == "float":
@@ -47,6 +46,20 @@ def module_slots(path: str, fmt: Format, shape: Sequence[int], dtype: mx.Dtype) 
         TensorSlot(f"{path}.{suffix}", _tag(kind, dtype), tuple(s))
         for suffix, (s, kind) in fmt.array_specs(shape, dtype.size).items()
     ]
+
+
+def per_expert_slots(
+    module: str, groups: ExpertGroups, shape: Sequence[int], dtype: mx.Dtype
+) -> list[TensorSlot]:
+    """The arrays saved for a per-expert module of ``shape`` (E, out, in), group by group
+    (the storage convention of :mod:`mint_mlx.quant.experts`)."""
+    if len(shape) != 3:
+        raise ValueError(f"{module}: per-expert formats need an expert stack, got shape {shape}")
+    check_groups(groups, shape[0])
+    slots: list[TensorSlot] = []
+    for k, (fmt, experts) in enumerate(groups):
+        slots += module_slots(group_name(module, k), fmt, (len(experts), *shape[1:]), dtype)
+    return slots
 
 
 def offset_digits(budget: int) -> int:
@@ -77,7 +90,7 @@ def passthrough_slot(
     return TensorSlot(key, TAG_OF[passthrough_dtype(source_dtype, out_dtype)], tuple(shape))
 
 
-def fixed_bytes(
+def overhead_bytes(
     passthrough: Mapping[str, tuple[tuple[int, ...], mx.Dtype]],
     out_dtype: mx.Dtype,
     budget: int,
@@ -113,8 +126,6 @@ def output_layout(
     by module path) expands into its weight/scales/biases. Per-expert keys (``module#e``) are
     collapsed first: a module whose experts share a format is laid out as that format, any
     other as its groups (:mod:`mint_mlx.quant.experts`)."""
-    from mint_mlx.quant.experts import collapse, per_expert_slots  # experts builds on module_slots
-
     modules = collapse(formats)
     slots: list[TensorSlot] = []
     for key in order:

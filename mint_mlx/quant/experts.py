@@ -13,7 +13,8 @@ shares:
   :data:`ExpertGroups`, the experts grouped by format.
 - **Storage.** Group k of a per-expert module is saved as ``<module>.g<k>.weight`` / ``scales``
   / ``biases`` (/ ``super_scales``), stacked over its experts in ascending expert order, exactly
-  the arrays :func:`mint_mlx.quant.quantize.quantize_in_chunks` gives for that sub-stack. Which
+  the arrays :func:`mint_mlx.quant.quantize.quantize_in_chunks` gives for that sub-stack (their
+  file layout is :func:`mint_mlx.output.layout.per_expert_slots`). Which
   experts a group holds lives in config.json only (:func:`per_expert_entry`), so it costs no
   safetensors bytes. Groups are ordered by their first (smallest) expert, which is what makes
   the allocator's per-expert header bound (:func:`cost_key`) an upper bound.
@@ -30,7 +31,6 @@ import mlx.core as mx
 
 from mint_mlx.formats import PASSTHROUGH, Format, format_from_entry
 from mint_mlx.quant.quantize import dequantize_weight, quantize_in_chunks
-from mint_mlx.safetensors_io import TensorSlot
 from mint_mlx.source.model import TensorInfo
 
 #: Separates a module path from an expert index in plan paths (``mlp.switch_mlp.up_proj#3``).
@@ -237,23 +237,6 @@ def module_entry(entry: ModuleEntry) -> dict[str, Any] | bool:
 
 
 # ----------------------------------------------------------------------------- storage
-
-
-def per_expert_slots(
-    module: str, groups: ExpertGroups, shape: Sequence[int], dtype: mx.Dtype
-) -> list[TensorSlot]:
-    """The arrays saved for a per-expert module of ``shape`` (E, out, in), group by group."""
-    from mint_mlx.output.layout import (
-        module_slots,  # layout imports this module when it lays out a plan
-    )
-
-    if len(shape) != 3:
-        raise ValueError(f"{module}: per-expert formats need an expert stack, got shape {shape}")
-    check_groups(groups, shape[0])
-    slots: list[TensorSlot] = []
-    for k, (fmt, experts) in enumerate(groups):
-        slots += module_slots(group_name(module, k), fmt, (len(experts), *shape[1:]), dtype)
-    return slots
 
 
 def quantize_per_expert(

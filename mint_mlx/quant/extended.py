@@ -16,16 +16,7 @@ import mlx.core as mx
 
 from mint_mlx.formats import COMPACT, Format, compact_groups_per_block
 from mint_mlx.quant.hqq import hqq_fit
-from mint_mlx.quant.scales import fit_affine, pack_for
-from mint_mlx.runtime.kernels.reference import unpack_affine
-
-
-def _unpack(packed: mx.array, bits: int) -> mx.array:
-    """Codes of a packed array with any leading dims, as float32 (..., in)."""
-    lead = packed.shape[:-1]
-    flat = packed.reshape(-1, packed.shape[-1])
-    codes = unpack_affine(flat, bits).astype(mx.float32)
-    return codes.reshape(*lead, codes.shape[-1])
+from mint_mlx.quant.scales import fit_affine, pack_for, unpack_codes
 
 
 def _fit(
@@ -105,7 +96,7 @@ def quantize_extended(
 
 def dequantize_extended(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     """The float32 weight the saved arrays of an extended format represent."""
-    q = _unpack(arrays["weight"], fmt.bits)
+    q = unpack_codes(arrays["weight"], fmt.bits).astype(mx.float32)
     lead, n = q.shape[:-1], q.shape[-1]
     qg = q.reshape(*lead, n // fmt.group_size, fmt.group_size)
     if fmt.mode == COMPACT:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from mint_mlx.formats import Format
+from mint_mlx.quant.extended import dequantize_extended, quantize_extended
 from mint_mlx.quant.hqq import hqq_affine, hqq_fit
 from mint_mlx.quant.scales import AffineFit, fit_affine, optimized_affine
 
@@ -62,8 +63,6 @@ def quantize_weight(
     if not fmt.is_quantized:
         return {"weight": w}
     if not fmt.native:
-        from mint_mlx.quant.extended import quantize_extended
-
         return quantize_extended(weight, fmt, dtype, scales, columns)
     if _fits_affine(fmt, scales):
         fit = hqq_affine if scales == "hqq" else optimized_affine
@@ -125,8 +124,6 @@ def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
     if not fmt.is_quantized:
         return arrays["weight"].astype(mx.float32)
     if not fmt.native:
-        from mint_mlx.quant.extended import dequantize_extended
-
         return dequantize_extended(arrays, fmt)
     if fmt.mode == "affine":
         return mx.dequantize(

@@ -320,13 +320,27 @@ def pack_codes(codes: mx.array, bits: int) -> mx.array:
     return mx.array(pack_numpy(np.array(codes.astype(mx.uint32)), bits))
 
 
-def unpack_codes(packed: mx.array, bits: int, group_size: int) -> mx.array:
-    """The integer codes (as float32) of MLX-packed weights: dequantize with scale 1, bias 0."""
-    groups = packed.shape[-1] * 32 // bits // group_size
-    ones = mx.ones((*packed.shape[:-1], groups), dtype=mx.float32)
-    return mx.dequantize(
-        packed, ones, mx.zeros_like(ones), group_size=group_size, bits=bits, dtype=mx.float32
+def unpack_codes(packed: mx.array, bits: int) -> mx.array:
+    """The integer codes (uint32, (..., n)) of MLX-packed words (..., n * bits / 32): the inverse
+    of :func:`pack_codes`, for any group size (``mx.dequantize`` only takes MLX's own).
+
+    MLX packs each row as a little-endian, LSB-first bit stream: value i occupies bits
+    [i * bits, (i + 1) * bits) of the row, straddling word boundaries for 3, 5 and 6 bits.
+    """
+    words = packed.shape[-1]
+    n = words * 32 // bits
+    bit = np.arange(n, dtype=np.int64) * bits
+    word = bit // 32
+    shift = bit % 32
+    straddles = shift + bits > 32
+    lo = mx.take(packed, mx.array(word.astype(np.int32)), axis=-1) >> mx.array(
+        shift.astype(np.uint32)
     )
+    hi_word = np.minimum(word + 1, words - 1).astype(np.int32)
+    hi_shift = np.where(straddles, 32 - shift, 0).astype(np.uint32)
+    hi = mx.take(packed, mx.array(hi_word), axis=-1) << mx.array(hi_shift)
+    hi = mx.where(mx.array(straddles), hi, mx.zeros_like(hi))
+    return (lo | hi) & mx.array((1 << bits) - 1, dtype=mx.uint32)
 
 
 @dataclass

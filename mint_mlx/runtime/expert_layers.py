@@ -15,7 +15,6 @@ never does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,41 +31,9 @@ from mint_mlx.quant.experts import (
     is_per_expert_entry,
     quantize_per_expert,
 )
-from mint_mlx.runtime.kernels.ops import gather_quantized_matmul
+from mint_mlx.runtime.kernels.ops import gather_matmul, gathered_rows
 
 _KIND_DTYPES: dict[str, mx.Dtype] = {"uint32": mx.uint32, "uint8": mx.uint8, "int8": mx.int8}
-
-
-def gather_matmul(
-    x: mx.array,
-    arrays: dict[str, mx.array],
-    fmt: Format,
-    rhs_indices: mx.array,
-    sorted_indices: bool = False,
-) -> mx.array:
-    """``x @ W[rhs_indices].T`` for a stack W (n, out, in) saved as ``arrays`` in ``fmt``, with
-    ``mx.gather_qmm(..., transpose=True)``'s broadcasting: one entry point for every format."""
-    if not fmt.is_quantized:
-        w = arrays["weight"]
-        if not mx.metal.is_available():  # MLX's CPU gather_mm computes in float32 only
-            x, w = x.astype(mx.float32), w.astype(mx.float32)
-        return mx.gather_mm(
-            x, w.swapaxes(-1, -2), rhs_indices=rhs_indices, sorted_indices=sorted_indices
-        )
-    if not fmt.native:
-        return gather_quantized_matmul(x, arrays, fmt, rhs_indices, sorted_indices)
-    return mx.gather_qmm(
-        x,
-        arrays["weight"],
-        arrays["scales"],
-        arrays.get("biases"),
-        rhs_indices=rhs_indices,
-        transpose=True,
-        group_size=fmt.group_size,
-        bits=fmt.bits,
-        mode=fmt.mode,
-        sorted_indices=sorted_indices,
-    )
 
 
 class PerExpertSwitchLinear(nn.Module):
@@ -186,13 +153,10 @@ class PerExpertSwitchLinear(nn.Module):
 
     def _routed(self, x: mx.array, indices: mx.array) -> mx.array:
         """Each (batch entry, expert) to its group's gathered matmul, in (group, expert) order."""
-        batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
+        batch, xb, idx = gathered_rows(x, indices)
         m = x.shape[-2]
-        n = math.prod(batch)
-        if n == 0:
+        if xb.shape[0] == 0:
             return mx.zeros((*batch, m, self.output_dims), dtype=x.dtype)
-        xb = mx.broadcast_to(x, (*batch, m, x.shape[-1])).reshape(n, m, x.shape[-1])
-        idx = mx.broadcast_to(indices, batch).reshape(n).astype(mx.uint32)
         group = self._group_of[idx]
         # sorted by group, and by expert within a group: each group's local indices ascend
         order = mx.argsort(group * self.num_experts + idx)
@@ -248,4 +212,4 @@ def swap_per_expert_layers(
     return [p for p, _ in swapped]
 
 
-__all__ = ["PerExpertSwitchLinear", "gather_matmul", "swap_per_expert_layers"]
+__all__ = ["PerExpertSwitchLinear", "swap_per_expert_layers"]

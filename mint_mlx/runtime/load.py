@@ -78,6 +78,8 @@ def _extended_entries(config: dict[str, Any]) -> dict[str, Format]:
 
 def _swap_in_extended(model: nn.Module, extended: dict[str, Format]) -> None:
     """Replace each planned float layer of a freshly built model by its extended layer."""
+    # lazy for start-up time: layers imports mlx_lm's switch_layers, i.e. all of mlx_lm (~1 s),
+    # which this module otherwise imports only inside the functions that build a model
     from mint_mlx.runtime.layers import extended_layer
 
     leaves = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))

@@ -10,6 +10,8 @@ exact, and it is what every kernel is tested against.
 
 Native affine formats (group 32/64/128) are accepted too, so callers may route every affine layer
 through here; stock ``mx.quantized_matmul`` remains the faster choice for those on a GPU.
+:func:`gather_matmul` is the one gathered entry point for every format (16-bit, native, extended),
+and :func:`gathered_rows` the one flattening of its broadcast batch.
 """
 
 from __future__ import annotations
@@ -79,6 +81,17 @@ def quantized_matmul(x: mx.array, arrays: dict[str, mx.array], fmt: Format) -> m
     return y.reshape(*batch_shape, out_features)
 
 
+def gathered_rows(x: mx.array, indices: mx.array) -> tuple[tuple[int, ...], mx.array, mx.array]:
+    """A gathered matmul's operands flattened over ``mx.gather_qmm``'s broadcast batch: (batch
+    shape, x broadcast to (n, M, in), indices broadcast to (n,) as uint32), n = prod(batch)."""
+    batch = tuple(mx.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
+    n = math.prod(batch)
+    m, in_features = x.shape[-2], x.shape[-1]
+    xb = mx.broadcast_to(x, (*batch, m, in_features)).reshape(n, m, in_features)
+    idx = mx.broadcast_to(indices.astype(mx.uint32), batch).reshape(n)
+    return batch, xb, idx
+
+
 def gather_quantized_matmul(
     x: mx.array,
     arrays: dict[str, mx.array],
@@ -125,13 +138,13 @@ def gather_quantized_matmul(
                 xf, w.swapaxes(-1, -2), rhs_indices=rhs_indices, sorted_indices=sorted_indices
             )
         return y.astype(x.dtype)
-    n_batch = math.prod(batch)
+    _, xb, idx = gathered_rows(x, rhs_indices)
+    n_batch = idx.shape[0]
     rows = n_batch * m
     if rows == 0:
         return mx.zeros((*batch, m, out_features), dtype=x.dtype)
-    xb = mx.broadcast_to(x, (*batch, m, in_features)).reshape(rows, in_features)
-    idx = mx.broadcast_to(rhs_indices.astype(mx.uint32), batch).reshape(n_batch, 1)
-    idx = mx.broadcast_to(idx, (n_batch, m)).reshape(rows)
+    xb = xb.reshape(rows, in_features)
+    idx = mx.broadcast_to(idx.reshape(n_batch, 1), (n_batch, m)).reshape(rows)
     if rows <= QMV_MAX_ROWS:
         call = quantized.qmv_call(xb, arrays, fmt, indices=idx)
         (y,) = quantized.gather_qmv_spec(fmt.mode).run_metal(call)
@@ -146,3 +159,37 @@ def gather_quantized_matmul(
     if order is not None:
         y = y[mx.argsort(order)]
     return y.reshape(*batch, m, out_features)
+
+
+def gather_matmul(
+    x: mx.array,
+    arrays: dict[str, mx.array],
+    fmt: Format,
+    rhs_indices: mx.array,
+    sorted_indices: bool = False,
+) -> mx.array:
+    """``x @ W[rhs_indices].T`` for a stack W (n, out, in) saved as ``arrays`` in ``fmt``, with
+    ``mx.gather_qmm(..., transpose=True)``'s broadcasting: one entry point for every format
+    (16-bit through ``mx.gather_mm``, native through ``mx.gather_qmm``, extended through
+    :func:`gather_quantized_matmul`)."""
+    if not fmt.is_quantized:
+        w = arrays["weight"]
+        if not mx.metal.is_available():  # MLX's CPU gather_mm computes in float32 only
+            x, w = x.astype(mx.float32), w.astype(mx.float32)
+        return mx.gather_mm(
+            x, w.swapaxes(-1, -2), rhs_indices=rhs_indices, sorted_indices=sorted_indices
+        )
+    if not fmt.native:
+        return gather_quantized_matmul(x, arrays, fmt, rhs_indices, sorted_indices)
+    return mx.gather_qmm(
+        x,
+        arrays["weight"],
+        arrays["scales"],
+        arrays.get("biases"),
+        rhs_indices=rhs_indices,
+        transpose=True,
+        group_size=fmt.group_size,
+        bits=fmt.bits,
+        mode=fmt.mode,
+        sorted_indices=sorted_indices,
+    )

@@ -3,16 +3,17 @@ where there is no Metal GPU.
 
 Everything is computed in float32, with scales and biases cast to float32 *before* use (MLX's
 ``dequantize`` with bfloat16 scales computes in bfloat16 even when asked for float32). The unpacking
-is written in MLX ops rather than calling ``mx.dequantize`` because MLX only supports group sizes
-32, 64 and 128; the tests check it against ``mx.dequantize`` where MLX has it.
+(:func:`mint_mlx.quant.scales.unpack_codes`) is written in MLX ops rather than calling
+``mx.dequantize`` because MLX only supports group sizes 32, 64 and 128; the tests check it against
+``mx.dequantize`` where MLX has it.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from mint_mlx.formats import COMPACT, COMPACT_GROUPS, Format
+from mint_mlx.quant.scales import unpack_codes
 
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -43,32 +44,12 @@ def check_affine_shapes(
     return out_features, in_features
 
 
-def unpack_affine(w: mx.array, bits: int) -> mx.array:
-    """The quantized values of ``w`` (out, in * bits / 32) as uint32 (out, in).
-
-    MLX packs each row as a little-endian, LSB-first bit stream: value i occupies bits
-    [i * bits, (i + 1) * bits) of the row, straddling word boundaries for 3, 5 and 6 bits.
-    """
-    words = w.shape[-1]
-    n = words * 32 // bits
-    bit = np.arange(n, dtype=np.int64) * bits
-    word = bit // 32
-    shift = bit % 32
-    straddles = shift + bits > 32
-    lo = mx.take(w, mx.array(word.astype(np.int32)), axis=-1) >> mx.array(shift.astype(np.uint32))
-    hi_word = np.minimum(word + 1, words - 1).astype(np.int32)
-    hi_shift = np.where(straddles, 32 - shift, 0).astype(np.uint32)
-    hi = mx.take(w, mx.array(hi_word), axis=-1) << mx.array(hi_shift)
-    hi = mx.where(mx.array(straddles), hi, mx.zeros_like(hi))
-    return (lo | hi) & mx.array((1 << bits) - 1, dtype=mx.uint32)
-
-
 def dequantize_affine(
     w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
 ) -> mx.array:
     """Float32 weights (out, in) = scale * q + bias per group, for any supported group size."""
     out_features, in_features = check_affine_shapes(w, scales, biases, bits, group_size)
-    q = unpack_affine(w, bits).astype(mx.float32)
+    q = unpack_codes(w, bits).astype(mx.float32)
     q = q.reshape(out_features, in_features // group_size, group_size)
     s = scales.astype(mx.float32)[..., None]
     b = biases.astype(mx.float32)[..., None]
