@@ -10,7 +10,7 @@ bytes against the bytes of the files mlx-lm wrote.
     python benchmarks/stock_prediction.py --testbed smollm2-135m gemma3-270m
 
 The analysis is the default one (fisher, fitted scales, row-sampled), from the cache when the
-testbed was analysed before.
+testbed was analyzed before.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``python -m mint_mlx.convert``: the best mlx-lm model that fits a byte budget.
 
-Flow: open the source -> analyse (cached) -> allocate under the budget -> write to a temporary
+Flow: open the source -> analyze (cached) -> allocate under the budget -> write to a temporary
 directory -> check it loads as planned -> rename into place -> optionally upload.
 """
 
@@ -193,7 +193,7 @@ def run_conversion(
     published: Published | None = None,
 ) -> ConvertResult:
     """:func:`convert` with its choices in ``options``; ``published`` is told when the output
-    is in place. The steps: check the options and paths -> analyse and plan -> (rank 0, not a
+    is in place. The steps: check the options and paths -> analyze and plan -> (rank 0, not a
     dry run) card and figures -> write, check and publish the output -> upload."""
     published = Published() if published is None else published
     out = Path(mlx_path).expanduser()

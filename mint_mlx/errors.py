@@ -61,7 +61,7 @@ class NotWritableError(MintError):
 
 class SourceChangedError(SourceError):
     """The source changed while it was being converted: its content no longer matches what was
-    analysed, so the output would not be the model the plan describes."""
+    analyzed, so the output would not be the model the plan describes."""
 
 
 def one_line(text: object, limit: int = 200, typed: bool = False) -> str:

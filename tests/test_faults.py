@@ -88,7 +88,7 @@ def test_touched_or_copied_source_reuses_the_analysis(
     assert second.formats == first.formats
 
 
-def test_changed_tensor_is_reanalysed(
+def test_changed_tensor_is_reanalyzed(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Weight-error objective: only the changed tensor is measured again. (With the Fisher
@@ -275,7 +275,7 @@ def test_too_little_free_space_is_refused_up_front(
 
 def test_second_pass_over_a_model_whose_sanitize_mutates_it(tmp_path: Path) -> None:
     """gemma3's sanitize drops the model's lm_head when embeddings are tied: re-reading
-    released tensors (digest, then analyse, then save) must not run it on the same model."""
+    released tensors (digest, then analyze, then save) must not run it on the same model."""
     from mint_mlx.source.model import open_source
 
     from tiny_models import GEMMA3_CONFIG

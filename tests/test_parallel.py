@@ -21,7 +21,7 @@ def cache_records(path: Path) -> dict[str, dict]:
     lines = path.read_text().splitlines()[1:]
     records = [json.loads(line) for line in lines]
     paths = [r["path"] for r in records]
-    assert len(paths) == len(set(paths)), "a tensor was analysed twice"
+    assert len(paths) == len(set(paths)), "a tensor was analyzed twice"
     return {r["path"]: r for r in records}
 
 
@@ -31,13 +31,13 @@ def test_worker_processes_give_the_same_analysis(
     serial = convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=tmp_path / "1.jsonl", dry_run=True)
     monkeypatch.setattr(mint_mlx.analysis.workers, "PARALLEL_MIN_ELEMENTS", 0)
     calls = {"n": 0}
-    real = mint_mlx.analysis.workers.analyse_in_pool
+    real = mint_mlx.analysis.workers.analyze_in_pool
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mint_mlx.analysis.workers, "analyse_in_pool", counted)
+    monkeypatch.setattr(mint_mlx.analysis.workers, "analyze_in_pool", counted)
     pooled = convert(
         tiny_moe, tmp_path / "o", bpw=4.0, analysis=tmp_path / "2.jsonl", dry_run=True, jobs=2
     )

@@ -441,14 +441,14 @@ def test_unwritable_output_location_is_refused_before_any_work(
     def denied(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    analysed: list[str] = []
+    analyzed: list[str] = []
     monkeypatch.setattr(
-        mint_mlx.analysis.measure, "analyze_tensor", lambda *a, **k: analysed.append("x")
+        mint_mlx.analysis.measure, "analyze_tensor", lambda *a, **k: analyzed.append("x")
     )
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     code, _, err = run(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), *CHEAP])
     one_line(code, err, "cannot write --mlx-path", "permission denied")
-    assert analysed == [] and not (tmp_path / "o").exists()
+    assert analyzed == [] and not (tmp_path / "o").exists()
 
 
 def test_read_only_output_found_while_saving_is_one_line(

@@ -1,4 +1,4 @@
-"""Analyse once, plan at any budget: the bridge between the analysis and the allocator.
+"""Analyze once, plan at any budget: the bridge between the analysis and the allocator.
 
 :func:`prepare` does everything that is costly and budget-independent (sensitivity pass,
 RD curves, both cached on disk); :meth:`Prepared.plan` then answers a budget in well under a

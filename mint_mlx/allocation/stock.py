@@ -32,7 +32,7 @@ from mint_mlx.allocation.allocate import Assignment, Plan, weighted_distortion
 from mint_mlx.analysis.measure import Candidate, RDCurve
 from mint_mlx.formats import Format, format_by_name
 from mint_mlx.quant.experts import split_expert_path
-from mint_mlx.tools.baselines import Baseline, stock_baselines
+from mint_mlx.stock_settings import Baseline, stock_baselines
 
 if TYPE_CHECKING:
     from mint_mlx.allocation.prepare import Prepared

@@ -108,7 +108,7 @@ def read_cache(path: Path, key: str) -> dict[tuple[str, str], RDCurve]:
         try:
             curve = RDCurve.from_json(json.loads(line))
         except (ValueError, KeyError, TypeError):
-            continue  # partial line from an interrupted run: re-analyse that tensor
+            continue  # partial line from an interrupted run: re-analyze that tensor
         curves[(curve.path, curve.digest)] = curve
     return curves
 
@@ -156,9 +156,9 @@ def analyze(
             f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
         run = _Run(source, formats, dtype, columns, scales, per_expert, sample_elements, done, f)
         if jobs > 1 and sum(info.numel for info in mine) >= workers.PARALLEL_MIN_ELEMENTS:
-            _analyse_in_workers(run, mine, jobs, progress)
+            _analyze_in_workers(run, mine, jobs, progress)
         else:
-            _analyse_here(run, mine, progress)
+            _analyze_here(run, mine, progress)
         if group is not None:
             _exchange_between_ranks(run, mine, group)
     source.digest_memo.save()
@@ -218,10 +218,10 @@ class _Run:
         self.source.release(info.key)
 
 
-def _analyse_here(run: _Run, infos: Sequence[TensorInfo], progress: bool) -> None:
+def _analyze_here(run: _Run, infos: Sequence[TensorInfo], progress: bool) -> None:
     """In this process, one read per tensor: hash it, and measure it while it is loaded if
     it is not cached."""
-    bar = tqdm(infos, desc="analyse", unit="tensor", disable=not progress)
+    bar = tqdm(infos, desc="analyze", unit="tensor", disable=not progress)
     for info in bar:
         digest, hit = run.cached(info)
         if hit:
@@ -232,7 +232,7 @@ def _analyse_here(run: _Run, infos: Sequence[TensorInfo], progress: bool) -> Non
     bar.close()
 
 
-def _analyse_in_workers(run: _Run, infos: Sequence[TensorInfo], jobs: int, progress: bool) -> None:
+def _analyze_in_workers(run: _Run, infos: Sequence[TensorInfo], jobs: int, progress: bool) -> None:
     """In a pool of ``jobs`` worker processes, which read their own tensors: everything is
     hashed first to know what to hand out. Too little left to measure stays in this process."""
     todo: dict[TensorInfo, str] = {}
@@ -241,7 +241,7 @@ def _analyse_in_workers(run: _Run, infos: Sequence[TensorInfo], jobs: int, progr
         if not hit:
             todo[info] = digest
         run.source.release(info.key)
-    bar = tqdm(total=len(todo), desc="analyse", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(todo), desc="analyze", unit="tensor", disable=not progress)
     todo_elements = sum(info.numel for info in todo)
     if len(todo) > 1 and todo_elements >= workers.PARALLEL_MIN_ELEMENTS:
 
@@ -251,7 +251,7 @@ def _analyse_in_workers(run: _Run, infos: Sequence[TensorInfo], jobs: int, progr
             bar.set_postfix_str(info.path[-40:], refresh=False)
             bar.update(1)
 
-        workers.analyse_in_pool(
+        workers.analyze_in_pool(
             run.source,
             list(todo),
             run.formats,

@@ -32,7 +32,7 @@ from mint_mlx.formats import Format, format_by_name
 from mint_mlx.quant import scales as scale_fitting
 from mint_mlx.source.model import Source, TensorInfo, open_source
 
-#: Below this many elements to analyse, worker start-up (importing MLX, opening the source)
+#: Below this many elements to analyze, worker start-up (importing MLX, opening the source)
 #: costs more than it saves; the analysis stays in this process.
 PARALLEL_MIN_ELEMENTS = 1 << 24
 
@@ -50,7 +50,7 @@ def _init_worker(source_path: str) -> None:
     scale_fitting.THREADS = 1
 
 
-def _analyse_one(
+def _analyze_one(
     key: str,
     format_names: Sequence[str],
     dtype_name: str,
@@ -101,7 +101,7 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def analyse_in_pool(
+def analyze_in_pool(
     source: Source,
     infos: Sequence[TensorInfo],
     formats: Sequence[Format],
@@ -132,7 +132,7 @@ def analyse_in_pool(
             if columns is not None:
                 cols = np.array(columns[info.key].astype(mx.float32))
             fut = pool.submit(
-                _analyse_one, info.key, names, dtype_name, cols, scales, per_expert, sample_elements
+                _analyze_one, info.key, names, dtype_name, cols, scales, per_expert, sample_elements
             )
             running[fut] = info
 

@@ -2,7 +2,7 @@
 
 The analysis cache stores each tensor's curve under the hash of the tensor's bytes: a re-run
 reuses what it measured even if the files were copied or touched, and a changed tensor is
-re-analysed even if its file kept its size and date. Hashing means reading every tensor, so
+re-analyzed even if its file kept its size and date. Hashing means reading every tensor, so
 the hashes themselves are remembered per source directory together with the shards' (name,
 size, mtime) signature, as git's index does: while the signature matches, no tensor is re-read
 just to be hashed; once any shard changes, every hash is recomputed from the data.

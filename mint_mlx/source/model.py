@@ -127,7 +127,7 @@ class Source:
         return array
 
     def _reload(self, key: str) -> None:
-        """Lazily re-open the shards after :meth:`release` (a second pass, e.g. save after analyse)."""
+        """Lazily re-open the shards after :meth:`release` (a second pass, e.g. save after analyze)."""
         weights: dict[str, mx.array] = {}
         for f in self.shard_files:
             try:
@@ -163,7 +163,7 @@ class Source:
         if known is None or tensor_digest(array) == known:
             return
         self.digest_memo.forget()
-        raise self._changed(f"tensor {key} differs from the one analysed")
+        raise self._changed(f"tensor {key} differs from the one analyzed")
 
     def release(self, key: str) -> None:
         """Drop a tensor after use so that memory stays bounded by a few tensors."""
