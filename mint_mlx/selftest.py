@@ -29,6 +29,7 @@ from mint_mlx.formats import COMPACT, Format
 from mint_mlx.runtime.kernels import ops, quantized
 from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
 from mint_mlx.tools.emulator.cases import TOLERANCE, close_enough, random_quantized, random_x
+from mint_mlx.tools.emulator.emulate import EmulationError, find_compiler, run_call
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,6 @@ def _report(ok: bool, label: str, detail: str) -> None:
 
 def run_emulated(cases: Sequence[Case]) -> int:
     """Run ``cases`` in the CPU emulator; prints one line per case, returns the failures."""
-    from mint_mlx.tools.emulator.emulate import EmulationError, run_call
-
     failures = 0
     for case in cases:
         call, ref = case.build()
@@ -259,8 +258,6 @@ def _run(args: argparse.Namespace) -> int:
         failures = run_metal(cases, bench=not args.no_bench)
         total = len(cases)
     else:
-        from mint_mlx.tools.emulator.emulate import find_compiler
-
         if find_compiler() is None:
             print(
                 "selftest: no Metal GPU and no C++ compiler, nothing checked: install g++ "
