@@ -57,7 +57,7 @@ if objective == "fisher":
 formats = formats_for(objective, scales)
 t = time.perf_counter()
 curves = analyze(source, formats, dtype, default_cache_path(source, formats, dtype, key, scales),
-                 columns=columns, calibration=key, scales=scales, jobs=jobs)
+                 columns=columns, calibration=key, scale_method=scales, jobs=jobs)
 analysis = time.perf_counter() - t
 print(json.dumps({"calibration_seconds": calib, "analysis_seconds": analysis,
                   "candidates": len(formats), "tensors": len(curves),

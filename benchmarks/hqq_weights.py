@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(tmp) / "analysis.jsonl",
                 columns=columns,
                 calibration=key,
-                scales=method,
+                scale_method=method,
                 jobs=args.jobs,
             )
             seconds = time.perf_counter() - t

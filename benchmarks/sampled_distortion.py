@@ -107,7 +107,7 @@ def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) 
             progress=True,
             columns=found.columns,
             calibration=key,
-            scales="optimized",
+            scale_method="optimized",
             jobs=jobs,
             sample_elements=sample,
         )

@@ -119,7 +119,7 @@ def _plans(source: Any, columns: Any, budgets: dict[str, int], cache: Path) -> d
         progress=True,
         columns=columns,
         calibration=key,
-        scales="optimized",
+        scale_method="optimized",
         jobs=1,
     )
     prepared = Prepared(

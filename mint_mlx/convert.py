@@ -271,7 +271,7 @@ def _phase_log(source: Source, options: ConvertOptions, writes: bool) -> PhaseLo
 def _prepare(
     source: Source,
     out_dtype: mx.Dtype,
-    scales: str,
+    scale_method: str,
     cache: Path | None,
     options: ConvertOptions,
     phases: PhaseLog,
@@ -281,7 +281,7 @@ def _prepare(
         source,
         out_dtype,
         objective=options.objective,
-        scales=scales,
+        scale_method=scale_method,
         min_sqnr=options.min_sqnr,
         analysis=cache,
         calibration=None if options.calibration is None else str(options.calibration),

@@ -175,7 +175,7 @@ def paper_formats() -> list[Format]:
 FORMAT_SETS: tuple[str, ...] = ("native", "extended")
 
 
-def formats_for(objective: str, scales: str = "rtn", formats: str = "native") -> list[Format]:
+def formats_for(objective: str, scale_method: str = "rtn", formats: str = "native") -> list[Format]:
     """The candidate set an objective allocates over.
 
     With fitted affine scales the microscaling float modes (mxfp4, nvfp4, mxfp8) are left out:
@@ -198,7 +198,10 @@ def formats_for(objective: str, scales: str = "rtn", formats: str = "native") ->
         raise ValueError(f"unknown format set {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     if objective == "paper":
         return paper_formats()
-    if scales in ("optimized", "hqq"):  # HQQ fits scales too: the same candidates as optimized
+    if scale_method in (
+        "optimized",
+        "hqq",
+    ):  # HQQ fits scale_method too: the same candidates as optimized
         base = [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
     else:
         base = native_formats()

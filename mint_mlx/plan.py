@@ -186,7 +186,7 @@ def plan(
         source,
         out_dtype,
         objective=objective,
-        scales=scales or ("rtn" if objective == "paper" else "optimized"),
+        scale_method=scales or ("rtn" if objective == "paper" else "optimized"),
         min_sqnr=min_sqnr,
         analysis=cache,
         progress=progress,

@@ -159,7 +159,7 @@ def test_extended_storage_round_trip(fmt: Format) -> None:
     w = mx.random.normal((8, 576), key=mx.random.key(fmt.bits))
     if not fmt.supports(w.shape):
         pytest.skip(f"{fmt.name} cannot store width 576")
-    arrays = quantize_extended(w, fmt, mx.float16, scales="rtn")
+    arrays = quantize_extended(w, fmt, mx.float16, scale_method="rtn")
     # ops reads the storage as an independent NumPy reading of the bits does ...
     read = numpy_dequantize(arrays, fmt)
     np.testing.assert_allclose(np.array(ops.dequantize(arrays, fmt)), read, rtol=1e-6, atol=1e-6)

@@ -195,7 +195,7 @@ def prepare(
     source: Source,
     dtype: mx.Dtype,
     objective: str = DEFAULT_OBJECTIVE,
-    scales: str = "optimized",
+    scale_method: str = "optimized",
     min_sqnr: float = DEFAULT_MIN_SQNR,
     analysis: Path | None = None,
     calibration: str | None = None,
@@ -240,12 +240,12 @@ def prepare(
         notes,
     )
     sensitivity_seconds = time.perf_counter() - start
-    candidates = formats_for(objective, scales, formats)
+    candidates = formats_for(objective, scale_method, formats)
     per_expert = _per_expert(source, formats, objective)
     sample = None if exact_analysis else SAMPLE_ELEMENTS
     jobs = _analysis_jobs(source, jobs, max_memory, notes)
     cache = analysis or default_cache_path(
-        source, candidates, dtype, calib_key, scales, per_expert, sample
+        source, candidates, dtype, calib_key, scale_method, per_expert, sample
     )
     if phases is not None:
         phases.start(
@@ -262,7 +262,7 @@ def prepare(
         progress=progress,
         columns=columns,
         calibration=calib_key,
-        scales=scales,
+        scale_method=scale_method,
         jobs=jobs,
         per_expert=per_expert,
         sample_elements=sample,
@@ -273,7 +273,7 @@ def prepare(
         source,
         dtype,
         objective,
-        scales,
+        scale_method,
         min_sqnr,
         curves,
         columns,

@@ -94,7 +94,7 @@ def stock_formats(model: nn.Module, baseline: Baseline) -> dict[str, str]:
     return out
 
 
-def _stock_candidate(curve: RDCurve, name: str, scales: str) -> Candidate | None:
+def _stock_candidate(curve: RDCurve, name: str, scale_method: str) -> Candidate | None:
     """The curve's measurement of ``name`` as stock would store it, or None if unmeasured
     (an affine format whose scales were fitted without measuring MLX's rule first: HQQ)."""
     for c in curve.candidates:
@@ -102,7 +102,7 @@ def _stock_candidate(curve: RDCurve, name: str, scales: str) -> Candidate | None
             if c.rtn_sse is not None:
                 return c.as_stock()
             fmt = format_by_name(name)
-            fitted = fmt.is_quantized and fmt.mode == "affine" and scales != "rtn"
+            fitted = fmt.is_quantized and fmt.mode == "affine" and scale_method != "rtn"
             return None if fitted else c
     if len(curve.candidates) == 1 and curve.fixed:  # a pinned tensor: the same either way
         return curve.candidates[0]

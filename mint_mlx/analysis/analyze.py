@@ -45,7 +45,7 @@ def cache_key(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     calibration: str = "",
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
 ) -> str:
@@ -58,7 +58,7 @@ def cache_key(
     h = hashlib.sha256()
     h.update(json.dumps(source.config, sort_keys=True).encode())
     h.update(calibration.encode())
-    h.update(scales.encode())
+    h.update(scale_method.encode())
     h.update(",".join(f.name for f in formats).encode())
     h.update(str(dtype).encode())
     h.update(f"v{ANALYSIS_VERSION}".encode())
@@ -73,11 +73,11 @@ def default_cache_path(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     calibration: str = "",
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
 ) -> Path:
-    key = cache_key(source, formats, dtype, calibration, scales, per_expert, sample_elements)
+    key = cache_key(source, formats, dtype, calibration, scale_method, per_expert, sample_elements)
     return cache_root() / "analysis" / f"{key}.jsonl"
 
 
@@ -121,7 +121,7 @@ def analyze(
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
     calibration: str = "",
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     jobs: int = 1,
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
@@ -136,9 +136,9 @@ def analyze(
     Errors are estimated from a row sample of about ``sample_elements`` weights per tensor
     (:mod:`mint_mlx.analysis.row_sample`), or measured on every weight with ``None``.
     """
-    key = cache_key(source, formats, dtype, calibration, scales, per_expert, sample_elements)
+    key = cache_key(source, formats, dtype, calibration, scale_method, per_expert, sample_elements)
     path = cache_path or default_cache_path(
-        source, formats, dtype, calibration, scales, per_expert, sample_elements
+        source, formats, dtype, calibration, scale_method, per_expert, sample_elements
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     group = workers.distributed_group()
@@ -154,7 +154,9 @@ def analyze(
     ):
         if new_file and writer:
             f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
-        run = _Run(source, formats, dtype, columns, scales, per_expert, sample_elements, done, f)
+        run = _Run(
+            source, formats, dtype, columns, scale_method, per_expert, sample_elements, done, f
+        )
         if jobs > 1 and sum(info.numel for info in mine) >= workers.PARALLEL_MIN_ELEMENTS:
             _analyze_in_workers(run, mine, jobs, progress)
         else:

@@ -141,7 +141,7 @@ def measure(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: mx.array | None = None,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     sample_elements: int | None = None,
     seed: int = 0,
 ) -> Measured:
@@ -161,7 +161,7 @@ def measure(
                 formats,
                 dtype,
                 None if columns is None else columns[e],
-                scales,
+                scale_method,
                 share,
                 seed + e,
             )
@@ -189,7 +189,7 @@ def measure(
     n = sample_rows(rows.shape[0], rows.shape[1], sample_elements)
     if n is None:
         for chunk in _chunks(rows):
-            _add_errors(chunk, formats, dtype, columns, scales, sse, wsse, rtn=rtn)
+            _add_errors(chunk, formats, dtype, columns, scale_method, sse, wsse, rtn=rtn)
         return Measured(energy, sse, wsse, True, 0, rtn.plain, rtn.weighted)
     sample = draw(stats, n, seed)
     picked = rows[mx.array(sample.rows)]
@@ -197,7 +197,7 @@ def measure(
         mx.array(sample.plain_factor, mx.float32),
         mx.array(sample.weighted_factor, mx.float32),
     )
-    _add_errors(picked, formats, dtype, columns, scales, sse, wsse, factors, rtn)
+    _add_errors(picked, formats, dtype, columns, scale_method, sse, wsse, factors, rtn)
     return Measured(energy, sse, wsse, True, n, rtn.plain, rtn.weighted)
 
 
@@ -219,7 +219,7 @@ def _add_errors(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: mx.array | None,
-    scales: str,
+    scale_method: str,
     sse: list[float],
     wsse: list[float] | None,
     factors: tuple[mx.array, mx.array] | None = None,
@@ -235,7 +235,7 @@ def _add_errors(
     for i, f in enumerate(formats):
         # one format at a time: evaluating all at once would keep every candidate's
         # dequantized rows alive together (measured 2.7 GB peak on a 135M model)
-        e = row_errors(rows, f, dtype, columns, scales)
+        e = row_errors(rows, f, dtype, columns, scale_method)
         sums = [total(e.plain, 0), total(e.weighted, 1), total(e.rtn_plain, 0)]
         sums.append(total(e.rtn_weighted, 1))
         mx.eval([t for t in sums if t is not None])
@@ -257,7 +257,7 @@ def analyze_tensor(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: mx.array | None = None,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     sample_elements: int | None = None,
 ) -> RDCurve:
     """The RD curve of one tensor over the formats that can store it (errors estimated from a
@@ -266,7 +266,7 @@ def analyze_tensor(
     options = (
         [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
     )
-    m = measure(weight, options, dtype, columns, scales, sample_elements, seed_for(info.path))
+    m = measure(weight, options, dtype, columns, scale_method, sample_elements, seed_for(info.path))
     energy, sse, wsse = m.energy, m.sse, m.wsse
     rtn_sse = m.rtn_sse or [None] * len(sse)
     rtn_wsse = m.rtn_wsse or [None] * len(sse)
@@ -304,14 +304,16 @@ def analyze_stack(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: mx.array | None = None,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     per_expert: bool = False,
     sample_elements: int | None = None,
 ) -> list[RDCurve]:
     """The RD curves of one source tensor: one curve, or with ``per_expert`` one per expert of
     an expert stack (each with its own Fisher columns, ``columns[e]``)."""
     if not (per_expert and splits_per_expert(info)):
-        return [analyze_tensor(info, weight, formats, dtype, columns, scales, sample_elements)]
+        return [
+            analyze_tensor(info, weight, formats, dtype, columns, scale_method, sample_elements)
+        ]
     return [
         analyze_tensor(
             sub,
@@ -319,7 +321,7 @@ def analyze_stack(
             formats,
             dtype,
             None if columns is None else columns[e],
-            scales,
+            scale_method,
             sample_elements,
         )
         for e, sub in enumerate(expert_infos(info))

@@ -55,7 +55,7 @@ def _analyze_one(
     format_names: Sequence[str],
     dtype_name: str,
     columns: np.ndarray | None,
-    scales: str,
+    scale_method: str,
     per_expert: bool = False,
     sample_elements: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -67,7 +67,7 @@ def _analyze_one(
     cols = None if columns is None else mx.array(columns)
     dtype = getattr(mx, dtype_name)
     curves = analyze_stack(
-        info, source.tensor(key), formats, dtype, cols, scales, per_expert, sample_elements
+        info, source.tensor(key), formats, dtype, cols, scale_method, per_expert, sample_elements
     )
     source.release(key)
     return [c.to_json() for c in curves]
@@ -107,7 +107,7 @@ def analyze_in_pool(
     formats: Sequence[Format],
     dtype: mx.Dtype,
     columns: dict[str, mx.array] | None,
-    scales: str,
+    scale_method: str,
     jobs: int,
     on_result: Callable[[TensorInfo, list[dict[str, Any]]], None],
     per_expert: bool = False,
@@ -132,7 +132,14 @@ def analyze_in_pool(
             if columns is not None:
                 cols = np.array(columns[info.key].astype(mx.float32))
             fut = pool.submit(
-                _analyze_one, info.key, names, dtype_name, cols, scales, per_expert, sample_elements
+                _analyze_one,
+                info.key,
+                names,
+                dtype_name,
+                cols,
+                scale_method,
+                per_expert,
+                sample_elements,
             )
             running[fut] = info
 

@@ -66,7 +66,7 @@ def _arrays(
     source: Source,
     plan_formats: dict[str, Format],
     dtype: mx.Dtype,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     columns: dict[str, mx.array] | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) in file order, one source tensor materialized at a time.
@@ -85,7 +85,7 @@ def _arrays(
                 modules[module],
                 weight,
                 dtype,
-                scales,
+                scale_method,
                 None if columns is None else columns[key],
             )
         else:

@@ -243,7 +243,7 @@ def quantize_per_expert(
     weight: mx.array,
     groups: ExpertGroups,
     dtype: mx.Dtype,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     columns: mx.array | None = None,
 ) -> dict[str, mx.array]:
     """The arrays of a per-expert module: ``g<k>.<suffix>`` -> array, in file order.
@@ -260,7 +260,7 @@ def quantize_per_expert(
         pick = mx.array(experts, dtype=mx.int32)
         sub = weight[pick]
         cols = None if columns is None else columns[pick] if columns.ndim == 2 else columns
-        arrays = quantize_in_chunks(sub, fmt, dtype, scales, cols)
+        arrays = quantize_in_chunks(sub, fmt, dtype, scale_method, cols)
         mx.eval(arrays)
         out.update({f"g{k}.{suffix}": a for suffix, a in arrays.items()})
     return out
@@ -289,16 +289,16 @@ def module_arrays(
     entry: ModuleEntry,
     weight: mx.array,
     dtype: mx.Dtype,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     columns: mx.array | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) of one collapsed module in file order, either kind: what save writes for
     it, in the order :func:`mint_mlx.output.layout.output_layout` lays it out."""
     if isinstance(entry, Format):
-        arrays = quantize_in_chunks(weight, entry, dtype, scales, columns)
+        arrays = quantize_in_chunks(weight, entry, dtype, scale_method, columns)
         mx.eval(arrays)
         for suffix, a in arrays.items():
             yield f"{module}.{suffix}", a
         return
-    for name, a in quantize_per_expert(weight, entry, dtype, scales, columns).items():
+    for name, a in quantize_per_expert(weight, entry, dtype, scale_method, columns).items():
         yield f"{module}.{name}", a

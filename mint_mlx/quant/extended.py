@@ -78,13 +78,13 @@ def quantize_extended(
     weight: mx.array,
     fmt: Format,
     dtype: mx.Dtype,
-    scales: str = "optimized",
+    scale_method: str = "optimized",
     columns: mx.array | None = None,
 ) -> dict[str, mx.array]:
     """The arrays saved for ``weight`` in an extended format (see the module docstring)."""
     if fmt.native or fmt.mode not in ("affine", COMPACT):
         raise ValueError(f"{fmt.name} is not an extended affine format")
-    s, b = _fit(weight, fmt, dtype, scales, columns)
+    s, b = _fit(weight, fmt, dtype, scale_method, columns)
     out: dict[str, mx.array]
     if fmt.mode == COMPACT:
         out = _compact(s, b, fmt.bits, fmt.group_size, dtype)

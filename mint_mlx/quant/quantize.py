@@ -23,10 +23,12 @@ SCALE_METHODS = ("optimized", "rtn", "hqq")
 FITTED_SCALES = ("optimized", "hqq")
 
 
-def _fits_affine(fmt: Format, scales: str) -> bool:
-    """Whether ``fmt`` in ``scales`` goes through a numpy fit (native affine, fitted scales);
+def _fits_affine(fmt: Format, scale_method: str) -> bool:
+    """Whether ``fmt`` under ``scale_method`` goes through a numpy fit (native affine, fitted scales);
     float modes always take MLX's own scales."""
-    return fmt.is_quantized and fmt.native and fmt.mode == "affine" and scales in FITTED_SCALES
+    return (
+        fmt.is_quantized and fmt.native and fmt.mode == "affine" and scale_method in FITTED_SCALES
+    )
 
 
 def fit_for(
@@ -34,22 +36,22 @@ def fit_for(
     bits: int,
     group_size: int,
     dtype: mx.Dtype,
-    scales: str,
+    scale_method: str,
     columns: mx.array | None = None,
 ) -> AffineFit:
     """The per-group fit of a fitted scale method (``optimized`` or ``hqq``), without packing."""
-    if scales == "hqq":
+    if scale_method == "hqq":
         return hqq_fit(weight, bits, group_size, dtype, columns)
-    if scales == "optimized":
+    if scale_method == "optimized":
         return fit_affine(weight, bits, group_size, dtype, columns)
-    raise ValueError(f"{scales!r} is not a fitted scale method")
+    raise ValueError(f"{scale_method!r} is not a fitted scale method")
 
 
 def quantize_weight(
     weight: mx.array,
     fmt: Format,
     dtype: mx.Dtype,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     columns: mx.array | None = None,
 ) -> dict[str, mx.array]:
     """The arrays saved for ``weight`` in ``fmt``: suffix (``weight``/``scales``/``biases``) -> array.
@@ -63,9 +65,9 @@ def quantize_weight(
     if not fmt.is_quantized:
         return {"weight": w}
     if not fmt.native:
-        return quantize_extended(weight, fmt, dtype, scales, columns)
-    if _fits_affine(fmt, scales):
-        fit = hqq_affine if scales == "hqq" else optimized_affine
+        return quantize_extended(weight, fmt, dtype, scale_method, columns)
+    if _fits_affine(fmt, scale_method):
+        fit = hqq_affine if scale_method == "hqq" else optimized_affine
         wq, s, b = fit(weight, fmt.bits, fmt.group_size, dtype, columns)
         return {"weight": wq, "scales": s, "biases": b}
     out = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
@@ -84,7 +86,7 @@ def quantize_in_chunks(
     weight: mx.array,
     fmt: Format,
     dtype: mx.Dtype,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
     columns: mx.array | None = None,
     chunk_elements: int = SAVE_CHUNK_ELEMENTS,
 ) -> dict[str, mx.array]:
@@ -95,7 +97,7 @@ def quantize_in_chunks(
                 weight[e],
                 fmt,
                 dtype,
-                scales,
+                scale_method,
                 None if columns is None or columns.ndim == 1 else columns[e],
                 chunk_elements,
             )
@@ -104,12 +106,12 @@ def quantize_in_chunks(
         return {k: mx.stack([p[k] for p in parts]) for k in parts[0]}
     step = max(1, chunk_elements // max(1, weight.shape[-1]))
     if weight.ndim != 2 or weight.shape[0] <= step:
-        out = quantize_weight(weight, fmt, dtype, scales, columns)
+        out = quantize_weight(weight, fmt, dtype, scale_method, columns)
         mx.eval(out)
         return out
     pieces = []
     for start in range(0, weight.shape[0], step):
-        piece = quantize_weight(weight[start : start + step], fmt, dtype, scales, columns)
+        piece = quantize_weight(weight[start : start + step], fmt, dtype, scale_method, columns)
         mx.eval(piece)
         pieces.append(piece)
     return {k: mx.concatenate([p[k] for p in pieces], axis=0) for k in pieces[0]}
@@ -165,23 +167,23 @@ def row_errors(
     fmt: Format,
     dtype: mx.Dtype,
     column_weights: mx.array | None = None,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
 ) -> RowErrors:
     """Per row of a 2-D ``weight``: the squared difference between it (as float32) and its
     stored version, and the same with each input column weighted by ``column_weights`` (if
     given). Rows are what the analysis samples (:mod:`mint_mlx.analysis.row_sample`). The scale fit
     measures MLX's own rule first, so its error comes along at no cost."""
-    if _fits_affine(fmt, scales):
-        fit = fit_for(weight, fmt.bits, fmt.group_size, dtype, scales, column_weights)
+    if _fits_affine(fmt, scale_method):
+        fit = fit_for(weight, fmt.bits, fmt.group_size, dtype, scale_method, column_weights)
         weighted = column_weights is not None
-        rtn = scales == "optimized"  # that fit measures MLX's own rule first; HQQ's does not
+        rtn = scale_method == "optimized"  # that fit measures MLX's own rule first; HQQ's does not
         return RowErrors(
             fit.plain_error.sum(axis=(-2, -1)),
             fit.weighted_error.sum(axis=(-2, -1)) if weighted else None,
             _summed(fit.rtn_plain_error) if rtn else None,
             _summed(fit.rtn_weighted_error) if rtn and weighted else None,
         )
-    stored = quantize_weight(weight, fmt, dtype, scales, column_weights)
+    stored = quantize_weight(weight, fmt, dtype, scale_method, column_weights)
     restored = dequantize_weight(stored, fmt)
     diff = restored - weight.astype(mx.float32)
     d2 = diff * diff
@@ -194,10 +196,10 @@ def row_squared_errors(
     fmt: Format,
     dtype: mx.Dtype,
     column_weights: mx.array | None = None,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
 ) -> tuple[mx.array, mx.array | None]:
     """(plain, weighted) of :func:`row_errors`."""
-    e = row_errors(weight, fmt, dtype, column_weights, scales)
+    e = row_errors(weight, fmt, dtype, column_weights, scale_method)
     return e.plain, e.weighted
 
 
@@ -206,9 +208,9 @@ def squared_error(
     fmt: Format,
     dtype: mx.Dtype,
     column_weights: mx.array | None = None,
-    scales: str = "rtn",
+    scale_method: str = "rtn",
 ) -> tuple[mx.array, mx.array | None]:
     """Sum of squared differences between ``weight`` (as float32) and its stored version, and
     the same sum with each input column weighted by ``column_weights`` (if given)."""
-    plain, weighted = row_squared_errors(weight, fmt, dtype, column_weights, scales)
+    plain, weighted = row_squared_errors(weight, fmt, dtype, column_weights, scale_method)
     return plain.sum(), None if weighted is None else weighted.sum()

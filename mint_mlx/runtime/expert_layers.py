@@ -103,14 +103,14 @@ class PerExpertSwitchLinear(nn.Module):
         weight: mx.array,
         groups: ExpertGroups,
         dtype: mx.Dtype,
-        scales: str = "rtn",
+        scale_method: str = "rtn",
         columns: mx.array | None = None,
         bias: mx.array | None = None,
     ) -> PerExpertSwitchLinear:
         """Quantize a float (E, out, in) stack into a layer, exactly as save writes it."""
         num_experts, output_dims, input_dims = (int(d) for d in weight.shape)
         layer = cls(input_dims, output_dims, num_experts, groups, bias is not None, dtype)
-        arrays = quantize_per_expert(weight, groups, dtype, scales, columns)
+        arrays = quantize_per_expert(weight, groups, dtype, scale_method, columns)
         params: list[tuple[str, mx.array]] = list(arrays.items())
         if bias is not None:
             params.append(("bias", bias.astype(dtype)))
