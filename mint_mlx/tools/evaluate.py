@@ -43,9 +43,10 @@ from typing import Any  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_unflatten  # noqa: E402
 
 from mint_mlx.errors import MintError, SourceError  # noqa: E402
+from mint_mlx.source.model import cast_to_float32  # noqa: E402
 
 BACKENDS = ("auto", "native", "dequant-fp32")
 
@@ -207,21 +208,6 @@ def dequantize_to_float32(model: nn.Module) -> nn.Module:
         if new is not None:
             model.update_modules(tree_unflatten([(name, new)]))
     cast_to_float32(model)
-    return model
-
-
-def cast_to_float32(model: nn.Module) -> nn.Module:
-    """Cast every floating-point parameter to float32, one array at a time (bounded memory).
-
-    Integer arrays (packed quantized weights, uint8 fp-mode scales) are left alone, so on a
-    quantized model this makes the activations float32 without changing what is computed.
-    """
-    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
-    for name, arr in params:
-        if mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != mx.float32:
-            new = arr.astype(mx.float32)
-            mx.eval(new)
-            model.update(tree_unflatten([(name, new)]), strict=False)
     return model
 
 
