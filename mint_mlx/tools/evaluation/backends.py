@@ -13,6 +13,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mint_mlx.errors import SourceError
 from mint_mlx.runtime.load import load, load_model, load_tokenizer
 from mint_mlx.source.model import cast_to_float32
+from mint_mlx.source.origin import looks_like_hub_id
 from mint_mlx.tools.evaluation.result import EvaluateError
 
 BACKENDS = ("auto", "native", "dequant-fp32")
@@ -28,11 +29,13 @@ def resolve_backend(backend: str) -> str:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A local model directory, or a clear error (mlx_lm would try the hub for a missing path)."""
+    """A local model directory, or a clear error: evaluation never downloads (``mlx_lm.load``
+    would take a missing path spelled ``org/name`` for a hub id and try the hub)."""
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
+        hub = " (it reads as a hub id: download it first)" if looks_like_hub_id(str(path)) else ""
         raise SourceError(
-            f"{p} is not a model directory (no config.json); pass a local MLX model path"
+            f"{p} is not a model directory (no config.json){hub}; pass a local MLX model path"
         )
     return p
 
