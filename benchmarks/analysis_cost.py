@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
-    from mint_mlx.tools.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     path = ensure_testbed(args.testbed, progress=True)
     rows = []

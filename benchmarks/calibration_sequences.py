@@ -24,8 +24,8 @@ import numpy as np
 
 from mint_mlx.convert import convert
 from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES
-from mint_mlx.tools.evaluate import build_reference_cache, evaluate_cached
-from mint_mlx.tools.testbed import ensure_testbed, ensure_wiki_text
+from mint_mlx.tools.evaluation import build_reference_cache, evaluate_cached
+from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
 
 def _load() -> str:

@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hf_path is not None:
         src, name = args.hf_path.resolve(), args.hf_path.name
     else:
-        from mint_mlx.tools.testbed import ensure_testbed
+        from mint_mlx.tools.testbeds import ensure_testbed
 
         src, name = ensure_testbed(args.testbed, progress=True), args.testbed
     work = Path(args.work or tempfile.mkdtemp(prefix="mint-cost-"))

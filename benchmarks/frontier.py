@@ -1,12 +1,12 @@
 """The quality/size frontier: stock mlx-lm baselines, mint-mlx default and "paper mode".
 
-For one testbed (a real model built by ``mint_mlx.tools.testbed``) on ``heldout.txt``:
+For one testbed (a real model built by ``mint_mlx.tools.testbeds``) on ``heldout.txt``:
 
 1. stock mlx-lm models made by mlx-lm's own convert (:mod:`mint_mlx.tools.baselines`);
 2. at the exact byte size of each *target* baseline, ``mint_mlx.convert`` with the default
    objective (``mint``) and with ``objective="paper"`` (``paper``), budget = that size;
 3. every model scored against the testbed's float reference on the same token windows
-   (:func:`mint_mlx.tools.evaluate.build_reference_cache`: the reference runs once).
+   (:func:`mint_mlx.tools.evaluation.build_reference_cache`: the reference runs once).
 
 Results go to ``<out>/<testbed>.json`` after every row, so an interrupted run keeps what it
 measured and a re-run skips finished rows; then ``<out>/<testbed>.md`` (tables) and
@@ -19,11 +19,11 @@ are deleted once scored.
 
 from __future__ import annotations
 
-from mint_mlx.blas import use_openblas
+from mint_mlx.blas import openblas_active, use_openblas
 
 use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
-from mint_mlx.tools import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -100,7 +100,7 @@ def _machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "mlx": version("mlx"),
         "mlx_lm": version("mlx-lm"),
-        "openblas": ev.openblas_active(),
+        "openblas": openblas_active(),
     }
 
 
@@ -164,7 +164,7 @@ def _extended_share(plan: Any) -> float:
 def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
     from mint_mlx.convert import convert
     from mint_mlx.source.model import open_source
-    from mint_mlx.tools.testbed import ensure_testbed, ensure_wiki_text
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
     ref = ensure_testbed(testbed, progress=True)
     text = ensure_wiki_text() / "heldout.txt"

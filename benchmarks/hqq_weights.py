@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mint_mlx.quant.hqq import BETA, LP_NORM, hqq_fit
     from mint_mlx.sensitivity.calibrate import CalibrationConfig, calibrate
     from mint_mlx.source.model import open_source
-    from mint_mlx.tools.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(args.testbed, progress=True))
     dtype = mx.bfloat16

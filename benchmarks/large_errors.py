@@ -24,7 +24,7 @@ from mint_mlx.blas import use_openblas
 
 use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
-from mint_mlx.tools import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -47,7 +47,7 @@ from mint_mlx.paths import cache_root
 from mint_mlx.quant.quantize import dequantize_weight, quantize_in_chunks
 from mint_mlx.sensitivity.calibrate import load_float32_model, load_source_tokenizer
 from mint_mlx.source.model import open_source
-from mint_mlx.tools.testbed import ensure_testbed, ensure_wiki_text
+from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
 RESULTS = Path(__file__).parent / "results"
 SINGLE_FORMATS = ("affine-2-g64", "affine-3-g64", "affine-4-g64")

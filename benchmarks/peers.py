@@ -35,7 +35,7 @@ from mint_mlx.blas import use_openblas
 
 use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
-from mint_mlx.tools import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     from mint_mlx.errors import MintError
     from mint_mlx.source.model import open_source
     from mint_mlx.tools.baselines import safetensors_bytes
-    from mint_mlx.tools.testbed import ensure_testbed, ensure_wiki_text
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
     testbed = args.testbed
     ref = ensure_testbed(testbed)

@@ -27,7 +27,7 @@ from mint_mlx.blas import use_openblas
 
 use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
-from mint_mlx.tools import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -221,7 +221,7 @@ def evaluate_proxy(
     sys.path.insert(0, str(HERE))
     from frontier import paired
 
-    from mint_mlx.tools.testbed import ensure_wiki_text
+    from mint_mlx.tools.testbeds import ensure_wiki_text
 
     work = args.work / testbed
     work.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) 
     from mint_mlx.formats import formats_for
     from mint_mlx.sensitivity.calibrate import CalibrationConfig, sensitivity
     from mint_mlx.source.model import open_source
-    from mint_mlx.tools.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(testbed))
     dtype = output_dtype(source, None)

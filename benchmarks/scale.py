@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mint_mlx.paths import cache_root
-    from mint_mlx.tools.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     work = args.work or cache_root() / ("scale-smoke" if args.smoke else "scale")
     ckpt = work / "synthetic-llama"
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build = [sys.executable, __file__, "--build-only", "--work", str(work)]
     subprocess.run(build + (["--smoke"] if args.smoke else []), check=True)
     if args.sensitivity_only:
-        from mint_mlx.tools.testbed import ensure_wiki_text
+        from mint_mlx.tools.testbeds import ensure_wiki_text
 
         text = ensure_wiki_text() / "tune.txt" if args.tune_text else None
         sensitivity_only(ckpt, work, args.max_memory, args.out, args.sequences, text)
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ, MINT_MLX_CACHE=str(work / "mint-cache"))
     mint_extra = ["--max-memory", args.max_memory]
     if args.tune_text:
-        from mint_mlx.tools.testbed import ensure_wiki_text
+        from mint_mlx.tools.testbeds import ensure_wiki_text
 
         mint_extra += ["--calibration", str(ensure_wiki_text() / "tune.txt")]
     shutil.rmtree(work / "mint-cache", ignore_errors=True)  # cold: analysis included

@@ -40,7 +40,9 @@ HERE = Path(__file__).resolve().parent
 def run_testbed(testbed: str, frontier: Path) -> dict[str, Any]:
     source = open_source(cache_root() / "testbeds" / testbed)
     start = time.perf_counter()
-    prepared = prepare(source, output_dtype(source, None), objective="fisher", scale_method="optimized")
+    prepared = prepare(
+        source, output_dtype(source, None), objective="fisher", scale_method="optimized"
+    )
     prepare_seconds = time.perf_counter() - start
     start = time.perf_counter()
     points = prepared.stock

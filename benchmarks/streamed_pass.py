@@ -53,7 +53,7 @@ def _stage(args: argparse.Namespace) -> int:
     from mint_mlx.sensitivity.sampling import sample_sequences, start_token
     from mint_mlx.sensitivity.streamed import streamed_column_fisher, streamed_sample
     from mint_mlx.source.model import open_source
-    from mint_mlx.tools.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(args.testbed))
     config = CalibrationConfig()
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mint_mlx.blas import openblas_active
     from mint_mlx.source.model import open_source
-    from mint_mlx.tools.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(args.testbed))
     frontier = json.loads((HERE / "results" / "32k" / f"{args.testbed}.json").read_text())

@@ -66,7 +66,7 @@ def test_calibration_file_is_used(tiny_llama: Path, tmp_path: Path) -> None:
 
 def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None:
     """The fisher objective's total is a second-order KLD prediction: check it on real output."""
-    from mint_mlx.tools.evaluate import evaluate
+    from mint_mlx.tools.evaluation import evaluate
 
     from tiny_models import CORPUS
 
@@ -86,7 +86,7 @@ def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None
 
 def test_fisher_beats_weight_error_objective(deep_llama: Path, tmp_path: Path) -> None:
     """At the same bytes the output-aware allocation must not be worse than the nrmse one."""
-    from mint_mlx.tools.evaluate import evaluate
+    from mint_mlx.tools.evaluation import evaluate
 
     from tiny_models import CORPUS
 

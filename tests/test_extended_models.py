@@ -45,9 +45,9 @@ from mint_mlx.runtime.layers import (
     ExtendedQuantizedSwitchLinear,
 )
 from mint_mlx.safetensors_io import read_header
-from mint_mlx.source.model import open_source
-from mint_mlx.tools.evaluate import cast_to_float32, evaluate
+from mint_mlx.source.model import cast_to_float32, open_source
 from mint_mlx.tools.evaluate import main as evaluate_main
+from mint_mlx.tools.evaluation import evaluate
 
 # isort: split
 import mlx.core as mx
@@ -335,7 +335,7 @@ def test_smollm2_extended_end_to_end(tmp_path: Path) -> None:
     from mlx_lm import generate
     from mlx_lm import load as stock
 
-    from mint_mlx.tools.testbed import ensure_testbed, ensure_wiki_text
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
     src = ensure_testbed("smollm2-135m", progress=True)
     out = tmp_path / "smollm2-ext"

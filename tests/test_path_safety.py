@@ -34,6 +34,7 @@ from mint_mlx.output.hub import check_uploadable
 from mint_mlx.output.save import staging_dir
 from mint_mlx.tools import evaluate, testbed
 from mint_mlx.tools.baselines import build_baseline
+from mint_mlx.tools.testbeds import build as testbed_build
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):  # keep ./.hypothesis out of the checkout
     set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "mint-mlx-hypothesis")
@@ -572,14 +573,14 @@ def _testbed_cli(args: list[str]) -> tuple[int, str]:
 def test_testbed_out_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--force replaces only an earlier testbed, only once the new one is complete, and never
     the folders a build reads; nothing is downloaded before the paths pass."""
-    monkeypatch.setattr(testbed, "_builder", _fake_builder('{"files": {}}'))
+    monkeypatch.setattr(testbed_build, "builder_for", _fake_builder('{"files": {}}'))
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     code, err = _testbed_cli(["wiki-text", "--out", str(mine), "--force"])
     one_line(code, err, "not an earlier output", "notes.txt")
     assert (mine / "notes.txt").read_text() == "mine"
-    sources = testbed.cache_root() / "sources"
+    sources = testbed_build.cache_root() / "sources"
     sources.mkdir(parents=True, exist_ok=True)
     (sources / "wiki.bz2").write_text("downloaded")
     code, err = _testbed_cli(["wiki-text", "--out", str(sources.parent), "--force"])
@@ -589,11 +590,11 @@ def test_testbed_out_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     old = tmp_path / "wiki"
     old.mkdir()
     (old / "manifest.json").write_text("old")
-    monkeypatch.setattr(testbed, "_builder", _fake_builder("new", fail=True))
+    monkeypatch.setattr(testbed_build, "builder_for", _fake_builder("new", fail=True))
     code, err = _testbed_cli(["wiki-text", "--out", str(old), "--force"])
     one_line(code, err, "build failed")
     assert (old / "manifest.json").read_text() == "old"
-    monkeypatch.setattr(testbed, "_builder", _fake_builder('{"files": {}}'))
+    monkeypatch.setattr(testbed_build, "builder_for", _fake_builder('{"files": {}}'))
     code, err = _testbed_cli(["wiki-text", "--out", str(old), "--force"])
     assert code == 0, err
     assert (old / "manifest.json").read_text() == '{"files": {}}'
@@ -611,13 +612,13 @@ def test_two_processes_building_one_cached_testbed(
         calls.append("build")
         number = len(calls)
         if number == 1:  # the other run builds and publishes while this one works
-            testbed.ensure_testbed("wiki-text")
+            testbed_build.ensure_testbed("wiki-text")
         (out / "manifest.json").write_text(f"build {number}")
 
     # a fresh cache: a testbed an earlier test built there would be reused without a build
     monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(testbed, "_builder", lambda name, progress, **kw: build)
-    path = testbed.ensure_testbed("wiki-text")
+    monkeypatch.setattr(testbed_build, "builder_for", lambda name, progress, **kw: build)
+    path = testbed_build.ensure_testbed("wiki-text")
     assert calls == ["build", "build"]
     assert (path / "manifest.json").read_text() == "build 2"  # the one finished first, kept
     assert leftovers(path.parent) == []
@@ -649,7 +650,7 @@ def test_ctrl_c_is_one_line_in_every_command(
         monkeypatch.setattr(selftest, "metal_cases", interrupted)
         call = lambda: selftest.main(["--quick", "--emulate"])  # noqa: E731
     else:
-        monkeypatch.setattr(testbed, "_build_atomically", interrupted)
+        monkeypatch.setattr(testbed_build, "build_atomically", interrupted)
         call = lambda: testbed.main(["wiki-text", "--out", str(tmp_path / "w")])  # noqa: E731
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

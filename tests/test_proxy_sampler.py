@@ -32,8 +32,7 @@ from mint_mlx.sensitivity.proxy import (
 )
 from mint_mlx.sensitivity.sampling import sample_sequences, start_token
 from mint_mlx.sensitivity.streamed import RUNTIME_BYTES, streamed_memory, streamed_sampler_memory
-from mint_mlx.source.model import open_source
-from mint_mlx.tools.evaluate import cast_to_float32
+from mint_mlx.source.model import cast_to_float32, open_source
 
 from test_convert import run_cli
 from tiny_models import build_model_dir

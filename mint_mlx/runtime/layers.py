@@ -9,7 +9,7 @@ they are saved with, so ``model.load_weights`` fills them with no renaming. The 
 layers only hold arrays and route calls, so a format's layout is known in one place.
 
 Every layer has ``dequantized_weight()``: the float32 weight it computes with, which is what
-``mint_mlx.tools.evaluate``'s ``dequant-fp32`` backend swaps in.
+``mint_mlx.tools.evaluation.backends``'s ``dequant-fp32`` backend swaps in.
 """
 
 from __future__ import annotations

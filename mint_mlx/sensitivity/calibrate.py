@@ -48,7 +48,7 @@ from mint_mlx.sensitivity.streamed import (
     streamed_sampler_memory,
 )
 from mint_mlx.sizes import format_size
-from mint_mlx.source.model import Source
+from mint_mlx.source.model import Source, cast_to_float32
 
 
 class CalibrationMemoryError(MintError):
@@ -100,8 +100,6 @@ class CalibrationConfig:
 def load_float32_model(source: Source) -> nn.Module:
     """The whole source model in float32 (the fast BLAS path on CPUs)."""
     from mlx_lm.utils import load_model
-
-    from mint_mlx.tools.evaluate import cast_to_float32
 
     model, _ = load_model(source.path, lazy=True)
     cast_to_float32(model)

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mint_mlx.errors import (
     HubError,
@@ -445,3 +445,18 @@ def copy_support_files(src: Path, dst: Path) -> list[str]:
                 shutil.copy2(f, dst / f.name)
                 copied.append(f.name)
     return copied
+
+
+def cast_to_float32(model: nn.Module) -> nn.Module:
+    """Cast every floating-point parameter to float32, one array at a time (bounded memory).
+
+    Integer arrays (packed quantized weights, uint8 fp-mode scales) are left alone, so on a
+    quantized model this makes the activations float32 without changing what is computed.
+    """
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    for name, arr in params:
+        if mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != mx.float32:
+            new = arr.astype(mx.float32)
+            mx.eval(new)
+            model.update(tree_unflatten([(name, new)]), strict=False)
+    return model

@@ -24,6 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.nn as nn
+
+from mint_mlx.path_safety import source_reads, staged_output
+from mint_mlx.source.model import open_source, resolve_path
 from mint_mlx.stock_settings import (
     Baseline,
     BaselineError,
@@ -69,7 +73,8 @@ def float_layers(path: str | Path) -> tuple[int, list[dict[str, Any]]]:
     Embedding, SwitchLinear); one left in float gets a reason: its width is not divisible by
     the global group size, or the model's own ``quant_predicate`` excluded it.
     """
-    import mlx.nn as nn
+    # lazy for start-up time: mlx_lm.utils takes ~1 s to import, and the conversion path
+    # imports this module (allocation.stock) without needing it
     from mlx_lm.utils import load_model
 
     p = Path(path)
@@ -111,10 +116,8 @@ def build_baseline(
     (:mod:`mint_mlx.path_safety`). ``total_parameters`` (default: counted
     from the source by :func:`mint_mlx.source.model.open_source`) is the denominator of bits per weight.
     """
+    # lazy for start-up time, as in float_layers
     from mlx_lm.convert import convert as mlx_convert
-
-    from mint_mlx.path_safety import source_reads, staged_output
-    from mint_mlx.source.model import resolve_path
 
     b = baseline_by_name(baseline) if isinstance(baseline, str) else baseline
     final = Path(out).expanduser()
@@ -122,8 +125,6 @@ def build_baseline(
         raise BaselineError(f"{final} already exists; pass force=True to replace it")
     reads = source_reads(resolve_path(hf_path))
     if total_parameters is None:
-        from mint_mlx.source.model import open_source
-
         total_parameters = open_source(hf_path).total_parameters
     start = time.perf_counter()
     # mlx-lm's convert refuses an existing path: it writes into a fresh folder inside the
@@ -167,8 +168,6 @@ def build_baselines(
 ) -> list[BaselineModel]:
     """:func:`build_baseline` for each name (default: all of :func:`stock_baselines`) into
     ``out_dir/<name>``."""
-    from mint_mlx.source.model import open_source
-
     params = open_source(hf_path).total_parameters
     chosen = [baseline_by_name(n) for n in names] if names else stock_baselines()
     return [
