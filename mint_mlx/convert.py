@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from mint_mlx.allocation.layout import MAX_SHARD_BYTES
 from mint_mlx.allocation.prepare import DTYPES, Prepared, output_dtype, prepare
 from mint_mlx.allocation.stock import StockPoint, best_within
 from mint_mlx.analysis.workers import default_jobs, distributed_group
@@ -41,7 +42,6 @@ from mint_mlx.output.card import (
     model_card,
     summary_lines,
 )
-from mint_mlx.output.layout import MAX_SHARD_BYTES
 from mint_mlx.output.save import save_model_dir, staging_dir
 from mint_mlx.path_safety import Read, check_run, not_writable
 from mint_mlx.paths import cache_root

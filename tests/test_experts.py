@@ -23,11 +23,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort
 import mint_mlx.analysis.measure
 import mint_mlx.analysis.workers
 from mint_mlx.allocation.allocate import Plan
-from mint_mlx.allocation.prepare import Prepared
-from mint_mlx.analysis.analyze import analyze, cache_key
-from mint_mlx.analysis.measure import RDCurve
-from mint_mlx.formats import Format, format_by_name
-from mint_mlx.output.layout import (
+from mint_mlx.allocation.layout import (
     candidate_bytes,
     module_slots,
     output_layout,
@@ -35,6 +31,10 @@ from mint_mlx.output.layout import (
     per_expert_slots,
     total_file_bytes,
 )
+from mint_mlx.allocation.prepare import Prepared
+from mint_mlx.analysis.analyze import analyze, cache_key
+from mint_mlx.analysis.measure import RDCurve
+from mint_mlx.formats import Format, format_by_name
 from mint_mlx.quant.experts import (
     ExpertGroups,
     collapse,

@@ -27,10 +27,10 @@ from typing import Any
 import mlx.core as mx
 
 from mint_mlx.allocation.knapsack import Infeasible, solve
+from mint_mlx.allocation.layout import candidate_bytes
 from mint_mlx.analysis.measure import Candidate, RDCurve
 from mint_mlx.errors import BudgetError
 from mint_mlx.formats import PASSTHROUGH, Format, format_by_name
-from mint_mlx.output.layout import candidate_bytes
 from mint_mlx.quant.experts import cost_key
 from mint_mlx.sizes import format_size
 
@@ -131,7 +131,7 @@ class Plan:
     objective: str
     min_sqnr: float
     assignments: list[Assignment]
-    #: Bytes outside the allocator's control (:func:`mint_mlx.output.layout.overhead_bytes`);
+    #: Bytes outside the allocator's control (:func:`mint_mlx.allocation.layout.overhead_bytes`);
     #: named as in mint_plan.json.
     fixed_bytes: int
     planned_bytes: int

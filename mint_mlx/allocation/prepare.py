@@ -25,14 +25,7 @@ from mint_mlx.allocation.allocate import (
     allocate,
     feasible_range,
 )
-from mint_mlx.allocation.stock import StockPoint, stock_points
-from mint_mlx.analysis.analyze import analyze, default_cache_path
-from mint_mlx.analysis.measure import RDCurve
-from mint_mlx.analysis.row_sample import SAMPLE_ELEMENTS
-from mint_mlx.analysis.workers import jobs_within, worker_memory
-from mint_mlx.errors import BudgetError, MintError
-from mint_mlx.formats import FORMAT_SETS, Format, formats_for
-from mint_mlx.output.layout import (
+from mint_mlx.allocation.layout import (
     MAX_OFFSET_DIGITS,
     MAX_SHARD_BYTES,
     candidate_bytes,
@@ -41,6 +34,13 @@ from mint_mlx.output.layout import (
     offset_digits,
     overhead_bytes,
 )
+from mint_mlx.allocation.stock import StockPoint, stock_points
+from mint_mlx.analysis.analyze import analyze, default_cache_path
+from mint_mlx.analysis.measure import RDCurve
+from mint_mlx.analysis.row_sample import SAMPLE_ELEMENTS
+from mint_mlx.analysis.workers import jobs_within, worker_memory
+from mint_mlx.errors import BudgetError, MintError
+from mint_mlx.formats import FORMAT_SETS, Format, formats_for
 from mint_mlx.phases import PhaseLog
 from mint_mlx.quant.experts import splits_per_expert
 from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, CalibrationConfig, sensitivity

@@ -18,9 +18,9 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from mint_mlx.allocation.allocate import Plan
+from mint_mlx.allocation.layout import MAX_SHARD_BYTES, layout_for, passthrough_dtype
 from mint_mlx.formats import Format
 from mint_mlx.output.config import mark_config
-from mint_mlx.output.layout import MAX_SHARD_BYTES, layout_for, passthrough_dtype
 from mint_mlx.path_safety import Read, staged_output
 from mint_mlx.quant.experts import collapse, module_arrays, module_entry, needs_mint
 from mint_mlx.safetensors_io import ShardLayout, ShardWriter

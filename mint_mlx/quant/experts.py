@@ -14,7 +14,7 @@ shares:
 - **Storage.** Group k of a per-expert module is saved as ``<module>.g<k>.weight`` / ``scales``
   / ``biases`` (/ ``super_scales``), stacked over its experts in ascending expert order, exactly
   the arrays :func:`mint_mlx.quant.quantize.quantize_in_chunks` gives for that sub-stack (their
-  file layout is :func:`mint_mlx.output.layout.per_expert_slots`). Which
+  file layout is :func:`mint_mlx.allocation.layout.per_expert_slots`). Which
   experts a group holds lives in config.json only (:func:`per_expert_entry`), so it costs no
   safetensors bytes. Groups are ordered by their first (smallest) expert, which is what makes
   the allocator's per-expert header bound (:func:`cost_key`) an upper bound.
@@ -293,7 +293,7 @@ def module_arrays(
     columns: mx.array | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) of one collapsed module in file order, either kind: what save writes for
-    it, in the order :func:`mint_mlx.output.layout.output_layout` lays it out."""
+    it, in the order :func:`mint_mlx.allocation.layout.output_layout` lays it out."""
     if isinstance(entry, Format):
         arrays = quantize_in_chunks(weight, entry, dtype, scale_method, columns)
         mx.eval(arrays)
