@@ -290,29 +290,78 @@ def allocate(
         for cv, opts in zip(curves, options, strict=True)
     ]
     notes: list[str] = []
+    choice, exact = _choose(formats, costs, dists, budget, overhead_bytes, notes)
+    assignments, planned = _assignments(curves, options, formats, costs, dists, choice, dtype)
+    notes += [f"{cv.path}: {cv.note}" for cv in curves if cv.note]
+    vetoed = sum(
+        1
+        for cv, opts in zip(curves, options, strict=True)
+        if len(opts) == len(cv.candidates) and any(cv.sqnr_db(c) < min_sqnr for c in opts)
+    )
+    if vetoed:
+        notes.append(
+            f"{vetoed} tensor(s) have no candidate above {min_sqnr:g} dB SQNR: veto lifted"
+        )
+    return Plan(
+        budget=budget,
+        dtype=str(dtype).split(".")[-1],
+        objective=objective,
+        min_sqnr=min_sqnr,
+        assignments=assignments,
+        fixed_bytes=overhead_bytes,
+        planned_bytes=overhead_bytes + planned,
+        total_parameters=total_parameters,
+        exact=exact,
+        notes=notes,
+    )
+
+
+__all__ = ["Assignment", "Plan", "allocate", "DEFAULT_MIN_SQNR", "PASSTHROUGH"]
+
+
+def _choose(
+    formats: Sequence[Sequence[Format]],
+    costs: Sequence[Sequence[int]],
+    dists: Sequence[Sequence[float]],
+    budget: int,
+    overhead_bytes: int,
+    notes: list[str],
+) -> tuple[list[int], bool]:
+    """Each tensor's option index, and whether the solver proved it optimal: every tensor in
+    16-bit when the budget allows it, else the knapsack's answer (too small: a BudgetError
+    naming the smallest feasible size)."""
     full = _full_choice(formats, costs)
     full_size = overhead_bytes + sum(cost[i] for cost, i in zip(costs, full, strict=True))
-    capacity = budget - overhead_bytes
-    exact = True
     if budget >= full_size:
-        choice = full
         notes.append(
             f"budget {format_size(budget)} is at or above the 16-bit size {format_size(full_size)}: "
             "every tensor stays in 16-bit"
         )
-    else:
-        try:
-            solution = solve(costs, dists, capacity)
-        except Infeasible as e:
-            minimum = overhead_bytes + e.minimum
-            raise BudgetError(
-                f"budget {format_size(budget)} is below the smallest feasible size "
-                f"{format_size(minimum, round_up=True)} ({minimum} bytes); raise the budget to at "
-                "least that"
-            ) from None
-        choice, exact = solution.choice, solution.exact
+        return full, True
+    try:
+        solution = solve(costs, dists, budget - overhead_bytes)
+    except Infeasible as e:
+        minimum = overhead_bytes + e.minimum
+        raise BudgetError(
+            f"budget {format_size(budget)} is below the smallest feasible size "
+            f"{format_size(minimum, round_up=True)} ({minimum} bytes); raise the budget to at "
+            "least that"
+        ) from None
+    return solution.choice, solution.exact
+
+
+def _assignments(
+    curves: Sequence[RDCurve],
+    options: Sequence[Sequence[Candidate]],
+    formats: Sequence[Sequence[Format]],
+    costs: Sequence[Sequence[int]],
+    dists: Sequence[Sequence[float]],
+    choice: Sequence[int],
+    dtype: mx.Dtype,
+) -> tuple[list[Assignment], int]:
+    """One assignment per tensor for the chosen options, and their planned bytes."""
     assignments = []
-    planned = overhead_bytes
+    planned = 0
     for cv, opts, fmts, cost, dist, k in zip(
         curves, options, formats, costs, dists, choice, strict=True
     ):
@@ -333,29 +382,4 @@ def allocate(
                 note=cv.note,
             )
         )
-        if cv.note:
-            notes.append(f"{cv.path}: {cv.note}")
-    vetoed = sum(
-        1
-        for cv, opts in zip(curves, options, strict=True)
-        if len(opts) == len(cv.candidates) and any(cv.sqnr_db(c) < min_sqnr for c in opts)
-    )
-    if vetoed:
-        notes.append(
-            f"{vetoed} tensor(s) have no candidate above {min_sqnr:g} dB SQNR: veto lifted"
-        )
-    return Plan(
-        budget=budget,
-        dtype=str(dtype).split(".")[-1],
-        objective=objective,
-        min_sqnr=min_sqnr,
-        assignments=assignments,
-        fixed_bytes=overhead_bytes,
-        planned_bytes=planned,
-        total_parameters=total_parameters,
-        exact=exact,
-        notes=notes,
-    )
-
-
-__all__ = ["Assignment", "Plan", "allocate", "DEFAULT_MIN_SQNR", "PASSTHROUGH"]
+    return assignments, planned

@@ -365,6 +365,20 @@ def open_source(hf_path: str | Path) -> Source:
         tensors += len(read_header(f))  # truncation and corruption fail here, naming the file
     _check_layer_count(config, tensors)
     model = _build_model(config)
+    weights = _lazy_weights(files)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _check_weights_match(model, weights, path)
+    quantizable = _quantizable(model, weights)
+    qkeys = {t.key for t in quantizable}
+    passthrough = [k for k in weights if k not in qkeys]
+    shapes = {k: tuple(int(d) for d in v.shape) for k, v in weights.items()}
+    dtypes = {k: v.dtype for k, v in weights.items()}
+    return Source(path, config, model, weights, quantizable, passthrough, shapes, dtypes, files)
+
+
+def _lazy_weights(files: list[Path]) -> dict[str, mx.array]:
+    """Every shard's arrays, lazily (MLX maps them; nothing is read until evaluated)."""
     weights: dict[str, mx.array] = {}
     for f in files:
         try:
@@ -373,9 +387,11 @@ def open_source(hf_path: str | Path) -> Source:
             raise SourceError(f"{f} could not be read by MLX ({e}); re-download this shard") from e
         assert isinstance(loaded, dict)
         weights.update(loaded)
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
+    return weights
 
+
+def _check_weights_match(model: nn.Module, weights: dict[str, mx.array], path: Path) -> None:
+    """The weights are exactly the parameters the config's model has, with their shapes."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -396,6 +412,10 @@ def open_source(hf_path: str | Path) -> Source:
                 f"{list(arr.shape)}; repair config.json"
             )
 
+
+def _quantizable(model: nn.Module, weights: dict[str, mx.array]) -> list[TensorInfo]:
+    """The weights mlx-lm would quantize: leaf modules with ``to_quantized`` that the model's
+    own predicate does not exclude, each with the format the predicate pins, if any."""
     predicate = _predicate(model)
     quantizable: list[TensorInfo] = []
     leaves: list[tuple[str, nn.Module]] = tree_flatten(  # type: ignore[assignment]
@@ -419,11 +439,7 @@ def open_source(hf_path: str | Path) -> Source:
                 fixed=fixed,
             )
         )
-    qkeys = {t.key for t in quantizable}
-    passthrough = [k for k in weights if k not in qkeys]
-    shapes = {k: tuple(int(d) for d in v.shape) for k, v in weights.items()}
-    dtypes = {k: v.dtype for k, v in weights.items()}
-    return Source(path, config, model, weights, quantizable, passthrough, shapes, dtypes, files)
+    return quantizable
 
 
 #: Files without which a model directory has no tokenizer (mlx-lm loads one of these).
