@@ -28,8 +28,8 @@ from mint_mlx.cli import reported
 from mint_mlx.formats import COMPACT, Format
 from mint_mlx.runtime.kernels import ops, quantized
 from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.tools.emulator import emulate
 from mint_mlx.tools.emulator.cases import TOLERANCE, close_enough, random_quantized, random_x
-from mint_mlx.tools.emulator.emulate import EmulationError, find_compiler, run_call
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ def run_emulated(cases: Sequence[Case]) -> int:
         call, ref = case.build()
         start = time.perf_counter()
         try:
-            (y,) = run_call(case.spec(), call)
-        except EmulationError as e:
+            (y,) = emulate.run_call(case.spec(), call)
+        except emulate.EmulationError as e:
             failures += 1
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             _report(False, case.label(), f"{e.kind}: {first}")
@@ -258,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         failures = run_metal(cases, bench=not args.no_bench)
         total = len(cases)
     else:
-        if find_compiler() is None:
+        if emulate.find_compiler() is None:
             print(
                 "selftest: no Metal GPU and no C++ compiler, nothing checked: install g++ "
                 "(apt-get install g++) or set MINT_MLX_CXX to run the kernels in the emulator",
