@@ -185,54 +185,12 @@ def _solve_core(
     costs: Sequence[Sequence[int]], dists: Sequence[Sequence[float]], capacity: int
 ) -> Solution:
     """The core method (module docstring, steps 1-4) on one instance."""
-    items: list[_Item] = []
-    for c, d in zip(costs, dists, strict=True):
-        if not c:
-            raise ValueError("every item needs at least one option")
-        opts = _efficient(c, d)
-        ic = [int(c[i]) for i in opts]
-        idists = [float(d[i]) for i in opts]
-        items.append(_Item(opts, ic, idists, _hull(list(zip(ic, idists, strict=True)))))
-
+    items = _items(costs, dists)
     minimum = sum(it.costs[0] for it in items)
     if minimum > capacity:
         raise Infeasible(minimum)
-
-    # LP greedy over hull steps: the prefix that fits, and the critical slope where it stops.
-    pos = [0] * len(items)  # position into opts
-    room = capacity - minimum
-    steps = sorted(
-        ((s[0], s[1], s[3], i) for i, it in enumerate(items) for s in it.steps()),
-        key=lambda s: -s[0],
-    )
-    critical = 0.0
-    prefix_done = False
-    lp_pos: list[int] = []
-    for slope, dc, reach, i in steps:
-        if reach <= pos[i]:
-            continue
-        dc = items[i].costs[reach] - items[i].costs[pos[i]]
-        if dc <= room:
-            room -= dc
-            pos[i] = reach
-        elif not prefix_done:
-            prefix_done = True
-            critical = slope
-            lp_pos = list(pos)
-    if not prefix_done:
-        # everything fits at the top of every hull: the best options overall
-        critical, lp_pos = 0.0, list(pos)
-    greedy_pos = pos
-
-    # Core: items with a hull step closest (in log slope) to the critical slope.
-    def closeness(it: _Item) -> float:
-        ss = [s[0] for s in it.steps()]
-        if not ss or critical <= 0:
-            return math.inf if not ss else 0.0
-        return min(abs(math.log(max(s, 1e-300)) - math.log(critical)) for s in ss)
-
-    ranked = sorted(range(len(items)), key=lambda i: closeness(items[i]))
-    core = sorted(ranked[:CORE_SIZE])
+    greedy_pos, lp_pos, critical = _lp_greedy(items, capacity - minimum)
+    core = _core(items, critical)
     core_set = set(core)
     fixed_cost = sum(items[i].costs[lp_pos[i]] for i in range(len(items)) if i not in core_set)
     best_core, proven = _branch_and_bound([items[i] for i in core], capacity - fixed_cost)
@@ -254,6 +212,61 @@ def _solve_core(
     exact = proven and best_core is not None and len(core) == len(items)
     choice = [items[i].opts[p] for i, p in enumerate(final)]
     return Solution(choice, cost, dist, exact)
+
+
+def _items(costs: Sequence[Sequence[int]], dists: Sequence[Sequence[float]]) -> list[_Item]:
+    """Each item reduced to its efficient options, with their lower convex hull."""
+    items: list[_Item] = []
+    for c, d in zip(costs, dists, strict=True):
+        if not c:
+            raise ValueError("every item needs at least one option")
+        opts = _efficient(c, d)
+        ic = [int(c[i]) for i in opts]
+        idists = [float(d[i]) for i in opts]
+        items.append(_Item(opts, ic, idists, _hull(list(zip(ic, idists, strict=True)))))
+    return items
+
+
+def _lp_greedy(items: list[_Item], room: int) -> tuple[list[int], list[int], float]:
+    """LP greedy over hull steps, steepest first, with ``room`` bytes above every item's
+    cheapest option: the greedy positions, the LP prefix that fits, and the critical slope
+    where it stops (0 when everything fits)."""
+    pos = [0] * len(items)  # position into opts
+    steps = sorted(
+        ((s[0], s[1], s[3], i) for i, it in enumerate(items) for s in it.steps()),
+        key=lambda s: -s[0],
+    )
+    critical = 0.0
+    prefix_done = False
+    lp_pos: list[int] = []
+    for slope, dc, reach, i in steps:
+        if reach <= pos[i]:
+            continue
+        dc = items[i].costs[reach] - items[i].costs[pos[i]]
+        if dc <= room:
+            room -= dc
+            pos[i] = reach
+        elif not prefix_done:
+            prefix_done = True
+            critical = slope
+            lp_pos = list(pos)
+    if not prefix_done:
+        # everything fits at the top of every hull: the best options overall
+        critical, lp_pos = 0.0, list(pos)
+    return pos, lp_pos, critical
+
+
+def _core(items: list[_Item], critical: float) -> list[int]:
+    """The CORE_SIZE items with a hull step closest (in log slope) to the critical slope."""
+
+    def closeness(it: _Item) -> float:
+        ss = [s[0] for s in it.steps()]
+        if not ss or critical <= 0:
+            return math.inf if not ss else 0.0
+        return min(abs(math.log(max(s, 1e-300)) - math.log(critical)) for s in ss)
+
+    ranked = sorted(range(len(items)), key=lambda i: closeness(items[i]))
+    return sorted(ranked[:CORE_SIZE])
 
 
 def _branch_and_bound(items: list[_Item], capacity: int) -> tuple[list[int] | None, bool]:
