@@ -11,6 +11,10 @@ against paper mode measured in the same run.
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -33,18 +37,18 @@ MODES = (
 
 CHILD = r"""
 import json, sys, time
-import mint_mlx  # OpenBLAS under MLX first
+from mint_mlx.blas import use_openblas; use_openblas()  # OpenBLAS under MLX first
 import mlx.core as mx
-from mint_mlx.analyze import analyze, default_cache_path
+from mint_mlx.analysis.analyze import analyze, default_cache_path
 from mint_mlx.formats import formats_for
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 path, objective, scales, jobs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
 source = open_source(path)
 dtype = mx.bfloat16
 columns, key, calib = None, "", 0.0
 if objective == "fisher":
-    from mint_mlx.calibrate import CalibrationConfig, calibrate
+    from mint_mlx.sensitivity.calibrate import CalibrationConfig, calibrate
     t = time.perf_counter()
     config = CalibrationConfig()
     key = config.key(source)
@@ -53,7 +57,7 @@ if objective == "fisher":
 formats = formats_for(objective, scales)
 t = time.perf_counter()
 curves = analyze(source, formats, dtype, default_cache_path(source, formats, dtype, key, scales),
-                 columns=columns, calibration=key, scales=scales, jobs=jobs)
+                 columns=columns, calibration=key, scale_method=scales, jobs=jobs)
 analysis = time.perf_counter() - t
 print(json.dumps({"calibration_seconds": calib, "analysis_seconds": analysis,
                   "candidates": len(formats), "tensors": len(curves),
@@ -120,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     path = ensure_testbed(args.testbed, progress=True)
     rows = []

@@ -10,6 +10,10 @@ the default 8 window by window (mean difference and its standard error).
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -18,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-import mint_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx.core)
-from mint_mlx.calibrate import DEFAULT_SEQUENCES
 from mint_mlx.convert import convert
-from mint_mlx.evaluate import build_reference_cache, evaluate_cached
-from mint_mlx.testbed import ensure_testbed, ensure_wiki_text
+from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES
+from mint_mlx.tools.evaluation import build_reference_cache, evaluate_cached
+from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
 
 def _load() -> str:

@@ -16,6 +16,10 @@ Output: ``<out>/cost-<testbed>.json`` and ``.md``, with every command line.
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -34,6 +38,20 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "The history of the city dates back to the Roman period, when"
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured float32 ``n x n @ n x n`` throughput of MLX on its default device, in GFLOP/s
+    (the machine's speed, quoted beside the timings of scale.py and streamed_pass.py)."""
+    import mlx.core as mx  # only where measured: this script itself runs MLX in child processes
+
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a @ b)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _tree_rss_bytes(root: int) -> int:
@@ -194,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hf_path is not None:
         src, name = args.hf_path.resolve(), args.hf_path.name
     else:
-        from mint_mlx.testbed import ensure_testbed
+        from mint_mlx.tools.testbeds import ensure_testbed
 
         src, name = ensure_testbed(args.testbed, progress=True), args.testbed
     work = Path(args.work or tempfile.mkdtemp(prefix="mint-cost-"))

@@ -3,8 +3,8 @@
 Two measurements in one run, on the same inputs and machine:
 
 1. Speed: the analysis path (fit + error, ``optimized_affine_error``) and the save path
-   (fit + codes + packing, ``optimized_affine``) of :mod:`mint_mlx.scales`, against the same
-   calls of :mod:`mint_mlx.scales_reference`, on random-normal bf16 weights with a few outlier
+   (fit + codes + packing, ``optimized_affine``) of :mod:`mint_mlx.quant.scales`, against the same
+   calls of :mod:`mint_mlx.tools.scales_reference`, on random-normal bf16 weights with a few outlier
    columns, with and without column weights; best of ``--repeats`` timings each (the machine
    may be shared: the load average is recorded before and after).
 2. Agreement: on a real testbed's 2-D weights (the first ``--rows`` rows of each), the summed
@@ -18,6 +18,10 @@ Writes ``benchmarks/results/fit-speed.{json,md}``.
 """
 
 from __future__ import annotations
+
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
 import argparse
 import json
@@ -33,7 +37,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mint_mlx import scales, scales_reference
+from mint_mlx.quant import scales
+from mint_mlx.tools import scales_reference
 
 SHAPES = ((576, 1536), (1536, 576), (3072, 8192))
 #: (bits, group) timed per shape; the big shape gets the first two only (the old path takes

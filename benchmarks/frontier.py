@@ -1,12 +1,12 @@
 """The quality/size frontier: stock mlx-lm baselines, mint-mlx default and "paper mode".
 
-For one testbed (a real model built by ``mint_mlx.testbed``) on ``heldout.txt``:
+For one testbed (a real model built by ``mint_mlx.tools.testbeds``) on ``heldout.txt``:
 
-1. stock mlx-lm models made by mlx-lm's own convert (:mod:`mint_mlx.baselines`);
+1. stock mlx-lm models made by mlx-lm's own convert (:mod:`mint_mlx.tools.baselines`);
 2. at the exact byte size of each *target* baseline, ``mint_mlx.convert`` with the default
    objective (``mint``) and with ``objective="paper"`` (``paper``), budget = that size;
 3. every model scored against the testbed's float reference on the same token windows
-   (:func:`mint_mlx.evaluate.build_reference_cache`: the reference runs once).
+   (:func:`mint_mlx.tools.evaluation.build_reference_cache`: the reference runs once).
 
 Results go to ``<out>/<testbed>.json`` after every row, so an interrupted run keeps what it
 measured and a re-run skips finished rows; then ``<out>/<testbed>.md`` (tables) and
@@ -19,7 +19,11 @@ are deleted once scored.
 
 from __future__ import annotations
 
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.blas import openblas_active, use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -37,9 +41,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from mint_mlx.baselines import baseline_by_name, build_baseline, safetensors_bytes, stock_baselines
 from mint_mlx.errors import MintError
 from mint_mlx.paths import cache_root
+from mint_mlx.tools.baselines import (
+    baseline_by_name,
+    build_baseline,
+    safetensors_bytes,
+    stock_baselines,
+)
 
 #: Matched methods: (objective, scales, formats). "mint" is the default of convert; "paper" the
 #: published method; "nrmse" and "fisher-rtn" are the ablation steps between them (issue 7): the
@@ -91,7 +100,7 @@ def _machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "mlx": version("mlx"),
         "mlx_lm": version("mlx-lm"),
-        "openblas": ev.openblas_active(),
+        "openblas": openblas_active(),
     }
 
 
@@ -154,8 +163,8 @@ def _extended_share(plan: Any) -> float:
 
 def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
     from mint_mlx.convert import convert
-    from mint_mlx.source import open_source
-    from mint_mlx.testbed import ensure_testbed, ensure_wiki_text
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
     ref = ensure_testbed(testbed, progress=True)
     text = ensure_wiki_text() / "heldout.txt"
@@ -266,7 +275,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
             requantized_layers=requantized,
             stock_bytes=stock_bytes,
             command=f"{b.command}; then every affine layer re-quantized with "
-            "mint_mlx.hqq.hqq_affine (no columns), same bits and group size",
+            "mint_mlx.quant.hqq.hqq_affine (no columns), same bits and group size",
         )
         rows[key] = row
         save_state(out_json, state)
@@ -540,8 +549,8 @@ def requantize_hqq(path: Path, ref: Path) -> int:
     in place; returns the number of layers. Float-mode layers (no biases) are left alone."""
     import mlx.core as mx
 
-    from mint_mlx.hqq import hqq_affine
-    from mint_mlx.source import open_source
+    from mint_mlx.quant.hqq import hqq_affine
+    from mint_mlx.source.model import open_source
 
     source = open_source(ref)
     config = json.loads((path / "config.json").read_text())

@@ -14,6 +14,10 @@ MLX's, the incumbent) and how many groups are wide enough for HQQ's shrink to ac
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -36,18 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
 
-    import mint_mlx  # noqa: F401, I001  (OpenBLAS under MLX first)
-
-    # isort: split
     import mlx.core as mx
     import numpy as np
 
-    from mint_mlx.analyze import analyze
-    from mint_mlx.calibrate import CalibrationConfig, calibrate
+    from mint_mlx.analysis.analyze import analyze
     from mint_mlx.formats import formats_for
-    from mint_mlx.hqq import BETA, LP_NORM, hqq_fit
-    from mint_mlx.source import open_source
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.quant.hqq import BETA, LP_NORM, hqq_fit
+    from mint_mlx.sensitivity.calibrate import CalibrationConfig, calibrate
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(args.testbed, progress=True))
     dtype = mx.bfloat16
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(tmp) / "analysis.jsonl",
                 columns=columns,
                 calibration=key,
-                scales=method,
+                scale_method=method,
                 jobs=args.jobs,
             )
             seconds = time.perf_counter() - t

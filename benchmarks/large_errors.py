@@ -3,7 +3,7 @@
 ``single``: quantize one tensor alone (every tensor of four layers, and the embedding) at 2, 3
 and 4 bits, measure the KL divergence it causes on ``tune.txt``, and compare it with the
 tensor's predicted distortion (1/2 x Fisher-weighted squared error). The ratio's growth with the
-relative error fits :data:`mint_mlx.allocate.LARGE_ERROR_PENALTY`; tune text only, so the fit
+relative error fits :data:`mint_mlx.allocation.allocate.LARGE_ERROR_PENALTY`; tune text only, so the fit
 never sees the held-out text.
 
 ``replan``: plan at the byte size of a stock baseline with penalty values ``--penalties`` (0 is
@@ -20,7 +20,11 @@ printed digits). Per-window KLDs are kept for paired comparisons.
 
 from __future__ import annotations
 
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -36,15 +40,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-import mint_mlx.allocate as allocate
-from mint_mlx.calibrate import load_float32_model, load_source_tokenizer
-from mint_mlx.convert import output_dtype
+import mint_mlx.allocation.allocate as allocate
+from mint_mlx.allocation.prepare import Prepared, output_dtype, prepare
 from mint_mlx.formats import format_by_name
 from mint_mlx.paths import cache_root
-from mint_mlx.planner import Prepared, prepare
-from mint_mlx.quantize import dequantize_weight, quantize_in_chunks
-from mint_mlx.source import open_source
-from mint_mlx.testbed import ensure_testbed, ensure_wiki_text
+from mint_mlx.quant.quantize import dequantize_weight, quantize_in_chunks
+from mint_mlx.sensitivity.calibrate import load_float32_model, load_source_tokenizer
+from mint_mlx.source.model import open_source
+from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
 RESULTS = Path(__file__).parent / "results"
 SINGLE_FORMATS = ("affine-2-g64", "affine-3-g64", "affine-4-g64")

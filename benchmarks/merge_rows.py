@@ -13,6 +13,10 @@ be comparable.
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 from pathlib import Path

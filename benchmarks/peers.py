@@ -31,7 +31,11 @@ and ``<out>/peers-<testbed>.{json,md}`` (the new rows only, with the same-size c
 
 from __future__ import annotations
 
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -192,7 +196,7 @@ def tool_command(peer: Peer, model: Path, out: Path) -> str:
 
 def build_peer(peer: Peer, ref: Path, out: Path, calibration: Path, cwd: Path) -> dict[str, Any]:
     """Run one tool in a child process; its wall time, load average and the output's bytes."""
-    from mint_mlx.baselines import safetensors_bytes
+    from mint_mlx.tools.baselines import safetensors_bytes
 
     if out.exists():
         shutil.rmtree(out)
@@ -228,11 +232,11 @@ def _seed_state(out_json: Path, record: Path, settings: dict[str, Any]) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from mint_mlx.baselines import safetensors_bytes
     from mint_mlx.convert import convert
     from mint_mlx.errors import MintError
-    from mint_mlx.source import open_source
-    from mint_mlx.testbed import ensure_testbed, ensure_wiki_text
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.baselines import safetensors_bytes
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
     testbed = args.testbed
     ref = ensure_testbed(testbed)

@@ -1,7 +1,7 @@
 """How much the sampler matters: sensitivity from the source's own text against its 4-bit copy's.
 
 When the float32 model does not fit under ``--max-memory``, the calibration text is sampled by
-a 4-bit copy of the source (:mod:`mint_mlx.proxy`) instead of the source itself. For each
+a 4-bit copy of the source (:mod:`mint_mlx.sensitivity.proxy`) instead of the source itself. For each
 testbed this measures what that changes, with the same seed, sizes and gradients (float32
 in-memory pass over each text):
 
@@ -23,7 +23,11 @@ Results: ``<out>/proxy-sampler.json`` and ``.md`` (machine, load average, comman
 
 from __future__ import annotations
 
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
+from mint_mlx.tools import evaluation as ev
 
 # isort: split
 import argparse
@@ -41,21 +45,21 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mint_mlx.allocate import PREDICTION_SCALE, weighted_distortion
-from mint_mlx.calibrate import (
+from mint_mlx.allocation.allocate import PREDICTION_SCALE, weighted_distortion
+from mint_mlx.allocation.prepare import Prepared, output_dtype, prepare
+from mint_mlx.convert import convert
+from mint_mlx.memory import peak_rss
+from mint_mlx.paths import cache_root
+from mint_mlx.sensitivity.calibrate import (
     CalibrationConfig,
     calibration_path,
     column_fisher,
     load_float32_model,
 )
-from mint_mlx.convert import convert, output_dtype
-from mint_mlx.memory import peak_rss
-from mint_mlx.paths import cache_root
-from mint_mlx.planner import Prepared, prepare
-from mint_mlx.proxy import PROXY_NAME, proxy_model_bytes, proxy_sample
-from mint_mlx.sampling import sample_sequences, start_token
-from mint_mlx.source import Source, open_source
-from mint_mlx.streamed import streamed_sample
+from mint_mlx.sensitivity.proxy import PROXY_NAME, proxy_model_bytes, proxy_sample
+from mint_mlx.sensitivity.sampling import sample_sequences, start_token
+from mint_mlx.sensitivity.streamed import streamed_sample
+from mint_mlx.source.model import Source, open_source
 
 HERE = Path(__file__).resolve().parent
 SAMPLERS = ("full", "proxy")
@@ -87,7 +91,7 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
 
 def texts_and_sensitivities(source: Source, config: CalibrationConfig) -> dict[str, Any]:
     """Sample with each sampler (timed), and write each text's column Fisher to the calibration
-    cache under its own key (what :func:`mint_mlx.calibrate.sensitivity` would write), unless
+    cache under its own key (what :func:`mint_mlx.sensitivity.calibrate.sensitivity` would write), unless
     it is there already."""
     start, n, length, seed = start_token(source), config.sequences, config.seq_len, config.seed
     out: dict[str, Any] = {}
@@ -217,7 +221,7 @@ def evaluate_proxy(
     sys.path.insert(0, str(HERE))
     from frontier import paired
 
-    from mint_mlx.testbed import ensure_wiki_text
+    from mint_mlx.tools.testbeds import ensure_wiki_text
 
     work = args.work / testbed
     work.mkdir(parents=True, exist_ok=True)
@@ -368,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state["commands"].append(command)
     for testbed in args.testbed:
         if not (cache_root() / "testbeds" / testbed / "testbed.json").is_file():
-            print(f"[{testbed}] not built (python -m mint_mlx.testbed {testbed}); skipped")
+            print(f"[{testbed}] not built (python -m mint_mlx.tools.testbed {testbed}); skipped")
             continue
         if args.timing_only:
             source = open_source(cache_root() / "testbeds" / testbed)

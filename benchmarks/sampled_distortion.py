@@ -2,7 +2,7 @@
 
 For each testbed, the default analysis (fisher objective, optimized scales, native formats) is
 run with every weight measured and with row samples of 2^k weights per tensor
-(:mod:`mint_mlx.row_sample`), each into its own cache file, on the same Fisher columns. Then:
+(:mod:`mint_mlx.analysis.row_sample`), each into its own cache file, on the same Fisher columns. Then:
 
 - **accuracy**: each candidate's estimated weighted (and plain) squared error against the full
   measurement, as relative errors, by tensor size (tensors measured whole are left out);
@@ -20,6 +20,10 @@ A re-run reuses the cache files in ``--work`` (the times recorded then are kept)
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -30,8 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import mint_mlx  # noqa: F401  (before any mlx.core import: it puts OpenBLAS under MLX)
-from mint_mlx.row_sample import SAMPLE_ELEMENTS
+from mint_mlx.analysis.row_sample import SAMPLE_ELEMENTS
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("affine-3-g64", "mixed_3_6-g64", "affine-4-g64", "affine-4-g32")
@@ -71,14 +74,13 @@ def _quantiles(values: list[float]) -> dict[str, float]:
 
 
 def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) -> dict[str, Any]:
-    from mint_mlx.allocate import DEFAULT_MIN_SQNR, weighted_distortion
-    from mint_mlx.analyze import analyze
-    from mint_mlx.calibrate import CalibrationConfig, sensitivity
-    from mint_mlx.convert import output_dtype
+    from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, weighted_distortion
+    from mint_mlx.allocation.prepare import Prepared, output_dtype
+    from mint_mlx.analysis.analyze import analyze
     from mint_mlx.formats import formats_for
-    from mint_mlx.planner import Prepared
-    from mint_mlx.source import open_source
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.sensitivity.calibrate import CalibrationConfig, sensitivity
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(testbed))
     dtype = output_dtype(source, None)
@@ -105,7 +107,7 @@ def run_testbed(testbed: str, samples: list[int | None], work: Path, jobs: int) 
             progress=True,
             columns=found.columns,
             calibration=key,
-            scales="optimized",
+            scale_method="optimized",
             jobs=jobs,
             sample_elements=sample,
         )

@@ -19,6 +19,10 @@ float32 matmul rate measured in the same run (``scale-sensitivity.json`` / ``.md
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import os
@@ -31,7 +35,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cost import run_measured  # benchmarks/ is on sys.path when run as a script
+from cost import matmul_gflops, run_measured  # benchmarks/ is on sys.path when run as a script
 
 CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -161,12 +165,12 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, base: dict[str, Any] = CONF
 #: The child of ``--sensitivity-only``: the pass alone, timed inside the process.
 SENSITIVITY_CHILD = """
 import json, sys, time
-import mint_mlx
-from mint_mlx.calibrate import sensitivity
+from mint_mlx.blas import use_openblas; use_openblas()  # OpenBLAS under MLX first
+from mint_mlx.sensitivity.calibrate import sensitivity
 from mint_mlx.sizes import parse_size
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 
-from mint_mlx.calibrate import CalibrationConfig
+from mint_mlx.sensitivity.calibrate import CalibrationConfig
 
 source = open_source(sys.argv[1])
 text = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
@@ -185,8 +189,8 @@ def sensitivity_only(
     ``sequences`` x 256 tokens, sampled by the model or read from ``text``."""
     from math import prod
 
-    from mint_mlx.blas import matmul_gflops, openblas_active
-    from mint_mlx.source import open_source
+    from mint_mlx.blas import openblas_active
+    from mint_mlx.source.model import open_source
 
     source = open_source(ckpt)
     weights = sum(prod(t.shape) for t in source.quantizable if t.role != "embedding")
@@ -343,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mint_mlx.paths import cache_root
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     work = args.work or cache_root() / ("scale-smoke" if args.smoke else "scale")
     ckpt = work / "synthetic-llama"
@@ -357,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build = [sys.executable, __file__, "--build-only", "--work", str(work)]
     subprocess.run(build + (["--smoke"] if args.smoke else []), check=True)
     if args.sensitivity_only:
-        from mint_mlx.testbed import ensure_wiki_text
+        from mint_mlx.tools.testbeds import ensure_wiki_text
 
         text = ensure_wiki_text() / "tune.txt" if args.tune_text else None
         sensitivity_only(ckpt, work, args.max_memory, args.out, args.sequences, text)
@@ -368,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ, MINT_MLX_CACHE=str(work / "mint-cache"))
     mint_extra = ["--max-memory", args.max_memory]
     if args.tune_text:
-        from mint_mlx.testbed import ensure_wiki_text
+        from mint_mlx.tools.testbeds import ensure_wiki_text
 
         mint_extra += ["--calibration", str(ensure_wiki_text() / "tune.txt")]
     shutil.rmtree(work / "mint-cache", ignore_errors=True)  # cold: analysis included

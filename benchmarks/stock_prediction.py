@@ -1,7 +1,7 @@
 """Predicted against measured KLD for the stock mlx-lm rows (issue 20).
 
 ``plan`` and the model card price every stock ``mlx_lm convert`` setting from mint's own
-analysis (:mod:`mint_mlx.stock`): each tensor's error with MLX's own scales, mlx-lm's own
+analysis (:mod:`mint_mlx.allocation.stock`): each tensor's error with MLX's own scales, mlx-lm's own
 layer rules, the same second-order KLD prediction as mint's plans. This checks that
 prediction against the stock rows the frontier measured (32k tokens of held-out text, the
 16-bit testbed as reference; ``benchmarks/results/32k/<testbed>.json``), and the predicted
@@ -10,10 +10,14 @@ bytes against the bytes of the files mlx-lm wrote.
     python benchmarks/stock_prediction.py --testbed smollm2-135m gemma3-270m
 
 The analysis is the default one (fisher, fitted scales, row-sampled), from the cache when the
-testbed was analysed before.
+testbed was analyzed before.
 """
 
 from __future__ import annotations
+
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
 import argparse
 import json
@@ -26,11 +30,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import mint_mlx  # noqa: F401  (before any mlx.core import: it puts OpenBLAS under MLX)
-from mint_mlx.convert import output_dtype
+from mint_mlx.allocation.prepare import output_dtype, prepare
 from mint_mlx.paths import cache_root
-from mint_mlx.planner import prepare
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,7 +40,9 @@ HERE = Path(__file__).resolve().parent
 def run_testbed(testbed: str, frontier: Path) -> dict[str, Any]:
     source = open_source(cache_root() / "testbeds" / testbed)
     start = time.perf_counter()
-    prepared = prepare(source, output_dtype(source, None), objective="fisher", scales="optimized")
+    prepared = prepare(
+        source, output_dtype(source, None), objective="fisher", scale_method="optimized"
+    )
     prepare_seconds = time.perf_counter() - start
     start = time.perf_counter()
     points = prepared.stock

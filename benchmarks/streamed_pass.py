@@ -22,6 +22,10 @@ It is printed beside this machine's float32 matmul rate, measured in the same ru
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 import platform
@@ -34,9 +38,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from cost import run_measured  # benchmarks/ is on sys.path when run as a script
-
-import mint_mlx  # noqa: F401  (before any mlx.core import: it puts OpenBLAS under MLX)
+from cost import matmul_gflops, run_measured  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("affine-3-g64", "mixed_3_6-g64", "affine-4-g64", "affine-4-g32")
@@ -47,11 +49,11 @@ def _stage(args: argparse.Namespace) -> int:
     import mlx.core as mx
     import numpy as np
 
-    from mint_mlx.calibrate import CalibrationConfig, column_fisher, load_float32_model
-    from mint_mlx.sampling import sample_sequences, start_token
-    from mint_mlx.source import open_source
-    from mint_mlx.streamed import streamed_column_fisher, streamed_sample
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.sensitivity.calibrate import CalibrationConfig, column_fisher, load_float32_model
+    from mint_mlx.sensitivity.sampling import sample_sequences, start_token
+    from mint_mlx.sensitivity.streamed import streamed_column_fisher, streamed_sample
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(args.testbed))
     config = CalibrationConfig()
@@ -99,12 +101,11 @@ def _matmul_weights(source: Any) -> int:
 
 
 def _plans(source: Any, columns: Any, budgets: dict[str, int], cache: Path) -> dict[str, Any]:
-    from mint_mlx.allocate import DEFAULT_MIN_SQNR
-    from mint_mlx.analyze import analyze
-    from mint_mlx.calibrate import CalibrationConfig
-    from mint_mlx.convert import output_dtype
+    from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR
+    from mint_mlx.allocation.prepare import Prepared, output_dtype
+    from mint_mlx.analysis.analyze import analyze
     from mint_mlx.formats import formats_for
-    from mint_mlx.planner import Prepared
+    from mint_mlx.sensitivity.calibrate import CalibrationConfig
 
     dtype = output_dtype(source, None)
     start = time.perf_counter()
@@ -118,7 +119,7 @@ def _plans(source: Any, columns: Any, budgets: dict[str, int], cache: Path) -> d
         progress=True,
         columns=columns,
         calibration=key,
-        scales="optimized",
+        scale_method="optimized",
         jobs=1,
     )
     prepared = Prepared(
@@ -157,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import mlx.core as mx
 
-    from mint_mlx.blas import matmul_gflops, openblas_active
-    from mint_mlx.source import open_source
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.blas import openblas_active
+    from mint_mlx.source.model import open_source
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     source = open_source(ensure_testbed(args.testbed))
     frontier = json.loads((HERE / "results" / "32k" / f"{args.testbed}.json").read_text())

@@ -9,6 +9,10 @@ Reads ``results/<testbed>.json`` (written by ``frontier.py``) and writes
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import argparse
 import json
 from collections.abc import Sequence

@@ -7,10 +7,14 @@ SRC is an HF-format directory or hub id; the last argument is bits per weight.
 
 from __future__ import annotations
 
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
+
 import sys
 
 from mint_mlx.convert import convert
-from mint_mlx.report import distribution_table, summary_lines
+from mint_mlx.output.card import distribution_table, summary_lines
 
 
 def main() -> None:

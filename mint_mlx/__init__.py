@@ -4,27 +4,33 @@ Every weight tensor gets its own (bits, group size, format), chosen by a rate-di
 over exact byte costs. Default output loads in stock mlx-lm; output with extended formats
 (``--formats extended``) loads with :func:`mint_mlx.load`, a drop-in for ``mlx_lm.load``.
 
-Public functions live in their modules, each the library form of a CLI with the same parameters:
-``mint_mlx.convert.convert``, ``mint_mlx.evaluate.evaluate``, ``mint_mlx.testbed.ensure_testbed``.
+The package reads as its data flow (see ARCHITECTURE.md): :mod:`mint_mlx.source` ->
+:mod:`mint_mlx.sensitivity` -> :mod:`mint_mlx.analysis` -> :mod:`mint_mlx.allocation` ->
+:mod:`mint_mlx.output`, with :mod:`mint_mlx.quant` (the numerics of each format) and
+:mod:`mint_mlx.runtime` (loading and running extended formats) beside it, and
+:mod:`mint_mlx.tools` (evaluation, testbeds, baselines, the kernel emulator) off the path.
 
-Importing the package puts OpenBLAS under MLX's CPU matmul where it is installed (Linux): MLX's
-bundled reference BLAS is ~30x slower, and the choice must be made before ``mlx.core`` loads.
-It changes speed only, never results beyond float rounding.
+Importing the package changes nothing in the caller's process: it loads no BLAS, no MLX and no
+runtime layers. The CLIs that need OpenBLAS under MLX's CPU matmul load it explicitly
+(:func:`mint_mlx.blas.use_openblas`).
 """
 
 from __future__ import annotations
 
-from .blas import use_openblas
-from .errors import MintError
+from typing import Any
 
-use_openblas()
+from mint_mlx.errors import MintError
 
 __version__ = "0.1.0"
 
-
-# After use_openblas (it must precede mlx.core). Binding the function here also keeps the name
-# ``mint_mlx.load`` the function: the submodule of the same name is imported by this line, so no
-# later ``import mint_mlx.load`` rebinds the package attribute to the module.
-from .load import load  # noqa: E402
-
 __all__ = ["MintError", "__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that ``import mint_mlx`` stays free of MLX and mlx-lm (start-up time, no side
+    # effects); ``mint_mlx.load`` is the function, the module is ``mint_mlx.runtime.load``.
+    if name == "load":
+        from mint_mlx.runtime.load import load
+
+        return load
+    raise AttributeError(f"module 'mint_mlx' has no attribute {name!r}")

@@ -87,18 +87,3 @@ def use_openblas() -> bool:
 def openblas_active() -> bool:
     """Whether :func:`use_openblas` succeeded in this process (without trying to load it)."""
     return bool(_state["active"]) or (sys.platform == "linux" and _preloaded())
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """Measured float32 ``n x n @ n x n`` throughput of MLX on its default device, in GFLOP/s."""
-    import time
-
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n))
-    b = mx.random.normal((n, n))
-    mx.eval(a @ b)  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(a @ b)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9

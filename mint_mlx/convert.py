@@ -1,10 +1,17 @@
 """``python -m mint_mlx.convert``: the best mlx-lm model that fits a byte budget.
 
-Flow: open the source -> analyse (cached) -> allocate under the budget -> write to a temporary
+Flow: open the source -> analyze (cached) -> allocate under the budget -> write to a temporary
 directory -> check it loads as planned -> rename into place -> optionally upload.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":
+    # ``python -m mint_mlx.convert``: OpenBLAS goes under MLX's CPU matmul, which works only
+    # before mlx.core is imported (below). Imported as a library, the module loads nothing.
+    from mint_mlx.blas import use_openblas
+
+    use_openblas()
 
 import argparse
 import errno
@@ -15,65 +22,36 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
-from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
-from .calibrate import DEFAULT_SEQUENCES, SEQ_LEN, add_sensitivity_arguments
-from .errors import BudgetError, DiskFullError, MintError
-from .formats import FORMAT_SETS
-from .layout import MAX_SHARD_BYTES
-from .memory import peak_rss, resolve_max_memory
-from .origin import Origin, origin_of
-from .parallel import default_jobs, distributed_group
-from .path_safety import check_run, not_writable
-from .paths import cache_root
-from .phases import TIMINGS_FILE, PhaseLog, closing_lines
-from .planner import Prepared, prepare
-from .quantize import SCALE_METHODS
-from .report import distribution_table, model_card, summary_lines
-from .save import save_model_dir, staging_dir
-from .sizes import format_size, parse_size
-from .source import Source, open_source
-from .stock import StockPoint, best_within
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
-
-#: Figures written next to the model card: (alt text, file name).
-CARD_IMAGES = (
-    ("size/quality curve, this model marked", "size_quality.png"),
-    ("bits per weight by layer and tensor", "layers.png"),
+from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from mint_mlx.allocation.layout import MAX_SHARD_BYTES
+from mint_mlx.allocation.prepare import DTYPES, Prepared, output_dtype, prepare
+from mint_mlx.allocation.stock import StockPoint, best_within
+from mint_mlx.analysis.workers import default_jobs, distributed_group
+from mint_mlx.cli import reported
+from mint_mlx.errors import BudgetError, DiskFullError, MintError
+from mint_mlx.formats import FORMAT_SETS
+from mint_mlx.memory import peak_rss, resolve_max_memory
+from mint_mlx.output import hub
+from mint_mlx.output.card import (
+    CARD_IMAGES,
+    card_figures,
+    distribution_table,
+    model_card,
+    summary_lines,
 )
-
-
-def card_figures(prepared: Prepared, plan: Plan, directory: Path, name: str) -> None:
-    """The card's size/quality curve (a budget sweep over the same analysis) and layer heatmap."""
-    from .plan import plan_points, stock_curve, sweep_budgets
-    from .plots import layer_heatmap, size_quality_curve
-
-    def quality(p: Plan) -> float:
-        kld = p.predicted_kld
-        return kld if kld is not None else p.distortion
-
-    points = [
-        (p.bits_per_weight, quality(p))
-        for _, p in plan_points(prepared, sweep_budgets(prepared, 10))
-    ]
-    label = (
-        "predicted mean KL divergence (nats)"
-        if plan.objective == "fisher"
-        else f"{plan.objective} distortion"
-    )
-    size_quality_curve(
-        points,
-        directory / CARD_IMAGES[0][1],
-        chosen=(plan.bits_per_weight, quality(plan)),
-        title=f"{name}: size vs quality",
-        ylabel=label,
-        stock=stock_curve(prepared.stock),
-    )
-    layer_heatmap(plan, directory / CARD_IMAGES[1][1], title=name)
+from mint_mlx.output.save import save_model_dir, staging_dir
+from mint_mlx.path_safety import Read, check_run, not_writable
+from mint_mlx.paths import cache_root
+from mint_mlx.phases import TIMINGS_FILE, PhaseLog, closing_lines
+from mint_mlx.quant.quantize import SCALE_METHODS
+from mint_mlx.runtime.check import verify_saved
+from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, SEQ_LEN, add_sensitivity_arguments
+from mint_mlx.sizes import format_size, parse_size
+from mint_mlx.source.model import Source, open_source
+from mint_mlx.source.origin import Origin, origin_of
 
 
 @dataclass
@@ -94,16 +72,6 @@ class ConvertResult:
     phases: PhaseLog | None = None
 
 
-def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
-    """The 16-bit dtype for scales and unquantized tensors: as asked, else the source's own
-    (float32 checkpoints become float16)."""
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise MintError(f"--dtype {dtype} is not supported; use float16 or bfloat16")
-        return DTYPES[dtype]
-    return DTYPES.get(source.source_dtype(), mx.float16)
-
-
 def resolve_budget(source: Source, budget: str | int | None, bpw: float | None) -> int:
     """Bytes allowed for all ``.safetensors`` files; ``bpw`` means bpw x parameters / 8."""
     if (budget is None) == (bpw is None):
@@ -113,6 +81,47 @@ def resolve_budget(source: Source, budget: str | int | None, bpw: float | None) 
             raise BudgetError(f"--bpw {bpw} is out of range; use bits per weight between 1 and 32")
         return int(bpw * source.total_parameters / 8)
     return parse_size(budget)  # type: ignore[arg-type]
+
+
+@dataclass
+class ConvertOptions:
+    """Every choice of a conversion besides its two paths (see :func:`convert`)."""
+
+    budget: str | int | None = None
+    bpw: float | None = None
+    dtype: str | None = None
+    min_sqnr: float = DEFAULT_MIN_SQNR
+    dry_run: bool = False
+    analysis: str | Path | None = None
+    force: bool = False
+    upload_repo: str | None = None
+    objective: str = DEFAULT_OBJECTIVE
+    calibration: str | Path | None = None
+    scales: str | None = None
+    max_shard_bytes: int = MAX_SHARD_BYTES
+    progress: bool = False
+    command: Sequence[str] | None = None
+    jobs: int = 1
+    formats: str = "native"
+    sensitivity_pass: str = "auto"
+    max_memory: str | int | None = None
+    exact_analysis: bool = False
+    sampler: str = "auto"
+    calibration_sequences: int = DEFAULT_SEQUENCES
+
+
+@dataclass
+class Published:
+    """The output this run renamed into place and what that replaced, set the moment it is in
+    place (:func:`mint_mlx.path_safety.publish` calls it with Ctrl-C held back): a Ctrl-C after
+    it interrupted only the upload, and the CLI says so."""
+
+    path: Path | None = None
+    replaced: str | None = None
+
+    def __call__(self, out: Path, replaced: str | None) -> None:
+        self.path = out.resolve()
+        self.replaced = replaced
 
 
 def convert(
@@ -148,111 +157,206 @@ def convert(
     :func:`mint_mlx.load` (stock mlx-lm refuses it by name). ``max_memory`` (bytes or a size;
     default :func:`mint_mlx.memory.default_max_memory`) bounds the sensitivity pass, which runs
     in memory or block by block as ``sensitivity_pass`` says, from text that ``sampler`` (the
-    source, or its 4-bit copy; see :data:`mint_mlx.calibrate.SAMPLERS`) samples. Raises
+    source, or its 4-bit copy; see :data:`mint_mlx.sensitivity.calibrate.SAMPLERS`) samples. Raises
     :class:`MintError` subclasses for anything the user can fix.
     """
+    options = ConvertOptions(
+        budget=budget,
+        bpw=bpw,
+        dtype=dtype,
+        min_sqnr=min_sqnr,
+        dry_run=dry_run,
+        analysis=analysis,
+        force=force,
+        upload_repo=upload_repo,
+        objective=objective,
+        calibration=calibration,
+        scales=scales,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+        command=command,
+        jobs=jobs,
+        formats=formats,
+        sensitivity_pass=sensitivity_pass,
+        max_memory=max_memory,
+        exact_analysis=exact_analysis,
+        sampler=sampler,
+        calibration_sequences=calibration_sequences,
+    )
+    return run_conversion(hf_path, mlx_path, options)
+
+
+def run_conversion(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    options: ConvertOptions,
+    published: Published | None = None,
+) -> ConvertResult:
+    """:func:`convert` with its choices in ``options``; ``published`` is told when the output
+    is in place. The steps: check the options and paths -> analyze and plan -> (rank 0, not a
+    dry run) card and figures -> write, check and publish the output -> upload."""
+    published = Published() if published is None else published
     out = Path(mlx_path).expanduser()
-    _saved.clear()
-    if calibration is not None and not Path(calibration).is_file():
-        raise MintError(f"calibration file {calibration} does not exist; pass a text file")
-    if scales is None:  # the paper's method is round-to-nearest; ours fits scales
-        scales = "rtn" if objective == "paper" else "optimized"
-    if scales not in SCALE_METHODS:
-        raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
+    scales = _scale_method(options)
     source = open_source(hf_path)
-    cache = Path(analysis).expanduser() if analysis else None
+    cache = Path(options.analysis).expanduser() if options.analysis else None
     group = distributed_group()
     writes = group is None or group.rank() == 0  # under mlx.launch only rank 0 writes files
     reads = check_run(  # before any work: nothing the run reads may be written or replaced
         source.path,
-        out=out if writes and not dry_run else None,
-        force=force,
-        calibration=calibration,
+        out=out if writes and not options.dry_run else None,
+        force=options.force,
+        calibration=options.calibration,
         analysis=cache if writes else None,
         cache=cache_root(create=False),
     )
-    out_dtype = output_dtype(source, dtype)
-    nbytes = resolve_budget(source, budget, bpw)
-    phases = PhaseLog(
+    out_dtype = output_dtype(source, options.dtype)
+    nbytes = resolve_budget(source, options.budget, options.bpw)
+    phases = _phase_log(source, options, writes)
+    prepared = _prepare(source, out_dtype, scales, cache, options, phases)
+    seconds = dict(prepared.seconds)
+    plan = _plan(prepared, nbytes, phases, seconds)
+    group = distributed_group()
+    if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
+        return ConvertResult(plan, None, prepared.cache, rank=group.rank(), seconds=seconds)
+    if options.dry_run:
+        phases.finish()
+        return ConvertResult(
+            plan, None, prepared.cache, seconds=seconds, stock=prepared.stock, phases=phases
+        )
+    card = _card(hf_path, source, out, nbytes, prepared, plan, options)
+    check_free_space(out, plan.total_bytes)
+    staged = _Staged(source, prepared, plan, out_dtype, card, options, phases, seconds)
+    _save(staged, out, reads, published)
+    url = hub.upload(out, options.upload_repo) if options.upload_repo else None
+    return ConvertResult(
+        plan,
+        out,
+        prepared.cache,
+        url,
+        replaced=published.replaced,
+        seconds=seconds,
+        stock=prepared.stock,
+        phases=phases,
+    )
+
+
+def _scale_method(options: ConvertOptions) -> str:
+    """The scale method to use, after the checks that need no source."""
+    if options.calibration is not None and not Path(options.calibration).is_file():
+        raise MintError(f"calibration file {options.calibration} does not exist; pass a text file")
+    scales = options.scales
+    if scales is None:  # the paper's method is round-to-nearest; ours fits scales
+        scales = "rtn" if options.objective == "paper" else "optimized"
+    if scales not in SCALE_METHODS:
+        raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
+    return scales
+
+
+def _phase_log(source: Source, options: ConvertOptions, writes: bool) -> PhaseLog:
+    """The phases this run announces (only the process that writes, and only with progress)."""
+    return PhaseLog(
         [
-            *(["sensitivity"] if objective == "fisher" else []),
+            *(["sensitivity"] if options.objective == "fisher" else []),
             "analysis",
             "plan",
-            *([] if dry_run else ["card", "save"]),
+            *([] if options.dry_run else ["card", "save"]),
         ],
         source.total_parameters,
-        enabled=progress and writes,
+        enabled=options.progress and writes,
         timings=cache_root(create=False) / TIMINGS_FILE,
     )
-    prepared = prepare(
+
+
+def _prepare(
+    source: Source,
+    out_dtype: mx.Dtype,
+    scale_method: str,
+    cache: Path | None,
+    options: ConvertOptions,
+    phases: PhaseLog,
+) -> Prepared:
+    """The sensitivity pass and the analysis (both cached): everything but the budget."""
+    return prepare(
         source,
         out_dtype,
-        objective=objective,
-        scales=scales,
-        min_sqnr=min_sqnr,
+        objective=options.objective,
+        scale_method=scale_method,
+        min_sqnr=options.min_sqnr,
         analysis=cache,
-        calibration=None if calibration is None else str(calibration),
-        max_shard_bytes=max_shard_bytes,
-        progress=progress,
-        jobs=jobs,
-        formats=formats,
-        sensitivity_pass=sensitivity_pass,
-        max_memory=resolve_max_memory(max_memory),
-        exact_analysis=exact_analysis,
-        sampler=sampler,
+        calibration=None if options.calibration is None else str(options.calibration),
+        max_shard_bytes=options.max_shard_bytes,
+        progress=options.progress,
+        jobs=options.jobs,
+        formats=options.formats,
+        sensitivity_pass=options.sensitivity_pass,
+        max_memory=resolve_max_memory(options.max_memory),
+        exact_analysis=options.exact_analysis,
+        sampler=options.sampler,
         phases=phases,
-        calibration_sequences=calibration_sequences,
+        calibration_sequences=options.calibration_sequences,
     )
-    seconds = dict(prepared.seconds)
+
+
+def _plan(prepared: Prepared, nbytes: int, phases: PhaseLog, seconds: dict[str, float]) -> Plan:
+    """The allocation at ``nbytes``, timed, with the memory peak so far."""
     phases.start("plan", f"budget {format_size(nbytes)}")
     start = time.perf_counter()
     plan = prepared.plan(nbytes)
     seconds["plan"] = time.perf_counter() - start
     plan.peak_memory = peak_rss()
-    group = distributed_group()
-    if group is not None and group.rank() != 0:  # mlx.launch: rank 0 saves
-        return ConvertResult(plan, None, prepared.cache, rank=group.rank(), seconds=seconds)
-    if dry_run:
-        phases.finish()
-        return ConvertResult(
-            plan, None, prepared.cache, seconds=seconds, stock=prepared.stock, phases=phases
-        )
+    return plan
+
+
+def _card(
+    hf_path: str | Path,
+    source: Source,
+    out: Path,
+    nbytes: int,
+    prepared: Prepared,
+    plan: Plan,
+    options: ConvertOptions,
+) -> str:
+    """The model card (README.md), with the command line as the card shows it."""
     origin = origin_of(hf_path, source.path, source.config)
-    card = model_card(
+    argv = options.command or [
+        "--hf-path",
+        str(hf_path),
+        "--mlx-path",
+        out.name,
+        "--budget",
+        str(nbytes),
+    ]
+    return model_card(
         plan,
         origin,
-        command=public_command(
-            command or ["--hf-path", str(hf_path), "--mlx-path", out.name, "--budget", str(nbytes)],
-            origin,
-            out,
-        ),
+        command=public_command(argv, origin, out),
         name=out.name,
         images=CARD_IMAGES,
         stock=prepared.stock,
     )
-    check_free_space(out, plan.total_bytes)
+
+
+@dataclass
+class _Staged:
+    """What goes into the output directory, and where the save phase reports to."""
+
+    source: Source
+    prepared: Prepared
+    plan: Plan
+    dtype: mx.Dtype
+    card: str
+    options: ConvertOptions
+    phases: PhaseLog
+    seconds: dict[str, float]
+
+
+def _save(staged: _Staged, out: Path, reads: Sequence[Read], published: Published) -> None:
+    """Write the output into a temporary sibling of ``out``, check that it loads as planned,
+    and rename it into place; a disk that fills up or refuses is one line."""
     try:
-        with staging_dir(out, force, reads, _published) as tmp:
-            phases.start("card", "size/quality curve over 10 budgets, layer heatmap")
-            start = time.perf_counter()
-            card_figures(prepared, plan, tmp, out.name)
-            seconds["card"] = time.perf_counter() - start
-            phases.start("save", f"{format_size(plan.total_bytes)}, then read back and checked")
-            start = time.perf_counter()
-            save_model_dir(
-                source,
-                plan,
-                tmp,
-                out_dtype,
-                card,
-                max_shard_bytes=max_shard_bytes,
-                progress=progress,
-                columns=prepared.columns,
-            )
-            seconds["save"] = time.perf_counter() - start
-            phases.finish()
-            if progress:
-                phases.save_rates(seconds)
+        with staging_dir(out, staged.options.force, reads, published) as tmp:
+            _write_output(staged, tmp, out.name)
     except OSError as e:
         refused = not_writable(e, "--mlx-path", out)
         if refused is not None:
@@ -260,35 +364,36 @@ def convert(
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"no space left on the device of {out.parent} while saving (the model needs "
-                f"{format_size(plan.total_bytes)}); free space or pick another --mlx-path, then "
-                "re-run: the analysis is cached"
+                f"{format_size(staged.plan.total_bytes)}); free space or pick another "
+                "--mlx-path, then re-run: the analysis is cached"
             ) from e
         raise
-    url = None
-    if upload_repo:
-        from .hub import upload
 
-        url = upload(out, upload_repo)
-    return ConvertResult(
+
+def _write_output(staged: _Staged, tmp: Path, name: str) -> None:
+    """The card's figures, then the model directory, then the post-save check, timed."""
+    phases, seconds, plan = staged.phases, staged.seconds, staged.plan
+    phases.start("card", "size/quality curve over 10 budgets, layer heatmap")
+    start = time.perf_counter()
+    card_figures(staged.prepared, plan, tmp, name)
+    seconds["card"] = time.perf_counter() - start
+    phases.start("save", f"{format_size(plan.total_bytes)}, then read back and checked")
+    start = time.perf_counter()
+    save_model_dir(
+        staged.source,
         plan,
-        out,
-        prepared.cache,
-        url,
-        replaced=_saved.get("replaced"),
-        seconds=seconds,
-        stock=prepared.stock,
-        phases=phases,
+        tmp,
+        staged.dtype,
+        staged.card,
+        max_shard_bytes=staged.options.max_shard_bytes,
+        progress=staged.options.progress,
+        columns=staged.prepared.columns,
     )
-
-
-#: The output this process finished saving (a Ctrl-C after it interrupts only the upload), and
-#: what it replaced. Set the moment the output is renamed into place.
-_saved: dict[str, Any] = {}
-
-
-def _published(out: Path, replaced: str | None) -> None:
-    _saved["path"] = out.resolve()
-    _saved["replaced"] = replaced
+    verify_saved(tmp, plan)
+    seconds["save"] = time.perf_counter() - start
+    phases.finish()
+    if staged.options.progress:
+        phases.save_rates(seconds)
 
 
 #: Room kept free beyond the weights: config, tokenizer, card and its figures.
@@ -430,53 +535,54 @@ def print_plan(plan: Plan) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    try:
-        result = convert(
-            args.hf_path,
-            args.mlx_path,
-            budget=args.budget,
-            bpw=args.bpw,
-            dtype=args.dtype,
-            min_sqnr=args.min_sqnr,
-            dry_run=args.dry_run,
-            analysis=args.analysis,
-            force=args.force,
-            upload_repo=args.upload_repo,
-            objective=args.objective,
-            calibration=args.calibration,
-            scales=args.scales,
-            progress=not args.quiet,
-            command=argv_list,
-            jobs=args.jobs,
-            formats=args.formats,
-            sensitivity_pass=args.sensitivity_pass,
-            max_memory=args.max_memory,
-            exact_analysis=args.exact_analysis,
-            sampler=args.sampler,
-            calibration_sequences=args.calibration_sequences,
-        )
-    except MintError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        out = Path(args.mlx_path).expanduser()
-        if args.upload_repo and _saved.get("path") == out.resolve():
-            print(
-                f"error: interrupted during the upload; {out} is saved, resume with "
-                f"python -m mint_mlx.hub {shlex.quote(str(out))} --repo {args.upload_repo}",
-                file=sys.stderr,
-            )
-        elif _saved.get("path") == out.resolve():
-            print(f"error: interrupted; {out} was already saved complete", file=sys.stderr)
-        else:
-            print(
-                "error: interrupted; no output was written (the analysis cache is kept)",
-                file=sys.stderr,
-            )
-        return 2
+    options = ConvertOptions(
+        budget=args.budget,
+        bpw=args.bpw,
+        dtype=args.dtype,
+        min_sqnr=args.min_sqnr,
+        dry_run=args.dry_run,
+        analysis=args.analysis,
+        force=args.force,
+        upload_repo=args.upload_repo,
+        objective=args.objective,
+        calibration=args.calibration,
+        scales=args.scales,
+        progress=not args.quiet,
+        command=list(sys.argv[1:] if argv is None else argv),
+        jobs=args.jobs,
+        formats=args.formats,
+        sensitivity_pass=args.sensitivity_pass,
+        max_memory=args.max_memory,
+        exact_analysis=args.exact_analysis,
+        sampler=args.sampler,
+        calibration_sequences=args.calibration_sequences,
+    )
+    published = Published()
+    out = Path(args.mlx_path).expanduser()
+    with reported(lambda: _interrupted(out, args.upload_repo, published)) as outcome:
+        result = run_conversion(args.hf_path, args.mlx_path, options, published)
+    if outcome.exit_code is not None:
+        return outcome.exit_code
     if result.rank != 0:
         return 0  # mlx.launch worker rank: rank 0 reports
+    print_result(result)
+    return 0
+
+
+def _interrupted(out: Path, upload_repo: str | None, published: Published) -> str:
+    """What a Ctrl-C left: the output saved (the upload to resume), or nothing but the cache."""
+    if upload_repo and published.path == out.resolve():
+        return (
+            f"interrupted during the upload; {out} is saved, resume with "
+            f"python -m mint_mlx.output.hub {shlex.quote(str(out))} --repo {upload_repo}"
+        )
+    if published.path == out.resolve():
+        return f"interrupted; {out} was already saved complete"
+    return "interrupted; no output was written (the analysis cache is kept)"
+
+
+def print_result(result: ConvertResult) -> None:
+    """The plan, the stock comparison, what was saved and replaced, the timings, the upload."""
     print_plan(result.plan)
     line = stock_line(result.plan, result.stock)
     if line:
@@ -489,7 +595,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     if result.url:
         print(f"uploaded {result.url}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BudgetError
-from .sizes import format_size, parse_size
+from mint_mlx.errors import BudgetError
+from mint_mlx.sizes import format_size, parse_size
 
 GB = 10**9
 GIB = 2**30

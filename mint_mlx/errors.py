@@ -61,4 +61,17 @@ class NotWritableError(MintError):
 
 class SourceChangedError(SourceError):
     """The source changed while it was being converted: its content no longer matches what was
-    analysed, so the output would not be the model the plan describes."""
+    analyzed, so the output would not be the model the plan describes."""
+
+
+def one_line(text: object, limit: int = 200, typed: bool = False) -> str:
+    """The first line of ``text`` (an exception's message, a server's reply), whitespace
+    collapsed and cut at ``limit`` characters, for messages that must stay on one line (errors
+    from MLX, mlx-lm's model classes and the hub span many). ``typed`` puts the exception's type
+    in front: ``Type: first line``."""
+    lines = str(text).strip().splitlines()
+    line = " ".join(lines[0].split()) if lines else ""
+    line = line if len(line) <= limit else line[: limit - 3] + "..."
+    if not typed:
+        return line
+    return f"{type(text).__name__}: {line}" if line else type(text).__name__

@@ -58,7 +58,11 @@ class Format:
 
     @property
     def name(self) -> str:
-        """Stable identifier used in caches, plans and tables, e.g. ``affine-4-g64``."""
+        """Stable identifier used in caches, plans and tables, e.g. ``affine-4-g64``.
+
+        The 16-bit passthrough format is named ``fp16`` whatever the output dtype: it is stored
+        in that dtype (bfloat16 for a bfloat16 model), not as float16. The name is kept because
+        it is written into mint_plan.json and analysis caches."""
         if self.mode == PASSTHROUGH:
             return "fp16" if self.bits == 16 else f"fp{self.bits}"
         if self.mode == "affine":
@@ -171,7 +175,7 @@ def paper_formats() -> list[Format]:
 FORMAT_SETS: tuple[str, ...] = ("native", "extended")
 
 
-def formats_for(objective: str, scales: str = "rtn", formats: str = "native") -> list[Format]:
+def formats_for(objective: str, scale_method: str = "rtn", formats: str = "native") -> list[Format]:
     """The candidate set an objective allocates over.
 
     With fitted affine scales the microscaling float modes (mxfp4, nvfp4, mxfp8) are left out:
@@ -194,7 +198,10 @@ def formats_for(objective: str, scales: str = "rtn", formats: str = "native") ->
         raise ValueError(f"unknown format set {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     if objective == "paper":
         return paper_formats()
-    if scales in ("optimized", "hqq"):  # HQQ fits scales too: the same candidates as optimized
+    if scale_method in (
+        "optimized",
+        "hqq",
+    ):  # HQQ fits scale_method too: the same candidates as optimized
         base = [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
     else:
         base = native_formats()

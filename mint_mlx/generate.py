@@ -12,32 +12,27 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import MintError
+from mint_mlx.cli import reported
+from mint_mlx.runtime.load import load
 
 PROG = "python -m mint_mlx.generate"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run mlx-lm's generate CLI on ``argv`` (default: the process's) with mint-mlx's loader."""
-    from .load import load
-
     # the module, not the function: mlx_lm's package attribute ``generate`` is the function
     mlx_generate: Any = importlib.import_module("mlx_lm.generate")
 
     saved_argv, saved_load = sys.argv, mlx_generate.load
     sys.argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
     mlx_generate.load = load  # main() looks the loader up in its module at call time
-    try:
-        mlx_generate.main()
-    except MintError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:  # generation writes nothing: there is nothing to clean up
-        print("error: interrupted", file=sys.stderr)
-        return 2
-    finally:
-        sys.argv, mlx_generate.load = saved_argv, saved_load
-    return 0
+    # Ctrl-C: generation writes nothing, there is nothing to clean up
+    with reported("interrupted") as outcome:
+        try:
+            mlx_generate.main()
+        finally:
+            sys.argv, mlx_generate.load = saved_argv, saved_load
+    return 0 if outcome.exit_code is None else outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import os
 import resource
 import sys
 
-from .sizes import parse_size
+from mint_mlx.devices import gpu_memory
+from mint_mlx.sizes import parse_size
 
 
 def physical_memory() -> int:
@@ -20,8 +21,6 @@ def physical_memory() -> int:
 def default_max_memory() -> int | None:
     """What a conversion may use unless told: on Apple Silicon the share of unified memory the
     GPU may wire (what ``plan --fit`` models), elsewhere 80% of RAM; None if RAM is unknown."""
-    from .devices import gpu_memory
-
     have = physical_memory()
     if not have:
         return None

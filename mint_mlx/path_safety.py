@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DiskFullError, NotWritableError, OutputExistsError, PathConflictError
+from mint_mlx.errors import DiskFullError, NotWritableError, OutputExistsError, PathConflictError
 
 #: Name fragments of the temporary (being written) and replaced (being removed) directories.
 TMP_MARKER = ".mint-tmp-"
@@ -185,8 +185,7 @@ def check_run(
         check_output_file(path, reads, flag)
         check_writable(path, flag)
     if out is not None:
-        check_output_dir(out, reads)
-        check_replace(real(out), force)
+        check_output(out, reads, force)
         check_writable(out, "--mlx-path")
     return reads
 
@@ -265,6 +264,20 @@ def check_replace(
             f"output directory {out} already exists; pass --force to replace it"
         )
     return what
+
+
+def check_output(
+    out: Path,
+    reads: Sequence[Read],
+    force: bool,
+    flag: str = "--mlx-path",
+    kind: OutputKind = model_output_kind,
+) -> None:
+    """The output rules, checked before a run's work and again before its output is staged:
+    ``out`` may not overlap what the run reads nor be a file (:func:`check_output_dir`), and
+    may exist only if ``force`` may replace it (:func:`check_replace`)."""
+    check_output_dir(out, reads, flag)
+    check_replace(real(out), force, flag, kind)
 
 
 def check_writable(path: Path, flag: str) -> None:
@@ -403,8 +416,7 @@ def staged_output(
     (:func:`publish`); on any exception, Ctrl-C included, it is removed and ``out`` is left as
     it was. The path rules are checked before anything is created."""
     out = real(out)
-    check_output_dir(out, reads, flag)
-    check_replace(out, force, flag, kind)
+    check_output(out, reads, force, flag, kind)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARKER}", dir=out.parent))

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .memory import peak_rss
-from .sizes import format_size
+from mint_mlx.memory import peak_rss
+from mint_mlx.sizes import format_size
 
 #: Where the last conversion's per-phase rates live, under the cache root.
 TIMINGS_FILE = "timings.json"

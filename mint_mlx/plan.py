@@ -7,28 +7,42 @@ mix and predicted quality. ``--fit`` plans the best model for a machine and cont
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # ``python -m mint_mlx.plan``: OpenBLAS goes under MLX's CPU matmul, which works only before
+    # mlx.core is imported (below). Imported as a library, the module loads nothing.
+    from mint_mlx.blas import use_openblas
+
+    use_openblas()
+
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
-from .calibrate import add_sensitivity_arguments
-from .devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
-from .errors import MintError
-from .formats import COMPACT, FORMAT_SETS
-from .memory import resolve_max_memory
-from .parallel import default_jobs
-from .path_safety import check_run
-from .paths import cache_root
-from .planner import Prepared, prepare
-from .quantize import SCALE_METHODS
-from .sizes import format_size, parse_size
-from .source import open_source
-from .stock import StockPoint, best_within, frontier, unmeasured_note
+from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
+from mint_mlx.allocation.prepare import (
+    Prepared,
+    output_dtype,
+    plan_points,
+    prepare,
+    sweep_budgets,
+)
+from mint_mlx.allocation.stock import StockPoint, best_within, stock_curve, unmeasured_note
+from mint_mlx.analysis.workers import default_jobs
+from mint_mlx.cli import reported
+from mint_mlx.devices import Fit, bytes_per_token, decode_ceiling, fit_budget, parse_machine
+from mint_mlx.errors import MintError
+from mint_mlx.formats import COMPACT, FORMAT_SETS
+from mint_mlx.memory import resolve_max_memory
+from mint_mlx.output.plots import size_quality_curve
+from mint_mlx.path_safety import check_run
+from mint_mlx.paths import cache_root
+from mint_mlx.quant.quantize import SCALE_METHODS
+from mint_mlx.sensitivity.calibrate import add_sensitivity_arguments
+from mint_mlx.sizes import format_size, parse_size
+from mint_mlx.source.model import open_source
 
 
 def mix(plan: Plan) -> str:
@@ -55,7 +69,7 @@ class SweepPoint:
     distortion: float
     predicted_kld: float | None
     mix: str
-    #: The best stock mlx-lm setting no larger than this plan's bytes (mint_mlx.stock), and
+    #: The best stock mlx-lm setting no larger than this plan's bytes (mint_mlx.allocation.stock), and
     #: its predicted quality in the same units: what a user would get from mlx_lm convert.
     stock: str | None = None
     stock_bytes: int | None = None
@@ -81,26 +95,6 @@ class SweepPoint:
         if self.predicted_kld is not None and self.stock_predicted_kld:
             return self.predicted_kld / self.stock_predicted_kld
         return self.distortion / self.stock_distortion
-
-
-def sweep_budgets(prepared: Prepared, points: int = 12) -> list[int]:
-    """Budgets evenly spaced from the smallest feasible size to the 16-bit size."""
-    low, high = prepared.size_range()
-    return [low + (high - low) * k // (points - 1) for k in range(points)]
-
-
-def plan_points(prepared: Prepared, budgets: Sequence[int]) -> list[tuple[int, Plan]]:
-    """A plan per budget; never a worse plan for a larger budget (a plan that fits a smaller
-    budget fits a larger one too, so it is kept if the solver's answer is not better)."""
-    out: list[tuple[int, Plan]] = []
-    best: Plan | None = None
-    for budget in sorted(budgets):
-        plan = prepared.plan(budget)
-        if best is not None and best.distortion < plan.distortion:
-            plan = best
-        best = plan
-        out.append((budget, plan))
-    return out
 
 
 def to_point(budget: int, plan: Plan) -> SweepPoint:
@@ -177,8 +171,6 @@ def plan(
     ``formats`` and ``scales`` mean what they mean for :func:`mint_mlx.convert.convert`, so
     a plan printed here is the plan a conversion with the same flags makes (same cache too).
     """
-    from .convert import output_dtype
-
     if scales is not None and scales not in SCALE_METHODS:
         raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
     source = open_source(hf_path)
@@ -194,7 +186,7 @@ def plan(
         source,
         out_dtype,
         objective=objective,
-        scales=scales or ("rtn" if objective == "paper" else "optimized"),
+        scale_method=scales or ("rtn" if objective == "paper" else "optimized"),
         min_sqnr=min_sqnr,
         analysis=cache,
         progress=progress,
@@ -213,57 +205,62 @@ def plan(
     unpriced = unmeasured_note(report.stock)
     report.notes = [n for n in [unpriced] if n]
     if fit is not None:
-        machine = parse_machine(fit)
-        report.fit = fit_budget(machine, source.config, context)
-        fit_plan = prepared.plan(report.fit.weight_budget)
-        report.fit_point = to_point(report.fit.weight_budget, fit_plan).with_stock(report.stock)
-        experts = sum(a.nbytes for a in fit_plan.assignments if a.role == "experts")
-        per_token = bytes_per_token(source.config, fit_plan.total_bytes, experts)
-        report.decode_ceiling_tps = decode_ceiling(machine, per_token)
-    report.points = []
+        _add_fit(report, prepared, fit, context)
     explicit = set(parse_size(b) for b in budgets or [])
+    report.points = _sweep_points(prepared, wanted, explicit, report.stock)
+    if png is not None and report.points:
+        _write_png(report, Path(png).expanduser(), png, Path(str(hf_path)).name)
+    return report
+
+
+def _add_fit(report: PlanReport, prepared: Prepared, fit: str, context: int) -> None:
+    """The best plan for machine ``fit`` at ``context`` tokens, and its decode speed ceiling."""
+    config = prepared.source.config
+    machine = parse_machine(fit)
+    report.fit = fit_budget(machine, config, context)
+    fit_plan = prepared.plan(report.fit.weight_budget)
+    report.fit_point = to_point(report.fit.weight_budget, fit_plan).with_stock(report.stock)
+    experts = sum(a.nbytes for a in fit_plan.assignments if a.role == "experts")
+    per_token = bytes_per_token(config, fit_plan.total_bytes, experts)
+    report.decode_ceiling_tps = decode_ceiling(machine, per_token)
+
+
+def _sweep_points(
+    prepared: Prepared, wanted: Sequence[int], explicit: set[int], stock: Sequence[StockPoint]
+) -> list[SweepPoint]:
+    """A point per wanted budget, less the sweep points that buy nothing more than the last."""
+    points: list[SweepPoint] = []
     for b, p in plan_points(prepared, wanted):
-        previous = report.points[-1] if report.points else None
+        previous = points[-1] if points else None
         if previous and b not in explicit and previous.bytes == p.total_bytes:
             continue  # a sweep point that buys nothing more (the next upgrade does not fit)
-        report.points.append(to_point(b, p).with_stock(report.stock))
-    if png is not None and report.points:
-        from .plots import size_quality_curve
+        points.append(to_point(b, p).with_stock(stock))
+    return points
 
-        chosen = None
-        if report.fit_point is not None:
-            chosen = (report.fit_point.bits_per_weight, _quality(report.fit_point))
-        try:
-            size_quality_curve(
-                [(p.bits_per_weight, _quality(p)) for p in report.points],
-                Path(png).expanduser(),
-                chosen=chosen,
-                title=f"{Path(str(hf_path)).name}: size vs predicted quality",
-                ylabel=_quality_label(objective),
-                stock=stock_curve(report.stock),
-            )
-        except OSError as e:  # no such folder, permission denied, read-only, disk full
-            raise MintError(
-                f"cannot write --png {png} ({e.strerror or type(e).__name__}); pick a path in a "
-                "folder you can write to (the analysis is cached)"
-            ) from e
-    return report
+
+def _write_png(report: PlanReport, path: Path, png: str | Path, name: str) -> None:
+    """The size/quality curve of the sweep (the fit marked, if any) at ``path`` (``--png``)."""
+    chosen = None
+    if report.fit_point is not None:
+        chosen = (report.fit_point.bits_per_weight, _quality(report.fit_point))
+    try:
+        size_quality_curve(
+            [(p.bits_per_weight, _quality(p)) for p in report.points],
+            path,
+            chosen=chosen,
+            title=f"{name}: size vs predicted quality",
+            ylabel=_quality_label(report.objective),
+            stock=stock_curve(report.stock),
+        )
+    except OSError as e:  # no such folder, permission denied, read-only, disk full
+        raise MintError(
+            f"cannot write --png {png} ({e.strerror or type(e).__name__}); pick a path in a "
+            "folder you can write to (the analysis is cached)"
+        ) from e
 
 
 def _quality(p: SweepPoint) -> float:
     return p.predicted_kld if p.predicted_kld is not None else p.distortion
-
-
-def stock_curve(points: Sequence[StockPoint]) -> list[tuple[float, float, str]]:
-    """(bits per weight, predicted quality, name) of the stock settings on their frontier."""
-    return [
-        (
-            p.bits_per_weight,
-            p.predicted_kld if p.predicted_kld is not None else p.distortion,
-            p.name,
-        )
-        for p in frontier(points)
-    ]
 
 
 def _stock_cell(p: SweepPoint) -> str:
@@ -314,7 +311,7 @@ def format_report(report: PlanReport) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mint_mlx.plan",
         description="Show what each size buys (and what fits a machine) before converting.",
@@ -352,8 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample's estimates are within a few percent)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    try:
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with reported("interrupted (the analysis cache is kept)") as outcome:
         report = plan(
             args.hf_path,
             budgets=args.budgets.split(",") if args.budgets else None,
@@ -374,12 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exact_analysis=args.exact_analysis,
             sampler=args.sampler,
         )
-    except MintError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted (the analysis cache is kept)", file=sys.stderr)
-        return 2
+    if outcome.exit_code is not None:
+        return outcome.exit_code
     print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
     return 0
 

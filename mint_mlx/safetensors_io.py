@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import CorruptShardError
+from mint_mlx.errors import CorruptShardError
 
 #: safetensors dtype tag -> (mlx dtype, bytes per element)
 DTYPES: dict[str, tuple[mx.Dtype, int]] = {

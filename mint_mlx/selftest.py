@@ -5,7 +5,7 @@ scales) runs on the GPU against the float32 reference, and is timed against MLX'
 ``mx.quantized_matmul`` at about the same bytes per weight (our affine-b-g32-cs against native
 affine-b-g64, g16 against g32, g256 against g128), so a slow kernel shows up before a model uses
 it. Elsewhere the same kernels are compiled with g++ and run in the CPU emulator
-(:mod:`mint_mlx.kernels.emulate`) over a representative set of formats and shapes; that checks
+(:mod:`mint_mlx.tools.emulator.emulate`) over a representative set of formats and shapes; that checks
 correctness (and races, out-of-bounds accesses), not speed.
 
 Exit status: 0 when every case passes, 1 when one fails, 2 when nothing could be checked (no
@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .formats import COMPACT, Format
-from .kernels import ops, quantized
-from .kernels.cases import TOLERANCE, close_enough, random_quantized, random_x
-from .kernels.spec import KernelCall, KernelSpec
+from mint_mlx.cli import reported
+from mint_mlx.formats import COMPACT, Format
+from mint_mlx.runtime.kernels import ops, quantized
+from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.tools.emulator import emulate
+from mint_mlx.tools.emulator.cases import TOLERANCE, close_enough, random_quantized, random_x
 
 
 @dataclass(frozen=True)
@@ -126,15 +128,13 @@ def _report(ok: bool, label: str, detail: str) -> None:
 
 def run_emulated(cases: Sequence[Case]) -> int:
     """Run ``cases`` in the CPU emulator; prints one line per case, returns the failures."""
-    from .kernels.emulate import EmulationError, run_call
-
     failures = 0
     for case in cases:
         call, ref = case.build()
         start = time.perf_counter()
         try:
-            (y,) = run_call(case.spec(), call)
-        except EmulationError as e:
+            (y,) = emulate.run_call(case.spec(), call)
+        except emulate.EmulationError as e:
             failures += 1
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             _report(False, case.label(), f"{e.kind}: {first}")
@@ -243,11 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--emulate", action="store_true", help="use the CPU emulator even where Metal is available"
     )
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:  # compiled kernels are cached by atomic renames: nothing half-made
-        print("error: interrupted; the checks printed above are all that ran", file=sys.stderr)
-        return 2
+    # Ctrl-C: compiled kernels are cached by atomic renames, nothing is left half-made
+    with reported("interrupted; the checks printed above are all that ran") as outcome:
+        code = _run(args)
+    return code if outcome.exit_code is None else outcome.exit_code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -259,9 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         failures = run_metal(cases, bench=not args.no_bench)
         total = len(cases)
     else:
-        from .kernels.emulate import find_compiler
-
-        if find_compiler() is None:
+        if emulate.find_compiler() is None:
             print(
                 "selftest: no Metal GPU and no C++ compiler, nothing checked: install g++ "
                 "(apt-get install g++) or set MINT_MLX_CXX to run the kernels in the emulator",

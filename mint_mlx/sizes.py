@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import BudgetError
+from mint_mlx.errors import BudgetError
 
 _UNITS = {
     "": 1,

@@ -10,7 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import mint_mlx  # noqa: E402, F401  (first: it loads OpenBLAS before mlx.core; see mint_mlx.blas)
+from mint_mlx.blas import use_openblas
+
+use_openblas()  # before anything imports mlx.core: OpenBLAS under its CPU matmul
 
 from tiny_models import GEMMA3_CONFIG, LLAMA_CONFIG, QWEN3_MOE_CONFIG, build_model_dir  # noqa: E402
 

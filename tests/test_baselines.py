@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mint_mlx import baselines as bl
+from mint_mlx.tools import baselines as bl
 
 # isort: split
 import mlx.nn as nn

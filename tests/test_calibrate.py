@@ -7,22 +7,41 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mint_mlx.calibrate import CalibrationConfig, calibrate, load_float32_model
 from mint_mlx.convert import convert
-from mint_mlx.sampling import sample_sequences
-from mint_mlx.source import open_source
+from mint_mlx.sensitivity.calibrate import CalibrationConfig, calibrate, load_float32_model
+from mint_mlx.sensitivity.sampling import sample_sequences
+from mint_mlx.source.model import open_source
 
 
-def test_column_weights_cover_every_tensor(tiny_moe: Path) -> None:
+def test_column_weights_cover_every_tensor(
+    tiny_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mint_mlx.sensitivity.calibrate as cal
+
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))  # empty: this call computes
     source = open_source(tiny_moe)
     weights = calibrate(source, CalibrationConfig(sequences=2, seq_len=32))
     for t in source.quantizable:
         w = weights[t.key]
         assert tuple(w.shape) == t.shape[:-2] + t.shape[-1:]  # one weight per input column
         assert mx.all(w > 0).item()  # the floor: nothing is free to destroy
-    # cached: a second call reads the file instead of recomputing
+    # cached: the one file written holds these weights ...
+    (entry,) = (tmp_path / "cache").rglob("*.safetensors")
+    saved = mx.load(str(entry))
+    assert isinstance(saved, dict) and saved.keys() == weights.keys()
+    assert all(mx.array_equal(weights[k], saved[k]).item() for k in weights)
+    # ... and a second call reads it instead of recomputing: with the sampling and the Fisher
+    # passes disabled it returns what the file now holds (doubled), not the weights computed
+    mx.save_safetensors(str(entry), {k: 2 * v for k, v in saved.items()})
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the calibration should come from the cache")
+
+    for name in ("calibration_tokens", "column_fisher", "streamed_column_fisher"):
+        monkeypatch.setattr(cal, name, recompute)
     again = calibrate(source, CalibrationConfig(sequences=2, seq_len=32))
-    assert all(mx.array_equal(weights[k], again[k]).item() for k in weights)
+    assert again.keys() == weights.keys()
+    assert all(mx.array_equal(2 * weights[k], again[k]).item() for k in weights)
 
 
 def test_sampling_is_seeded(tiny_llama: Path) -> None:
@@ -47,7 +66,7 @@ def test_calibration_file_is_used(tiny_llama: Path, tmp_path: Path) -> None:
 
 def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None:
     """The fisher objective's total is a second-order KLD prediction: check it on real output."""
-    from mint_mlx.evaluate import evaluate
+    from mint_mlx.tools.evaluation import evaluate
 
     from tiny_models import CORPUS
 
@@ -67,7 +86,7 @@ def test_predicted_kld_tracks_measured(tiny_llama: Path, tmp_path: Path) -> None
 
 def test_fisher_beats_weight_error_objective(deep_llama: Path, tmp_path: Path) -> None:
     """At the same bytes the output-aware allocation must not be worse than the nrmse one."""
-    from mint_mlx.evaluate import evaluate
+    from mint_mlx.tools.evaluation import evaluate
 
     from tiny_models import CORPUS
 

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from mint_mlx.convert import convert, main, public_command
-from mint_mlx.origin import Origin, origin_of
+from mint_mlx.source.origin import Origin, origin_of
 
 SOURCE_CARD = """---
 license: apache-2.0
@@ -120,14 +120,14 @@ def test_library_call_without_a_command_still_has_no_path(deep_llama: Path, tmp_
 
 
 def _assignment(path: str, layer: int | None, fmt: str, numel: int = 64 * 64):
-    from mint_mlx.allocate import Assignment
+    from mint_mlx.allocation.allocate import Assignment
 
     return Assignment(path, (numel // 64, 64), "linear", layer, fmt, 0, 0.0, 0.0, 0.0)
 
 
 def test_heatmap_legend_lists_exactly_the_formats_in_the_plan() -> None:
-    from mint_mlx.allocate import Plan
-    from mint_mlx.plots import heatmap_figure
+    from mint_mlx.allocation.allocate import Plan
+    from mint_mlx.output.plots import heatmap_figure
 
     assignments = [_assignment("model.embed_tokens", None, "affine-6-g64")]
     for layer in range(60):  # a deep MoE: experts summarised per projection

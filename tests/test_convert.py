@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import mint_mlx.analyze
+import mint_mlx.analysis.measure
 import mint_mlx.safetensors_io
-from mint_mlx.allocate import Plan
+from mint_mlx.allocation.allocate import Plan
 from mint_mlx.convert import convert, main
 from mint_mlx.errors import BudgetError
 from mint_mlx.formats import format_by_name
@@ -130,7 +130,7 @@ def test_analysis_cache_is_reused(
     def boom(*args, **kwargs):
         raise AssertionError("analysis should come from the cache")
 
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", boom)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", boom)
     second = convert(tiny_llama, tmp_path / "o", bpw=5.0, analysis=cache, dry_run=True).plan
     assert second.total_bytes > first.total_bytes
     assert second.distortion < first.distortion
@@ -140,7 +140,7 @@ def test_interrupted_analysis_resumes(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "a.jsonl"
-    real = mint_mlx.analyze.analyze_tensor
+    real = mint_mlx.analysis.measure.analyze_tensor
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -149,7 +149,7 @@ def test_interrupted_analysis_resumes(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", flaky)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", flaky)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_llama, tmp_path / "o", bpw=4.0, analysis=cache, dry_run=True)
     assert len(cache.read_text().splitlines()) == 1 + 5

@@ -1,4 +1,4 @@
-"""Fast tests of mint_mlx.evaluate on tiny random llama models with a real (trained) BPE tokenizer."""
+"""Fast tests of mint_mlx.tools.evaluation on tiny random llama models with a real (trained) BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from mint_mlx import evaluate as ev  # first: loads OpenBLAS before mlx.core
-
-# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama, mixtral
 from mlx_lm.utils import quantize_model, save_config, save_model
+
+from mint_mlx.source.model import cast_to_float32
+from mint_mlx.tools import evaluate as cli
+from mint_mlx.tools import evaluation as ev
+from mint_mlx.tools.evaluation.kld import compare_cached
 
 SENTENCES = [
     "The cat sat on the mat and looked at the dog.",
@@ -140,7 +141,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _native_fp32_logits(path: Path, batch: mx.array) -> mx.array:
     """The real quantized layers, with float32 activations (never bf16 on a CPU)."""
     model, _ = ev.load_for_eval(path, backend="native")
-    ev.cast_to_float32(model)
+    cast_to_float32(model)
     return model(batch).astype(mx.float32)
 
 
@@ -170,7 +171,10 @@ def _python(code: str) -> str:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="OpenBLAS preload is a Linux matter")
-def test_openblas_loaded_before_mlx_and_too_late_after() -> None:
+def test_openblas_is_an_entry_point_step() -> None:
+    """Running a CLI module loads OpenBLAS ahead of mlx.core; importing mint_mlx or the library
+    modules (the CLI modules included) has no such side effect; and use_openblas() once mlx.core
+    is imported is too late, and says so. Each case in a fresh process."""
     from mint_mlx.blas import find_openblas
 
     path = find_openblas()
@@ -180,9 +184,20 @@ def test_openblas_loaded_before_mlx_and_too_late_after() -> None:
     # numpy import maps
     directory = os.path.dirname(os.path.realpath(path))
     maps = f"any({directory!r} in line for line in open('/proc/self/maps'))"
-    # A fresh process: importing evaluate loads OpenBLAS ahead of mlx.core.
-    code = f"import mint_mlx.evaluate, mint_mlx.blas as b; print(b.openblas_active(), {maps})"
-    assert _python(code) == "True True"
+    report = f"import mint_mlx.blas as b; print(b.openblas_active(), {maps})"
+    for cli_module in ("mint_mlx.tools.evaluate", "mint_mlx.tools.testbed"):
+        run = (
+            f"import runpy, sys; sys.argv = ['{cli_module}', '--help']\n"
+            f"try:\n    runpy.run_module({cli_module!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+        )
+        assert _python(run + report).splitlines()[-1] == "True True", cli_module
+    libraries = (
+        "mint_mlx, mint_mlx.tools.evaluation, mint_mlx.tools.testbeds, "
+        "mint_mlx.tools.evaluate, mint_mlx.tools.testbed"
+    )
+    code = f"import {libraries}, mlx.core; {report}"
+    assert _python(code) == "False False"
     # mlx.core imported first: too late, and use_openblas says so instead of pretending.
     code = f"import mlx.core, mint_mlx.blas as b; print(b.use_openblas(), {maps})"
     assert _python(code) == "False False"
@@ -373,7 +388,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
 def test_cli_json_and_ppl_only(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     text = _text_file(tiny)
     assert (
-        ev.main(
+        cli.main(
             [
                 "--model",
                 str(tiny["q4g32"]),
@@ -390,10 +405,10 @@ def test_cli_json_and_ppl_only(tiny: dict[str, Path], capsys: pytest.CaptureFixt
     )
     out = json.loads(capsys.readouterr().out)
     assert out["kld_mean"] > 0 and out["n_tokens"] > 0 and out["backend"] == "dequant-fp32"
-    assert ev.main(["--model", str(tiny["ref"]), "--text", str(text), "--seq-len", str(SEQ)]) == 0
+    assert cli.main(["--model", str(tiny["ref"]), "--text", str(text), "--seq-len", str(SEQ)]) == 0
     printed = capsys.readouterr().out
     assert "ppl" in printed and "KLD" not in printed
-    assert ev.main(["--model", str(tiny["ref"]) + "-missing", "--text", str(text)]) == 2
+    assert cli.main(["--model", str(tiny["ref"]) + "-missing", "--text", str(text)]) == 2
 
 
 def test_unknown_quantized_layers_are_refused_not_guessed() -> None:
@@ -477,11 +492,11 @@ def test_cli_several_models(tiny: dict[str, Path], capsys: pytest.CaptureFixture
     text = _text_file(tiny)
     args = ["--model", str(tiny["q4g32"]), "--model", str(tiny["noisy0.01"])]
     args += ["--reference", str(tiny["ref"]), "--text", str(text), "--seq-len", str(SEQ)]
-    assert ev.main([*args, "--json"]) == 0
+    assert cli.main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert isinstance(out, list) and len(out) == 2
     assert out[0]["kld_mean"] > out[1]["kld_mean"] > 0  # 4-bit is further away than 1% noise
-    assert ev.main(args[:4] + ["--text", str(text)]) == 2  # several models, no reference
+    assert cli.main(args[:4] + ["--text", str(text)]) == 2  # several models, no reference
 
 
 def test_cached_comparison_matches_a_direct_float64_computation() -> None:
@@ -497,7 +512,7 @@ def test_cached_comparison_matches_a_direct_float64_computation() -> None:
     targets = rng.integers(0, vocab, (batch, seq))
     top1_ref = lp64.argmax(-1)
     top1_ref[0, 0] = (zq[0, 0].argmax() + 1) % vocab  # one sure disagreement
-    nll, kld, same = ev._compare_cached(zq, lp16, top1_ref, targets)
+    nll, kld, same = compare_cached(zq, lp16, top1_ref, targets)
 
     lq = zq.astype(np.float64)
     lq -= np.log(np.exp(lq).sum(-1, keepdims=True))

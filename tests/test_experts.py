@@ -20,12 +20,22 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort
 
-import mint_mlx.analyze
-import mint_mlx.parallel
-from mint_mlx.allocate import Plan
-from mint_mlx.analyze import RDCurve, analyze, cache_key
-from mint_mlx.expert_layers import PerExpertSwitchLinear, swap_per_expert_layers
-from mint_mlx.experts import (
+import mint_mlx.analysis.measure
+import mint_mlx.analysis.workers
+from mint_mlx.allocation.allocate import Plan
+from mint_mlx.allocation.layout import (
+    candidate_bytes,
+    module_slots,
+    output_layout,
+    passthrough_dtype,
+    per_expert_slots,
+    total_file_bytes,
+)
+from mint_mlx.allocation.prepare import Prepared
+from mint_mlx.analysis.analyze import analyze, cache_key
+from mint_mlx.analysis.measure import RDCurve
+from mint_mlx.formats import Format, format_by_name
+from mint_mlx.quant.experts import (
     ExpertGroups,
     collapse,
     cost_key,
@@ -37,21 +47,12 @@ from mint_mlx.experts import (
     module_entry,
     needs_mint,
     per_expert_entry,
-    per_expert_slots,
     quantize_per_expert,
     split_expert_path,
 )
-from mint_mlx.formats import Format, format_by_name
-from mint_mlx.layout import (
-    candidate_bytes,
-    module_slots,
-    output_layout,
-    passthrough_dtype,
-    total_file_bytes,
-)
-from mint_mlx.planner import Prepared
+from mint_mlx.runtime.expert_layers import PerExpertSwitchLinear, swap_per_expert_layers
 from mint_mlx.safetensors_io import ShardWriter, TensorSlot, header_entry_bytes, read_header
-from mint_mlx.source import Source, open_source
+from mint_mlx.source.model import Source, open_source
 
 F = format_by_name
 A4, A8 = F("affine-4-g64"), F("affine-8-g32")  # native
@@ -162,7 +163,7 @@ def test_per_expert_curves_sum_to_the_stack(
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("per-expert curves should come from the cache")
 
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", boom)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", boom)
     again = analyze(source, ANALYSED, dtype, tmp_path / "s.jsonl", **per_expert)
     assert [c.to_json() for c in again] == [c.to_json() for c in split]
 
@@ -173,7 +174,7 @@ def test_worker_pool_gives_the_same_per_expert_curves(
     source = open_source(tiny_moe)
     formats = [A4, FP16]
     serial = analyze(source, formats, mx.bfloat16, tmp_path / "1.jsonl", per_expert=True)
-    monkeypatch.setattr(mint_mlx.parallel, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(mint_mlx.analysis.workers, "PARALLEL_MIN_ELEMENTS", 0)
     pooled = analyze(source, formats, mx.bfloat16, tmp_path / "2.jsonl", jobs=2, per_expert=True)
     assert [c.to_json() for c in pooled] == [c.to_json() for c in serial]
     assert any("#" in c.path for c in pooled)
@@ -183,9 +184,9 @@ RANK_SCRIPT = """
 import sys
 import mint_mlx, mlx.core as mx
 from pathlib import Path
-from mint_mlx.analyze import analyze
+from mint_mlx.analysis.analyze import analyze
 from mint_mlx.formats import format_by_name
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 source = open_source(sys.argv[1])
 formats = [format_by_name("affine-4-g64"), format_by_name("fp16")]
 curves = analyze(source, formats, mx.bfloat16, Path(sys.argv[2]), per_expert=True)

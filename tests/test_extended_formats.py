@@ -14,8 +14,8 @@ from mint_mlx.formats import (
     format_by_name,
     format_from_entry,
 )
-from mint_mlx.kernels.reference import dequantize_affine
-from mint_mlx.quantize import dequantize_weight, quantize_weight, squared_error
+from mint_mlx.quant.quantize import dequantize_weight, quantize_weight, squared_error
+from mint_mlx.runtime.kernels.reference import dequantize_affine
 
 DTYPE_BYTES = {"uint32": 4, "uint8": 1, "int8": 1, "float": 2}
 

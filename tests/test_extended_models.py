@@ -2,7 +2,7 @@
 stock mlx-lm by name, load with ``mint_mlx.load``, and compute exactly what was saved.
 
 The reference for every logits check is built without mint-mlx's runtime: the saved arrays are
-dequantized with :func:`mint_mlx.quantize.dequantize_weight` (``dequantize_extended`` for the
+dequantized with :func:`mint_mlx.quant.quantize.dequantize_weight` (``dequantize_extended`` for the
 extended formats) and plugged into a float32 mlx-lm model.
 """
 
@@ -19,19 +19,10 @@ from pathlib import Path
 import pytest
 
 import mint_mlx
-from mint_mlx.allocate import Plan
-from mint_mlx.analyze import default_cache_path
+from mint_mlx.allocation.allocate import Plan
+from mint_mlx.analysis.analyze import default_cache_path
 from mint_mlx.convert import convert, main
 from mint_mlx.errors import MintError, SourceError
-from mint_mlx.evaluate import cast_to_float32, evaluate
-from mint_mlx.evaluate import main as evaluate_main
-from mint_mlx.expert_layers import PerExpertSwitchLinear
-from mint_mlx.experts import (
-    collapse,
-    dequantize_per_expert,
-    groups_from_entry,
-    is_per_expert_entry,
-)
 from mint_mlx.formats import (
     Format,
     format_by_name,
@@ -40,14 +31,23 @@ from mint_mlx.formats import (
     paper_formats,
 )
 from mint_mlx.plan import plan as plan_budgets
-from mint_mlx.quantize import dequantize_weight
-from mint_mlx.runtime import (
+from mint_mlx.quant.experts import (
+    collapse,
+    dequantize_per_expert,
+    groups_from_entry,
+    is_per_expert_entry,
+)
+from mint_mlx.quant.quantize import dequantize_weight
+from mint_mlx.runtime.expert_layers import PerExpertSwitchLinear
+from mint_mlx.runtime.layers import (
     ExtendedQuantizedEmbedding,
     ExtendedQuantizedLinear,
     ExtendedQuantizedSwitchLinear,
 )
 from mint_mlx.safetensors_io import read_header
-from mint_mlx.source import open_source
+from mint_mlx.source.model import cast_to_float32, open_source
+from mint_mlx.tools.evaluate import main as evaluate_main
+from mint_mlx.tools.evaluation import evaluate
 
 # isort: split
 import mlx.core as mx
@@ -335,7 +335,7 @@ def test_smollm2_extended_end_to_end(tmp_path: Path) -> None:
     from mlx_lm import generate
     from mlx_lm import load as stock
 
-    from mint_mlx.testbed import ensure_testbed, ensure_wiki_text
+    from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
 
     src = ensure_testbed("smollm2-135m", progress=True)
     out = tmp_path / "smollm2-ext"

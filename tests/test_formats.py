@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from mint_mlx.formats import Format, format_by_name, format_from_entry, native_formats
-from mint_mlx.quantize import quantize_weight
+from mint_mlx.quant.quantize import quantize_weight
 
 SHAPES = [(64, 128), (3, 32, 256), (7, 384)]
 

@@ -39,9 +39,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from safetensors.numpy import save as save_numpy
 
 from mint_mlx.errors import CorruptShardError, HubError, MintError
-from mint_mlx.hub import check_uploadable
+from mint_mlx.output.hub import check_uploadable
 from mint_mlx.safetensors_io import DTYPES, MAX_DIM, array_bytes, read_header
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 
 from tiny_models import LLAMA_CONFIG, build_model_dir
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mint_mlx.formats import Format
-from mint_mlx.hqq import BETA, ITERATIONS, KAPPA, LP_NORM, hqq_affine, hqq_fit
-from mint_mlx.quantize import dequantize_weight, quantize_weight
+from mint_mlx.quant.hqq import BETA, ITERATIONS, KAPPA, LP_NORM, hqq_affine, hqq_fit
+from mint_mlx.quant.quantize import dequantize_weight, quantize_weight
 
 
 def heavy_tailed(shape: tuple[int, ...], seed: int = 0) -> mx.array:
@@ -21,7 +21,7 @@ def heavy_tailed(shape: tuple[int, ...], seed: int = 0) -> mx.array:
 
 def unpack_bitstream(packed: np.ndarray, bits: int) -> np.ndarray:
     """MLX's packing read back bit by bit (each row a little-endian, LSB-first stream), written
-    independently of :func:`mint_mlx.scales.pack_numpy`."""
+    independently of :func:`mint_mlx.quant.scales.pack_numpy`."""
     rows = packed.reshape(-1, packed.shape[-1]).astype(np.uint64)
     stream = np.unpackbits(rows.astype("<u4").view(np.uint8), axis=-1, bitorder="little")
     n = stream.shape[-1] // bits
@@ -131,7 +131,7 @@ def test_solver_follows_the_paper(magnitude: float) -> None:
     """The vectorized solver gives the per-group loop's zero (before storage rounding, seen
     through float32 scales and biases). At LLM magnitudes the shrink is zero everywhere; at
     30x it is active, so both regimes are covered."""
-    from mint_mlx.hqq import _solve_zero
+    from mint_mlx.quant.hqq import _solve_zero
 
     rng = np.random.default_rng(3)
     g, m = 64, 200
@@ -167,7 +167,7 @@ def _plain_mean_zero(x: np.ndarray, c: np.ndarray, s: np.ndarray, bits: int) -> 
 def test_analysis_error_is_the_error_of_what_save_writes() -> None:
     """The allocator is shown the squared error of exactly the arrays HQQ saves (2-D and
     expert stacks, weighted and plain)."""
-    from mint_mlx.quantize import squared_error
+    from mint_mlx.quant.quantize import squared_error
 
     for shape, cols_shape in (((70, 384), (384,)), ((3, 24, 256), (3, 256))):
         w = heavy_tailed(shape, seed=11)
@@ -201,7 +201,7 @@ def test_extended_formats_take_hqq_scales() -> None:
 def test_hqq_conversion_loads_in_stock_mlx_lm(tiny_llama: Path, tmp_path: Path) -> None:
     """(c) A ``--scales hqq`` conversion is plain MLX affine: stock mlx-lm loads it and
     generates, in a process that never imports mint_mlx."""
-    from mint_mlx.allocate import Plan
+    from mint_mlx.allocation.allocate import Plan
     from mint_mlx.convert import convert
 
     from test_convert import stock_load, weight_bytes
@@ -232,10 +232,10 @@ def test_cli_accepts_hqq_and_refuses_unknown(
 def test_analysis_cache_keys_differ_between_scale_methods(tiny_llama: Path) -> None:
     """(d) Each scale method gets its own analysis cache: an hqq plan never reuses the curves
     of another method (with the same candidate set, only the key tells them apart)."""
-    from mint_mlx.analyze import cache_key, default_cache_path
+    from mint_mlx.analysis.analyze import cache_key, default_cache_path
     from mint_mlx.formats import formats_for
-    from mint_mlx.quantize import SCALE_METHODS
-    from mint_mlx.source import open_source
+    from mint_mlx.quant.quantize import SCALE_METHODS
+    from mint_mlx.source.model import open_source
 
     source = open_source(tiny_llama)
     fitted = formats_for("fisher", "hqq")

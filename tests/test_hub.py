@@ -30,9 +30,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from mint_mlx import hub
 from mint_mlx.convert import convert
 from mint_mlx.errors import HubError
+from mint_mlx.output import hub
 
 REPO = "me/tiny-mint"
 
@@ -169,7 +169,7 @@ def test_gives_up_after_max_attempts_with_capped_backoff(model_dir: Path) -> Non
     sleeps: list[float] = []
     with pytest.raises(HubError) as excinfo:
         hub.upload(model_dir, REPO, api=api, sleep=sleeps.append, attempts=7, max_backoff_s=10.0)
-    one_line_hub_error(excinfo, "after 7 attempts", "re-run", "python -m mint_mlx.hub", REPO)
+    one_line_hub_error(excinfo, "after 7 attempts", "re-run", "python -m mint_mlx.output.hub", REPO)
     assert api.methods.count("upload_folder") == 7
     assert sleeps == [2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
 
@@ -520,7 +520,9 @@ def test_rerun_command_quotes_a_path_with_spaces(converted: Path, tmp_path: Path
     api = FakeApi({"create_repo": [http_error(401)]})
     with pytest.raises(HubError) as excinfo:
         hub.upload(d, REPO, api=api, sleep=lambda s: None)
-    one_line_hub_error(excinfo, f"python -m mint_mlx.hub {shlex.quote(str(d))} --repo {REPO}")
+    one_line_hub_error(
+        excinfo, f"python -m mint_mlx.output.hub {shlex.quote(str(d))} --repo {REPO}"
+    )
 
 
 # --- CLI ---------------------------------------------------------------------------------------

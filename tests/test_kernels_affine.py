@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 from test_metal_harness import mlx_generated_source
 
-from mint_mlx.kernels import affine
-from mint_mlx.kernels.affine import affine_qmv, affine_qmv_call, affine_qmv_spec
-from mint_mlx.kernels.emulate import emulate_call, find_compiler, run_call
-from mint_mlx.kernels.reference import (
-    affine_qmv_reference,
-    dequantize_affine,
-    unpack_affine,
-)
+from mint_mlx.quant.scales import unpack_codes
+from mint_mlx.runtime.kernels import affine
+from mint_mlx.runtime.kernels.affine import affine_qmv, affine_qmv_call, affine_qmv_spec
+from mint_mlx.runtime.kernels.reference import affine_qmv_reference, dequantize_affine
+from mint_mlx.tools.emulator.emulate import emulate_call, find_compiler, run_call
 
 needs_cxx = pytest.mark.skipif(
     find_compiler() is None,
@@ -73,7 +70,7 @@ def test_packing_is_an_lsb_first_bit_stream(bits: int) -> None:
     stream = np.unpackbits(np.array(wq)[0].view(np.uint8), bitorder="little")
     decoded = [int((stream[j * bits : (j + 1) * bits] << np.arange(bits)).sum()) for j in range(64)]
     assert decoded == list(q)
-    assert list(np.array(unpack_affine(wq, bits))[0]) == list(q)
+    assert list(np.array(unpack_codes(wq, bits))[0]) == list(q)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])

@@ -1,6 +1,6 @@
-"""The public kernel API (mint_mlx.kernels.ops) on its reference path: against a NumPy
+"""The public kernel API (mint_mlx.runtime.kernels.ops) on its reference path: against a NumPy
 dequantize-and-multiply, against MLX's own quantized_matmul / gather_qmm where MLX has the format,
-and against the storage of mint_mlx.extended."""
+and against the storage of mint_mlx.quant.extended."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mint_mlx.extended import dequantize_extended, quantize_extended
 from mint_mlx.formats import COMPACT, Format, compact_groups_per_block, extended_formats
-from mint_mlx.kernels import ops
-from mint_mlx.kernels.cases import random_quantized, random_x
+from mint_mlx.quant.extended import dequantize_extended, quantize_extended
+from mint_mlx.runtime.kernels import ops
+from mint_mlx.tools.emulator.cases import random_quantized, random_x
 
 pytestmark = pytest.mark.skipif(
     mx.metal.is_available(), reason="a Metal GPU is available: ops runs the kernels there"
@@ -65,8 +65,10 @@ def test_result_in_x_dtype(dtype: mx.Dtype) -> None:
     x = random_x(rng, (5, 256), dtype)
     y = ops.quantized_matmul(x, arrays, fmt)
     assert y.dtype == dtype
-    ref = (x.astype(mx.float32) @ ops.dequantize(arrays, fmt).T).astype(dtype)
-    np.testing.assert_array_equal(np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32)))
+    # the float64 product of the NumPy reading, to within the rounding of one value to dtype
+    ref = np.array(x.astype(mx.float32)).astype(np.float64) @ numpy_dequantize(arrays, fmt).T
+    eps = 2.0**-8 if dtype == mx.bfloat16 else 2.0**-11  # half an ulp, relative
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)), ref, rtol=eps, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -157,13 +159,25 @@ def test_extended_storage_round_trip(fmt: Format) -> None:
     w = mx.random.normal((8, 576), key=mx.random.key(fmt.bits))
     if not fmt.supports(w.shape):
         pytest.skip(f"{fmt.name} cannot store width 576")
-    arrays = quantize_extended(w, fmt, mx.float16, scales="rtn")
-    np.testing.assert_array_equal(
-        np.array(ops.dequantize(arrays, fmt)), np.array(dequantize_extended(arrays, fmt))
-    )
+    arrays = quantize_extended(w, fmt, mx.float16, scale_method="rtn")
+    # ops reads the storage as an independent NumPy reading of the bits does ...
+    read = numpy_dequantize(arrays, fmt)
+    np.testing.assert_allclose(np.array(ops.dequantize(arrays, fmt)), read, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
-        np.array(ops.dequantize(arrays, fmt)), numpy_dequantize(arrays, fmt), rtol=1e-6, atol=1e-6
+        np.array(dequantize_extended(arrays, fmt)), read, rtol=1e-6, atol=1e-6
     )
+    # ... and what it reads is w: within each group, off by at most one step of the group's
+    # own min-max grid (half a step from rounding, the rest from 16-bit scales), plus for
+    # compact scales half a stored step S of the scale (times the largest code) and of the bias
+    qmax = 2**fmt.bits - 1
+    ref = np.array(w).astype(np.float64).reshape(8, -1, fmt.group_size)
+    tol = (ref.max(-1) - ref.min(-1)) / qmax
+    if fmt.mode == COMPACT:
+        steps = np.array(arrays["super_scales"].astype(mx.float32)).astype(np.float64)
+        block = np.arange(tol.shape[-1]) // compact_groups_per_block(576, fmt.group_size)
+        tol = tol + (qmax * steps[:, block, 0] + steps[:, block, 1]) / 2
+    err = np.abs(read.reshape(ref.shape) - ref).max(-1)
+    assert np.all(err <= tol), float((err / tol).max())
 
 
 def test_validation() -> None:

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from mint_mlx.formats import COMPACT, Format
-from mint_mlx.kernels import ops, quantized
-from mint_mlx.kernels.cases import TOLERANCE, random_quantized, random_x, relative_error
-from mint_mlx.kernels.emulate import emulate_call, find_compiler, run_call
-from mint_mlx.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.runtime.kernels import ops, quantized
+from mint_mlx.runtime.kernels.spec import KernelCall, KernelSpec
+from mint_mlx.tools.emulator.cases import TOLERANCE, random_quantized, random_x, relative_error
+from mint_mlx.tools.emulator.emulate import emulate_call, find_compiler, run_call
 
 pytestmark = pytest.mark.skipif(
     find_compiler() is None,
@@ -191,14 +191,24 @@ def test_a_wrong_kernel_fails() -> None:
 
 
 def test_launch_constants_match_the_sources() -> None:
-    for spec in (quantized.qmv_spec("affine"), quantized.qmm_spec("affine")):
-        for name in ("QMV_SIMDGROUPS", "QMV_ROWS", "QMM_BM", "QMM_BN", "QMM_THREADS"):
-            m = re.search(rf"constexpr int {name} = (\d+);", spec.header)
-            if m:
-                assert int(m.group(1)) == getattr(quantized, name), name
-    qmm = quantized.qmm_spec("affine").header
-    assert "QMM_THREADS = (QMM_BM / QMM_TM) * (QMM_BN / QMM_TN);  // 128" in qmm
-    assert quantized.QMM_THREADS == 128
+    # Every constant the launch uses must be found in the kernel source (a renamed or
+    # reformatted one fails here instead of being skipped) and equal the Python one.
+    def constant(header: str, name: str) -> int:
+        m = re.search(rf"constexpr int {name} = (\d+);", header)
+        assert m, f"{name} not found in the kernel source"
+        return int(m.group(1))
+
+    for mode in ("affine", COMPACT):
+        qmv = quantized.qmv_spec(mode).header
+        for name in ("QMV_SIMDGROUPS", "QMV_ROWS"):
+            assert constant(qmv, name) == getattr(quantized, name), (mode, name)
+        qmm = quantized.qmm_spec(mode).header
+        bm, bn = constant(qmm, "QMM_BM"), constant(qmm, "QMM_BN")
+        assert (bm, bn) == (quantized.QMM_BM, quantized.QMM_BN), mode
+        # the source derives its thread count from the tile shapes: recompute it from them
+        assert "QMM_THREADS = (QMM_BM / QMM_TM) * (QMM_BN / QMM_TN);" in qmm
+        threads = (bm // constant(qmm, "QMM_TM")) * (bn // constant(qmm, "QMM_TN"))
+        assert threads == quantized.QMM_THREADS, mode
 
 
 def test_variants_are_distinct_kernels() -> None:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mint_mlx.knapsack import Infeasible, solve
+from mint_mlx.allocation.knapsack import Infeasible, solve
 
 
 def brute_force(costs, dists, cap):
@@ -96,7 +96,7 @@ def test_one_large_item_whose_hull_skips_its_middle_option() -> None:
     # A tied embedding in miniature: one item holds most of the bytes and its middle option lies
     # above the segment between its ends, so the LP jumps over it; taking it needs many small
     # items to step down, more than the core method's branch and bound can move.
-    from mint_mlx.knapsack import _solve_core
+    from mint_mlx.allocation.knapsack import _solve_core
 
     rng = random.Random(3)
     costs = [[2000, 3000, 4000]] + [[10, 20] for _ in range(150)]

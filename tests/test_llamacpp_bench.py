@@ -2,7 +2,7 @@
 
 The llama.cpp anchor is only as good as this mapping: a wrong name, a missing rotary permutation
 or Gemma's norm offset would hand llama.cpp a broken model and make it look bad. These tests pin
-the inverse of mint_mlx.testbed's GGUF -> HF conversion on tiny synthetic GGUFs.
+the inverse of mint_mlx.tools.testbeds's GGUF -> HF conversion on tiny synthetic GGUFs.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _bf16(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_layout_round_trip_and_direction(lc: Any, arch: str) -> None:
-    from mint_mlx.testbed import gemma_norm_from_gguf, unpermute_rotary
+    from mint_mlx.tools.testbeds.gguf_to_hf import gemma_norm_from_gguf, unpermute_rotary
 
     rng = np.random.default_rng(0)
     n_head, n_kv = 4, 2
@@ -180,7 +180,7 @@ def test_write_gguf_then_dequantize_gives_the_weights_back(
 
 def test_dequantize_a_quantized_tensor_in_testbed_layout(lc: Any, tmp_path: Path) -> None:
     """A Q8_0 Q projection comes back as gguf's dequantization with the rotary rows undone."""
-    from mint_mlx.testbed import unpermute_rotary
+    from mint_mlx.tools.testbeds.gguf_to_hf import unpermute_rotary
 
     rng = np.random.default_rng(2)
     w = rng.standard_normal((32, 64)).astype(np.float32)

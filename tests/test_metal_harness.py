@@ -1,4 +1,4 @@
-"""Self-tests of the Metal emulator (mint_mlx.kernels.emulate): it must generate the source MLX
+"""Self-tests of the Metal emulator (mint_mlx.tools.emulator.emulate): it must generate the source MLX
 generates, run barriers and simdgroup collectives with Metal's semantics, and catch the kernel
 bugs it exists to catch (races, out-of-bounds accesses, divergence) deterministically."""
 
@@ -13,7 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mint_mlx.kernels.emulate import (
+from mint_mlx.runtime.kernels.spec import KernelSpec
+from mint_mlx.tools.emulator.emulate import (
     KernelBoundsError,
     KernelCompileError,
     KernelDivergenceError,
@@ -27,7 +28,6 @@ from mint_mlx.kernels.emulate import (
     harness_source,
     run_emulated,
 )
-from mint_mlx.kernels.spec import KernelSpec
 
 needs_cxx = pytest.mark.skipif(
     find_compiler() is None,

@@ -7,8 +7,8 @@ import math
 import mlx.core as mx
 import pytest
 
-from mint_mlx.allocate import LARGE_ERROR_PENALTY, allocate, weighted_distortion
-from mint_mlx.analyze import Candidate, RDCurve
+from mint_mlx.allocation.allocate import LARGE_ERROR_PENALTY, allocate, weighted_distortion
+from mint_mlx.analysis.measure import Candidate, RDCurve
 
 #: Bytes per candidate in the synthetic instances (bits x 1000, as if 1000 weights).
 _COST = {"affine-2-g64": 2000, "affine-4-g64": 4000}

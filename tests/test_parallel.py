@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-import mint_mlx.parallel
-from mint_mlx.allocate import Plan
+import mint_mlx.analysis.workers
+from mint_mlx.allocation.allocate import Plan
 from mint_mlx.convert import convert
-from mint_mlx.save import PLAN_FILE
+from mint_mlx.output.save import PLAN_FILE
 
 
 def cache_records(path: Path) -> dict[str, dict]:
     lines = path.read_text().splitlines()[1:]
     records = [json.loads(line) for line in lines]
     paths = [r["path"] for r in records]
-    assert len(paths) == len(set(paths)), "a tensor was analysed twice"
+    assert len(paths) == len(set(paths)), "a tensor was analyzed twice"
     return {r["path"]: r for r in records}
 
 
@@ -29,15 +29,15 @@ def test_worker_processes_give_the_same_analysis(
     tiny_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     serial = convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=tmp_path / "1.jsonl", dry_run=True)
-    monkeypatch.setattr(mint_mlx.parallel, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(mint_mlx.analysis.workers, "PARALLEL_MIN_ELEMENTS", 0)
     calls = {"n": 0}
-    real = mint_mlx.parallel.analyse_in_pool
+    real = mint_mlx.analysis.workers.analyze_in_pool
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mint_mlx.parallel, "analyse_in_pool", counted)
+    monkeypatch.setattr(mint_mlx.analysis.workers, "analyze_in_pool", counted)
     pooled = convert(
         tiny_moe, tmp_path / "o", bpw=4.0, analysis=tmp_path / "2.jsonl", dry_run=True, jobs=2
     )
@@ -84,11 +84,11 @@ def test_mlx_launch_ranks_split_the_analysis(tiny_llama: Path, tmp_path: Path) -
 def test_ctrl_c_during_pooled_analysis_keeps_finished_records(
     tiny_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mint_mlx.analyze
+    import mint_mlx.analysis.measure
 
-    monkeypatch.setattr(mint_mlx.parallel, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(mint_mlx.analysis.workers, "PARALLEL_MIN_ELEMENTS", 0)
     cache = tmp_path / "a.jsonl"
-    real_from_json = mint_mlx.analyze.RDCurve.from_json
+    real_from_json = mint_mlx.analysis.measure.RDCurve.from_json
     seen = {"n": 0}
 
     def interrupt_after_three(d):
@@ -97,19 +97,23 @@ def test_ctrl_c_during_pooled_analysis_keeps_finished_records(
             raise KeyboardInterrupt
         return real_from_json(d)
 
-    monkeypatch.setattr(mint_mlx.analyze.RDCurve, "from_json", staticmethod(interrupt_after_three))
+    monkeypatch.setattr(
+        mint_mlx.analysis.measure.RDCurve, "from_json", staticmethod(interrupt_after_three)
+    )
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=cache, dry_run=True, jobs=2)
     assert len(cache_records(cache)) == 3  # the finished ones, each whole
-    monkeypatch.setattr(mint_mlx.analyze.RDCurve, "from_json", staticmethod(real_from_json))
+    monkeypatch.setattr(
+        mint_mlx.analysis.measure.RDCurve, "from_json", staticmethod(real_from_json)
+    )
     plan = convert(tiny_moe, tmp_path / "o", bpw=4.0, analysis=cache, dry_run=True, jobs=2).plan
     assert len(cache_records(cache)) == len(plan.assignments)
 
 
 def test_max_memory_lowers_the_worker_count(tiny_llama: Path, tmp_path: Path) -> None:
     """--max-memory bounds the analysis too: fewer workers when they would not fit."""
-    from mint_mlx.parallel import WORKER_FIXED_BYTES
-    from mint_mlx.source import open_source
+    from mint_mlx.analysis.workers import WORKER_FIXED_BYTES
+    from mint_mlx.source.model import open_source
 
     largest = max(t.numel for t in open_source(tiny_llama).quantizable)
     per_worker = WORKER_FIXED_BYTES + 4 * largest  # 16-bit as read, plus float32 pieces

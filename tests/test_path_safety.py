@@ -25,14 +25,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-import mint_mlx.analyze
-import mint_mlx.save
-from mint_mlx import evaluate, generate, path_safety, selftest, testbed
-from mint_mlx.baselines import build_baseline
+import mint_mlx.analysis.measure
+import mint_mlx.convert
+from mint_mlx import generate, path_safety, selftest
 from mint_mlx.convert import convert, main
 from mint_mlx.errors import MintError, OutputExistsError, PathConflictError
-from mint_mlx.hub import check_uploadable
-from mint_mlx.save import staging_dir
+from mint_mlx.output.hub import check_uploadable
+from mint_mlx.output.save import staging_dir
+from mint_mlx.tools import evaluate, testbed
+from mint_mlx.tools.baselines import build_baseline
+from mint_mlx.tools.testbeds import build as testbed_build
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):  # keep ./.hypothesis out of the checkout
     set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "mint-mlx-hypothesis")
@@ -384,7 +386,7 @@ def test_output_written_by_another_run_meanwhile(
     """Run B converts into the same path while run A is saving: A then refuses (or, with
     --force, replaces B's output whole)."""
     out = tmp_path / "o"
-    real_verify = mint_mlx.save.verify_saved
+    real_verify = mint_mlx.convert.verify_saved
     state = {"nested": False, "b_tree": {}}
 
     def meanwhile(directory: Path, plan) -> None:
@@ -394,7 +396,7 @@ def test_output_written_by_another_run_meanwhile(
             convert(src, out, bpw=5.0, objective="nrmse", scales="rtn")  # run B, finished
             state["b_tree"] = tree(out)
 
-    monkeypatch.setattr(mint_mlx.save, "verify_saved", meanwhile)
+    monkeypatch.setattr(mint_mlx.convert, "verify_saved", meanwhile)
     args = ["--hf-path", str(src), "--mlx-path", str(out), *CHEAP]
     code, _, err = run(args + (["--force"] if force else []))
     assert state["nested"]
@@ -440,12 +442,14 @@ def test_unwritable_output_location_is_refused_before_any_work(
     def denied(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    analysed: list[str] = []
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", lambda *a, **k: analysed.append("x"))
+    analyzed: list[str] = []
+    monkeypatch.setattr(
+        mint_mlx.analysis.measure, "analyze_tensor", lambda *a, **k: analyzed.append("x")
+    )
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     code, _, err = run(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), *CHEAP])
     one_line(code, err, "cannot write --mlx-path", "permission denied")
-    assert analysed == [] and not (tmp_path / "o").exists()
+    assert analyzed == [] and not (tmp_path / "o").exists()
 
 
 def test_read_only_output_found_while_saving_is_one_line(
@@ -467,7 +471,7 @@ def test_full_disk_while_writing_the_analysis_cache(
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mint_mlx.analyze, "analyze_tensor", full)
+    monkeypatch.setattr(mint_mlx.analysis.measure, "analyze_tensor", full)
     cache = tmp_path / "a.jsonl"
     code, _, err = run(
         ["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--analysis", str(cache)] + CHEAP
@@ -569,14 +573,14 @@ def _testbed_cli(args: list[str]) -> tuple[int, str]:
 def test_testbed_out_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--force replaces only an earlier testbed, only once the new one is complete, and never
     the folders a build reads; nothing is downloaded before the paths pass."""
-    monkeypatch.setattr(testbed, "_builder", _fake_builder('{"files": {}}'))
+    monkeypatch.setattr(testbed_build, "builder_for", _fake_builder('{"files": {}}'))
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     code, err = _testbed_cli(["wiki-text", "--out", str(mine), "--force"])
     one_line(code, err, "not an earlier output", "notes.txt")
     assert (mine / "notes.txt").read_text() == "mine"
-    sources = testbed.cache_root() / "sources"
+    sources = testbed_build.cache_root() / "sources"
     sources.mkdir(parents=True, exist_ok=True)
     (sources / "wiki.bz2").write_text("downloaded")
     code, err = _testbed_cli(["wiki-text", "--out", str(sources.parent), "--force"])
@@ -586,11 +590,11 @@ def test_testbed_out_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     old = tmp_path / "wiki"
     old.mkdir()
     (old / "manifest.json").write_text("old")
-    monkeypatch.setattr(testbed, "_builder", _fake_builder("new", fail=True))
+    monkeypatch.setattr(testbed_build, "builder_for", _fake_builder("new", fail=True))
     code, err = _testbed_cli(["wiki-text", "--out", str(old), "--force"])
     one_line(code, err, "build failed")
     assert (old / "manifest.json").read_text() == "old"
-    monkeypatch.setattr(testbed, "_builder", _fake_builder('{"files": {}}'))
+    monkeypatch.setattr(testbed_build, "builder_for", _fake_builder('{"files": {}}'))
     code, err = _testbed_cli(["wiki-text", "--out", str(old), "--force"])
     assert code == 0, err
     assert (old / "manifest.json").read_text() == '{"files": {}}'
@@ -608,13 +612,13 @@ def test_two_processes_building_one_cached_testbed(
         calls.append("build")
         number = len(calls)
         if number == 1:  # the other run builds and publishes while this one works
-            testbed.ensure_testbed("wiki-text")
+            testbed_build.ensure_testbed("wiki-text")
         (out / "manifest.json").write_text(f"build {number}")
 
     # a fresh cache: a testbed an earlier test built there would be reused without a build
     monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(testbed, "_builder", lambda name, progress, **kw: build)
-    path = testbed.ensure_testbed("wiki-text")
+    monkeypatch.setattr(testbed_build, "builder_for", lambda name, progress, **kw: build)
+    path = testbed_build.ensure_testbed("wiki-text")
     assert calls == ["build", "build"]
     assert (path / "manifest.json").read_text() == "build 2"  # the one finished first, kept
     assert leftovers(path.parent) == []
@@ -639,14 +643,14 @@ def test_ctrl_c_is_one_line_in_every_command(
         monkeypatch.setattr(importlib.import_module("mlx_lm.generate"), "main", interrupted)
         call = lambda: generate.main(["--model", "m"])  # noqa: E731
     elif command == "selftest":
-        import mint_mlx.kernels.emulate
+        import mint_mlx.tools.emulator.emulate
 
-        monkeypatch.setattr(mint_mlx.kernels.emulate, "find_compiler", lambda: "g++")
+        monkeypatch.setattr(mint_mlx.tools.emulator.emulate, "find_compiler", lambda: "g++")
         monkeypatch.setattr(selftest, "emulation_cases", interrupted)
         monkeypatch.setattr(selftest, "metal_cases", interrupted)
         call = lambda: selftest.main(["--quick", "--emulate"])  # noqa: E731
     else:
-        monkeypatch.setattr(testbed, "_build_atomically", interrupted)
+        monkeypatch.setattr(testbed_build, "build_atomically", interrupted)
         call = lambda: testbed.main(["wiki-text", "--out", str(tmp_path / "w")])  # noqa: E731
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from test_sensitivity_pass import WIDE
 
-import mint_mlx.calibrate as calibrate_module
-from mint_mlx.calibrate import (
+import mint_mlx.sensitivity.calibrate as calibrate_module
+from mint_mlx.convert import convert
+from mint_mlx.sensitivity.calibrate import (
     CalibrationConfig,
     calibration_path,
     choose_pass,
@@ -22,18 +23,16 @@ from mint_mlx.calibrate import (
     sampler_need,
     sensitivity,
 )
-from mint_mlx.convert import convert
-from mint_mlx.evaluate import cast_to_float32
-from mint_mlx.proxy import (
+from mint_mlx.sensitivity.proxy import (
     PROXY_NAME,
     build_proxy,
     proxy_model_bytes,
     proxy_sample,
     proxy_sampler_memory,
 )
-from mint_mlx.sampling import sample_sequences, start_token
-from mint_mlx.source import open_source
-from mint_mlx.streamed import RUNTIME_BYTES, streamed_memory, streamed_sampler_memory
+from mint_mlx.sensitivity.sampling import sample_sequences, start_token
+from mint_mlx.sensitivity.streamed import RUNTIME_BYTES, streamed_memory, streamed_sampler_memory
+from mint_mlx.source.model import cast_to_float32, open_source
 
 from test_convert import run_cli
 from tiny_models import build_model_dir
@@ -97,8 +96,8 @@ def test_proxy_build_keeps_the_16_bit_model_out_of_memory(wide: Path) -> None:
     script = """
 import json, sys
 import mint_mlx
-from mint_mlx.proxy import proxy_sample
-from mint_mlx.source import open_source
+from mint_mlx.sensitivity.proxy import proxy_sample
+from mint_mlx.source.model import open_source
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -20,7 +20,7 @@ PPL_TOKENS = 8 * 512
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from mint_mlx.testbed import ensure_testbed
+    from mint_mlx.tools.testbeds import ensure_testbed
 
     return ensure_testbed("smollm2-135m", progress=True)
 
@@ -41,7 +41,7 @@ def converted(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_real_model_fits_and_loads_in_stock_mlx_lm(converted: Path, smollm2: Path) -> None:
-    from mint_mlx.allocate import Plan
+    from mint_mlx.allocation.allocate import Plan
 
     plan = Plan.load(converted / "mint_plan.json")
     size = sum(f.stat().st_size for f in converted.glob("*.safetensors"))
@@ -57,8 +57,8 @@ def test_real_model_fits_and_loads_in_stock_mlx_lm(converted: Path, smollm2: Pat
 
 
 def test_real_model_perplexity_close_to_reference(converted: Path, smollm2: Path) -> None:
-    from mint_mlx.evaluate import evaluate
-    from mint_mlx.testbed import ensure_wiki_text
+    from mint_mlx.tools.evaluation import evaluate
+    from mint_mlx.tools.testbeds import ensure_wiki_text
 
     heldout = ensure_wiki_text() / "heldout.txt"
     result = evaluate(converted, smollm2, heldout, tokens=PPL_TOKENS, seq_len=512)

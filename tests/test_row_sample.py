@@ -13,12 +13,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mint_mlx.planner
-from mint_mlx.analyze import analyze, cache_key, measure
+import mint_mlx.allocation.prepare
+from mint_mlx.analysis.analyze import analyze, cache_key
+from mint_mlx.analysis.measure import measure
+from mint_mlx.analysis.row_sample import draw, row_stats, sample_rows
 from mint_mlx.convert import convert
 from mint_mlx.formats import format_by_name
-from mint_mlx.row_sample import draw, row_stats, sample_rows
-from mint_mlx.source import open_source
+from mint_mlx.source.model import open_source
 
 FORMATS = [format_by_name(n) for n in ("affine-2-g64", "affine-3-g32", "affine-4-g64")]
 
@@ -117,12 +118,12 @@ def test_sampled_analysis_is_the_same_in_worker_processes(
     tiny_moe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The draw is seeded by the tensor's path: workers pick the same rows as one process."""
-    import mint_mlx.parallel
+    import mint_mlx.analysis.workers
 
     source = open_source(tiny_moe)
     serial = analyze(source, FORMATS, mx.bfloat16, tmp_path / "1.jsonl", sample_elements=2048)
     assert any(c.sampled_rows for c in serial)  # the small sample really samples here
-    monkeypatch.setattr(mint_mlx.parallel, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(mint_mlx.analysis.workers, "PARALLEL_MIN_ELEMENTS", 0)
     pooled = analyze(
         source, FORMATS, mx.bfloat16, tmp_path / "2.jsonl", jobs=2, sample_elements=2048
     )
@@ -135,7 +136,7 @@ def test_sampled_analysis_is_the_same_in_worker_processes(
 def test_exact_analysis_measures_every_weight_and_says_so(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mint_mlx.planner, "SAMPLE_ELEMENTS", 2048)
+    monkeypatch.setattr(mint_mlx.allocation.prepare, "SAMPLE_ELEMENTS", 2048)
     sampled = convert(tiny_llama, tmp_path / "a", bpw=4.0, analysis=tmp_path / "s.jsonl")
     notes = " ".join(sampled.plan.notes)
     assert "stratified sample of about 2,048 weights" in notes

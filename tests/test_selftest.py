@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from mint_mlx import selftest
-from mint_mlx.kernels import emulate
+from mint_mlx.tools.emulator import emulate
 
 needs_cxx = pytest.mark.skipif(emulate.find_compiler() is None, reason="g++ not found")
 

@@ -11,12 +11,17 @@ from pathlib import Path
 
 import pytest
 
-import mint_mlx.calibrate as calibrate_module
-from mint_mlx.calibrate import CalibrationConfig, choose_pass, in_memory_need, sensitivity
+import mint_mlx.sensitivity.calibrate as calibrate_module
 from mint_mlx.convert import convert
-from mint_mlx.proxy import proxy_sampler_memory
-from mint_mlx.source import open_source
-from mint_mlx.streamed import RUNTIME_BYTES, streamed_memory, streamed_sampler_memory
+from mint_mlx.sensitivity.calibrate import (
+    CalibrationConfig,
+    choose_pass,
+    in_memory_need,
+    sensitivity,
+)
+from mint_mlx.sensitivity.proxy import proxy_sampler_memory
+from mint_mlx.sensitivity.streamed import RUNTIME_BYTES, streamed_memory, streamed_sampler_memory
+from mint_mlx.source.model import open_source
 
 from test_convert import assert_one_line_error, run_cli
 from tiny_models import LLAMA_CONFIG, build_model_dir
@@ -133,8 +138,8 @@ def test_streamed_pass_keeps_one_block_resident(wide_llama: Path) -> None:
 import json, sys
 import mint_mlx
 import mlx.core as mx
-from mint_mlx.source import open_source
-from mint_mlx.streamed import streamed_column_fisher
+from mint_mlx.source.model import open_source
+from mint_mlx.sensitivity.streamed import streamed_column_fisher
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -14,20 +14,19 @@ import mlx.core as mx
 import pytest
 from safetensors import safe_open
 
-from mint_mlx.allocate import weighted_distortion
-from mint_mlx.analyze import Candidate
-from mint_mlx.baselines import baseline_by_name, build_baseline
-from mint_mlx.convert import output_dtype
-from mint_mlx.experts import split_expert_path
+from mint_mlx.allocation.allocate import weighted_distortion
+from mint_mlx.allocation.prepare import Prepared, output_dtype, prepare
+from mint_mlx.allocation.stock import best_within, stock_formats, stock_plan
+from mint_mlx.analysis.measure import Candidate
 from mint_mlx.plan import main as plan_main
-from mint_mlx.planner import Prepared, prepare
-from mint_mlx.source import open_source
-from mint_mlx.stock import best_within, stock_formats, stock_plan
+from mint_mlx.quant.experts import split_expert_path
+from mint_mlx.source.model import open_source
+from mint_mlx.tools.baselines import baseline_by_name, build_baseline
 
 
 def _prepared(path: Path) -> Prepared:
     source = open_source(path)
-    return prepare(source, output_dtype(source, None), objective="fisher", scales="optimized")
+    return prepare(source, output_dtype(source, None), objective="fisher", scale_method="optimized")
 
 
 def _written_formats(model_dir: Path) -> dict[str, str]:
@@ -142,9 +141,9 @@ def test_plan_json_and_table_show_stock(deep_llama: Path, capsys: pytest.Capture
 def test_stock_is_priced_only_from_mlx_scales(deep_llama: Path) -> None:
     source = open_source(deep_llama)
     dtype = output_dtype(source, None)
-    rtn = prepare(source, dtype, objective="fisher", scales="rtn")
+    rtn = prepare(source, dtype, objective="fisher", scale_method="rtn")
     names = {p.name for p in rtn.stock}
     assert {"mxfp4", "nvfp4", "mxfp8", "affine-4-g64"} <= names  # all measured with MLX's rule
     # HQQ's fit never measures MLX's own scales: no affine stock setting can be priced from it
-    hqq = prepare(source, dtype, objective="fisher", scales="hqq")
+    hqq = prepare(source, dtype, objective="fisher", scale_method="hqq")
     assert hqq.stock == []

