@@ -143,8 +143,9 @@ def _row(key: str, method: str, result: ev.EvalResult, nbytes: int, params: int)
     }
 
 
-def _distribution(plan: Any) -> str:
-    """The plan's formats by share of parameters, largest first (for the table)."""
+def plan_distribution(plan: Any) -> str:
+    """The plan's formats by share of parameters, largest first (1% and up), for tables; shared
+    by the benchmarks that put a mint row beside another tool's (peers, llamacpp)."""
     rows = sorted(plan.distribution(), key=lambda r: -r["pct_params"])
     return ", ".join(f"{r['format']} {r['pct_params']:.0f}%" for r in rows if r["pct_params"] >= 1)
 
@@ -325,7 +326,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 + ("" if method == "mint" else f" --objective {objective} --scales {scales}")
                 + ("" if formats == "native" else f" --formats {formats}")
             ),
-            formats=_distribution(res.plan),
+            formats=plan_distribution(res.plan),
             extended_pct_params=_extended_share(res.plan),
         )
         rows[key] = row

@@ -374,7 +374,7 @@ def _machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from frontier import _row, load_state, save_state
+    from frontier import _row, load_state, plan_distribution, save_state
 
     from mint_mlx.convert import convert
     from mint_mlx.errors import MintError
@@ -532,18 +532,13 @@ def run(args: argparse.Namespace) -> int:
             build_loadavg=build_load,
             eval_loadavg=load,
             command=f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}",
-            formats=_distribution(res.plan),
+            formats=plan_distribution(res.plan),
         )
         rows[mkey] = row
         save_state(out_json, state)
         shutil.rmtree(mpath)
     write_report(args.results, state)
     return 0
-
-
-def _distribution(plan: Any) -> str:
-    rows = sorted(plan.distribution(), key=lambda r: -r["pct_params"])
-    return ", ".join(f"{r['format']} {r['pct_params']:.0f}%" for r in rows if r["pct_params"] >= 1)
 
 
 # ----------------------------------------------------------------------------- report

@@ -51,7 +51,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frontier import LEVEL_SE, _machine, _row, load_state, paired, save_state, verdict
+from frontier import (
+    LEVEL_SE,
+    _machine,
+    _row,
+    load_state,
+    paired,
+    plan_distribution,
+    save_state,
+    verdict,
+)
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "results" / "32k"
@@ -327,18 +336,13 @@ def run(args: argparse.Namespace) -> int:
             build_loadavg=[list(load_before), list(os.getloadavg())],
             eval_loadavg=list(os.getloadavg()),
             command=f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}",
-            formats=_distribution(res.plan),
+            formats=plan_distribution(res.plan),
         )
         rows[mkey] = row
         save_state(out_json, state)
         shutil.rmtree(mpath)
     write_report(args.out, state)
     return 0
-
-
-def _distribution(plan: Any) -> str:
-    rows = sorted(plan.distribution(), key=lambda r: -r["pct_params"])
-    return ", ".join(f"{r['format']} {r['pct_params']:.0f}%" for r in rows if r["pct_params"] >= 1)
 
 
 def _quant_summary(q: dict[str, Any]) -> dict[str, int]:
