@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama, mixtral
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+from mint_mlx.errors import SourceError
 from mint_mlx.source.model import cast_to_float32
 from mint_mlx.tools import evaluate as cli
 from mint_mlx.tools import evaluation as ev
@@ -525,3 +526,18 @@ def test_cached_comparison_matches_a_direct_float64_computation() -> None:
     assert kld.shape == nll.shape == same.shape == (batch, seq)
     np.testing.assert_array_equal(same, zq.argmax(-1) == top1_ref)
     assert same[0, 0] == 0 and 0 < same.sum() < batch * seq
+
+
+def test_missing_model_path_says_whether_it_reads_as_a_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Evaluation never downloads: a missing "org/name" gets a hint that it looks like a hub id,
+    # a missing local path does not (the message would mislead there).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceError) as hub:
+        ev.load_for_eval("HuggingFaceTB/SmolLM2-135M", backend="dequant-fp32")
+    assert "reads as a hub id" in str(hub.value) and "\n" not in str(hub.value)
+    with pytest.raises(SourceError) as local:
+        ev.load_for_eval(tmp_path / "no-such-model", backend="dequant-fp32")
+    assert "not a model directory" in str(local.value)
+    assert "hub id" not in str(local.value)
