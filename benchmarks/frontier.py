@@ -143,6 +143,56 @@ def _row(key: str, method: str, result: ev.EvalResult, nbytes: int, params: int)
     }
 
 
+def score_cached(
+    testbed: str, cache: Any, key: str, path: Path
+) -> tuple[ev.EvalResult, list[float]]:
+    """Score ``path`` against the cached reference, printing progress; with the load average
+    when scoring began (the machine is shared, so rows record it)."""
+    load = os.getloadavg()
+    print(f"[{testbed}] {key}: evaluating (load {load[0]:.1f})", flush=True)
+    r = ev.evaluate_cached(path, cache, None, progress=True, per_window=True)
+    print(f"[{testbed}] {key}: PPL {r.ppl:.3f}  KLD {r.kld_mean:.4f}  ({r.seconds:.0f} s)")
+    return r, list(load)
+
+
+def mint_at_bytes(
+    testbed: str, ref: Path, work: Path, key: str, budget: int, params: int, cache: Any
+) -> dict[str, Any]:
+    """mint-mlx's default conversion at exactly ``budget`` bytes (another tool's output size),
+    scored against the cached reference: the row a benchmark puts beside that tool's row, or an
+    error row when the budget is infeasible. The converted model is deleted once scored."""
+    from mint_mlx.convert import convert
+
+    mkey = f"mint@{key}"
+    mpath = work / mkey.replace("@", "-at-").replace(":", "-")
+    print(f"[{testbed}] {mkey}: convert at {budget} bytes", flush=True)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    try:
+        res = convert(ref, mpath, budget=budget, force=True)
+    except MintError as e:
+        return {"key": mkey, "method": "mint", "target": key, "error": str(e)}
+    build_seconds = time.perf_counter() - start
+    build_load = [list(load_before), list(os.getloadavg())]
+    r, load = score_cached(testbed, cache, mkey, mpath)
+    row = _row(mkey, "mint", r, safetensors_bytes(mpath), params)
+    row.update(
+        name=f"mint @ {key}",
+        target=key,
+        budget=budget,
+        plan_total_bytes=res.plan.total_bytes,
+        predicted_kld=res.plan.predicted_kld,
+        build_seconds=build_seconds,
+        phase_seconds=dict(res.seconds),
+        build_loadavg=build_load,
+        eval_loadavg=load,
+        command=f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}",
+        formats=plan_distribution(res.plan),
+    )
+    shutil.rmtree(mpath)
+    return row
+
+
 def plan_distribution(plan: Any) -> str:
     """The plan's formats by share of parameters, largest first (1% and up), for tables; shared
     by the benchmarks that put a mint row beside another tool's (peers, llamacpp)."""

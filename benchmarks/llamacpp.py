@@ -374,13 +374,10 @@ def _machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from frontier import _row, load_state, plan_distribution, save_state
+    from frontier import _row, load_state, mint_at_bytes, save_state, score_cached
 
-    from mint_mlx.convert import convert
-    from mint_mlx.errors import MintError
     from mint_mlx.paths import cache_root
     from mint_mlx.source.model import open_source
-    from mint_mlx.tools.baselines import safetensors_bytes
     from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
     from mint_mlx.tools.testbeds.wheels import (
         GEMMA3_GGUF,
@@ -462,13 +459,6 @@ def run(args: argparse.Namespace) -> int:
         )
     rows: dict[str, dict[str, Any]] = state["rows"]
 
-    def score(key: str, path: Path) -> tuple[ev.EvalResult, list[float]]:
-        load = os.getloadavg()
-        print(f"[{testbed}] {key}: evaluating (load {load[0]:.1f})", flush=True)
-        r = ev.evaluate_cached(path, cache, None, progress=True, per_window=True)
-        print(f"[{testbed}] {key}: PPL {r.ppl:.3f}  KLD {r.kld_mean:.4f}  ({r.seconds:.0f} s)")
-        return r, list(load)
-
     for qtype in args.quants:
         key = f"{METHOD}:{qtype}"
         if key not in rows:
@@ -483,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             save_hf(dequantize_gguf(qpath, json.loads((ref / "config.json").read_text())), ref, hf)
             dequant_seconds = time.perf_counter() - start
-            r, load = score(key, hf)
+            r, load = score_cached(testbed, cache, key, hf)
             row = _row(key, METHOD, r, summary["tensor_bytes"], params)
             row.update(
                 name=key,
@@ -507,36 +497,8 @@ def run(args: argparse.Namespace) -> int:
         mkey = f"mint@{key}"
         if mkey in rows or args.no_mint:
             continue
-        mpath = work / mkey.replace("@", "-at-").replace(":", "-")
-        print(f"[{testbed}] {mkey}: convert at {budget} bytes", flush=True)
-        load_before = os.getloadavg()
-        start = time.perf_counter()
-        try:
-            res = convert(ref, mpath, budget=budget, force=True)
-        except MintError as e:
-            rows[mkey] = {"key": mkey, "method": "mint", "target": key, "error": str(e)}
-            save_state(out_json, state)
-            continue
-        build_seconds = time.perf_counter() - start
-        build_load = [list(load_before), list(os.getloadavg())]
-        r, load = score(mkey, mpath)
-        row = _row(mkey, "mint", r, safetensors_bytes(mpath), params)
-        row.update(
-            name=f"mint @ {key}",
-            target=key,
-            budget=budget,
-            plan_total_bytes=res.plan.total_bytes,
-            predicted_kld=res.plan.predicted_kld,
-            build_seconds=build_seconds,
-            phase_seconds=dict(res.seconds),
-            build_loadavg=build_load,
-            eval_loadavg=load,
-            command=f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}",
-            formats=plan_distribution(res.plan),
-        )
-        rows[mkey] = row
+        rows[mkey] = mint_at_bytes(testbed, ref, work, key, budget, params, cache)
         save_state(out_json, state)
-        shutil.rmtree(mpath)
     write_report(args.results, state)
     return 0
 

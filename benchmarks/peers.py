@@ -56,9 +56,10 @@ from frontier import (
     _machine,
     _row,
     load_state,
+    mint_at_bytes,
     paired,
-    plan_distribution,
     save_state,
+    score_cached,
     verdict,
 )
 
@@ -241,8 +242,6 @@ def _seed_state(out_json: Path, record: Path, settings: dict[str, Any]) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from mint_mlx.convert import convert
-    from mint_mlx.errors import MintError
     from mint_mlx.source.model import open_source
     from mint_mlx.tools.baselines import safetensors_bytes
     from mint_mlx.tools.testbeds import ensure_testbed, ensure_wiki_text
@@ -274,19 +273,13 @@ def run(args: argparse.Namespace) -> int:
     save_state(out_json, state)
     rows: dict[str, dict[str, Any]] = state["rows"]
 
-    def score(key: str, path: Path) -> ev.EvalResult:
-        print(f"[{testbed}] {key}: evaluating (load {os.getloadavg()[0]:.1f})", flush=True)
-        r = ev.evaluate_cached(path, cache, None, progress=True, per_window=True)
-        print(f"[{testbed}] {key}: PPL {r.ppl:.3f}  KLD {r.kld_mean:.4f}  ({r.seconds:.0f} s)")
-        return r
-
     for key in args.peers:
         peer = PEERS[key]
         path = work / key.replace(":", "-")
         if key not in rows:
             print(f"[{testbed}] {key}: {tool_command(peer, ref, path)}", flush=True)
             built = build_peer(peer, ref, path, tune, work)
-            r = score(key, path)
+            r, load = score_cached(testbed, cache, key, path)
             row = _row(key, peer.tool, r, safetensors_bytes(path), params)
             row.update(
                 name=key,
@@ -294,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                 calibration=str(tune),
                 max_samples=peer.max_samples,
                 float32_calibration=peer.float32,
-                eval_loadavg=list(os.getloadavg()),
+                eval_loadavg=load,
                 **built,
             )
             config = json.loads((path / "config.json").read_text())
@@ -313,34 +306,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         if same or args.no_mint:
             continue
-        mpath = work / mkey.replace("@", "-at-").replace(":", "-")
-        print(f"[{testbed}] {mkey}: convert at {budget} bytes", flush=True)
-        load_before = os.getloadavg()
-        start = time.perf_counter()
-        try:
-            res = convert(ref, mpath, budget=budget, force=True)
-        except MintError as e:
-            rows[mkey] = {"key": mkey, "method": "mint", "target": key, "error": str(e)}
-            save_state(out_json, state)
-            continue
-        build_seconds = time.perf_counter() - start
-        r = score(mkey, mpath)
-        row = _row(mkey, "mint", r, safetensors_bytes(mpath), params)
-        row.update(
-            name=f"mint @ {key}",
-            target=key,
-            budget=budget,
-            plan_total_bytes=res.plan.total_bytes,
-            predicted_kld=res.plan.predicted_kld,
-            build_seconds=build_seconds,
-            build_loadavg=[list(load_before), list(os.getloadavg())],
-            eval_loadavg=list(os.getloadavg()),
-            command=f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}",
-            formats=plan_distribution(res.plan),
-        )
-        rows[mkey] = row
+        rows[mkey] = mint_at_bytes(testbed, ref, work, key, budget, params, cache)
         save_state(out_json, state)
-        shutil.rmtree(mpath)
     write_report(args.out, state)
     return 0
 
