@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from mint_mlx.allocation.allocate import DEFAULT_MIN_SQNR, DEFAULT_OBJECTIVE, OBJECTIVES, Plan
 from mint_mlx.allocation.layout import MAX_SHARD_BYTES
-from mint_mlx.allocation.prepare import DTYPES, Prepared, output_dtype, prepare
+from mint_mlx.allocation.prepare import DTYPES, Prepared, output_dtype, prepare, scale_method_for
 from mint_mlx.allocation.stock import StockPoint, best_within
 from mint_mlx.analysis.workers import default_jobs, distributed_group
 from mint_mlx.cli import reported
@@ -245,12 +245,7 @@ def _scale_method(options: ConvertOptions) -> str:
     """The scale method to use, after the checks that need no source."""
     if options.calibration is not None and not Path(options.calibration).is_file():
         raise MintError(f"calibration file {options.calibration} does not exist; pass a text file")
-    scales = options.scales
-    if scales is None:  # the paper's method is round-to-nearest; ours fits scales
-        scales = "rtn" if options.objective == "paper" else "optimized"
-    if scales not in SCALE_METHODS:
-        raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
-    return scales
+    return scale_method_for(options.scales, options.objective)
 
 
 def _phase_log(source: Source, options: ConvertOptions, writes: bool) -> PhaseLog:

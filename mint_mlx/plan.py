@@ -27,6 +27,7 @@ from mint_mlx.allocation.prepare import (
     output_dtype,
     plan_points,
     prepare,
+    scale_method_for,
     sweep_budgets,
 )
 from mint_mlx.allocation.stock import StockPoint, best_within, stock_curve, unmeasured_note
@@ -171,8 +172,7 @@ def plan(
     ``formats`` and ``scales`` mean what they mean for :func:`mint_mlx.convert.convert`, so
     a plan printed here is the plan a conversion with the same flags makes (same cache too).
     """
-    if scales is not None and scales not in SCALE_METHODS:
-        raise MintError(f"unknown scale method {scales!r}; use one of {', '.join(SCALE_METHODS)}")
+    scale_method = scale_method_for(scales, objective)
     source = open_source(hf_path)
     cache = Path(analysis).expanduser() if analysis else None
     check_run(  # before any work: the cache and the plot may not be written into the source
@@ -186,7 +186,7 @@ def plan(
         source,
         out_dtype,
         objective=objective,
-        scale_method=scales or ("rtn" if objective == "paper" else "optimized"),
+        scale_method=scale_method,
         min_sqnr=min_sqnr,
         analysis=cache,
         progress=progress,

@@ -43,12 +43,22 @@ from mint_mlx.errors import BudgetError, MintError
 from mint_mlx.formats import FORMAT_SETS, Format, formats_for
 from mint_mlx.phases import PhaseLog
 from mint_mlx.quant.experts import splits_per_expert
+from mint_mlx.quant.quantize import SCALE_METHODS
 from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, CalibrationConfig, sensitivity
 from mint_mlx.sizes import format_size
 from mint_mlx.source.model import Source, has_tokenizer
 
 #: The 16-bit dtypes an output may store scales and unquantized tensors in (``--dtype``).
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def scale_method_for(scales: str | None, objective: str) -> str:
+    """The scale method a run uses (``--scales``): as asked, else the objective's own (the
+    paper's method is round-to-nearest; ours fits scales). One rule for convert and plan."""
+    method = scales if scales is not None else ("rtn" if objective == "paper" else "optimized")
+    if method not in SCALE_METHODS:
+        raise MintError(f"unknown scale method {method!r}; use one of {', '.join(SCALE_METHODS)}")
+    return method
 
 
 def output_dtype(source: Source, dtype: str | None) -> mx.Dtype:
