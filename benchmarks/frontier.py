@@ -64,10 +64,11 @@ MATCHED = {
     "fisher-rtn": ("fisher", "rtn", "native"),
     "mint-ext": ("fisher", "optimized", "extended"),
     "mint-hqq": ("fisher", "hqq", "native"),
+    "mint-gptq": ("fisher", "gptq", "native"),
 }
 #: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
 #: MLX's round-to-nearest scales, beside the default (fitted scales).
-SCALE_ROWS = ("mint-hqq", "fisher-rtn")
+SCALE_ROWS = ("mint-hqq", "fisher-rtn", "mint-gptq")
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
     "mint": "mint-mlx default",
@@ -76,6 +77,7 @@ PLOT_LABELS = {
     "fisher-rtn": "ablation: + Fisher weighting, RTN",
     "mint-ext": "mint-mlx --formats extended",
     "mint-hqq": "mint-mlx --scales hqq",
+    "mint-gptq": "mint-mlx --scales gptq",
     "hqq": "uniform, HQQ scales (stock layout)",
 }
 #: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as

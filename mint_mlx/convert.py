@@ -383,6 +383,7 @@ def _write_output(staged: _Staged, tmp: Path, name: str) -> None:
         max_shard_bytes=staged.options.max_shard_bytes,
         progress=staged.options.progress,
         columns=staged.prepared.columns,
+        moments=staged.prepared.moments,
     )
     verify_saved(tmp, plan)
     seconds["save"] = time.perf_counter() - start
@@ -460,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales",
         choices=SCALE_METHODS,
         help="affine scales: optimized (fitted, default), rtn (MLX's rule; default in paper mode) "
-        "or hqq (HQQ's lp-norm zero-point solver)",
+        "hqq (HQQ's lp-norm zero-point solver) or gptq (fitted, with error-compensated "
+        "codes from the calibration text's input correlations; still stock-loadable)",
     )
     p.add_argument(
         "--calibration",

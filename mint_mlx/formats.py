@@ -198,10 +198,7 @@ def formats_for(objective: str, scale_method: str = "rtn", formats: str = "nativ
         raise ValueError(f"unknown format set {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     if objective == "paper":
         return paper_formats()
-    if scale_method in (
-        "optimized",
-        "hqq",
-    ):  # HQQ fits scale_method too: the same candidates as optimized
+    if scale_method in ("optimized", "hqq", "gptq"):  # fitted too: optimized's candidates
         base = [f for f in native_formats() if f.mode in ("affine", PASSTHROUGH)]
     else:
         base = native_formats()

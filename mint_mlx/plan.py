@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scales",
         choices=SCALE_METHODS,
-        help="affine scales: optimized (default), rtn (MLX's rule) or hqq (HQQ's solver)",
+        help="affine scales: optimized (default), rtn (MLX's rule), hqq (HQQ's solver) or "
+        "gptq (fitted, with error-compensated codes)",
     )
     add_sensitivity_arguments(p)
     p.add_argument(

@@ -242,4 +242,4 @@ def test_analysis_cache_keys_differ_between_scale_methods(tiny_llama: Path) -> N
     assert fitted == formats_for("fisher", "optimized")  # same candidates as the default
     keys = {cache_key(source, fitted, mx.bfloat16, "cal", s) for s in SCALE_METHODS}
     paths = {default_cache_path(source, fitted, mx.bfloat16, "cal", s) for s in SCALE_METHODS}
-    assert len(keys) == len(SCALE_METHODS) == len(paths) == 3
+    assert len(keys) == len(SCALE_METHODS) == len(paths) == 4

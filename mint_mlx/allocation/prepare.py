@@ -44,7 +44,14 @@ from mint_mlx.formats import FORMAT_SETS, Format, formats_for
 from mint_mlx.phases import PhaseLog
 from mint_mlx.quant.experts import splits_per_expert
 from mint_mlx.quant.quantize import SCALE_METHODS
-from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, CalibrationConfig, sensitivity
+from mint_mlx.sensitivity.calibrate import (
+    DEFAULT_SEQUENCES,
+    CalibrationConfig,
+    in_memory_need,
+    input_moments,
+    sensitivity,
+)
+from mint_mlx.sensitivity.inputs import InputMoments, input_moments_need
 from mint_mlx.sizes import format_size
 from mint_mlx.source.model import Source, has_tokenizer
 
@@ -89,6 +96,8 @@ class Prepared:
     large_error_penalty: float = LARGE_ERROR_PENALTY
     #: Wall seconds of the costly phases (``sensitivity``, ``analysis``), cache reads included.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The input second moments ``scales="gptq"`` rounds with (None for other methods).
+    moments: InputMoments | None = None
     #: Priced (tensor, format) pairs by header digit count (see :meth:`_cost_fn`).
     _costs: dict[int, dict[tuple[str, str], int]] = field(default_factory=dict, repr=False)
 
@@ -238,7 +247,7 @@ def prepare(
         raise MintError(f"unknown --formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
     start = time.perf_counter()
     notes = _source_notes(source, formats, objective)
-    objective, columns, calib_key = _sensitivity_pass(
+    objective, columns, calib_key, used = _sensitivity_pass(
         source,
         objective,
         CalibrationConfig(sequences=calibration_sequences, text_file=calibration),
@@ -249,6 +258,7 @@ def prepare(
         phases,
         notes,
     )
+    moments = _moments(source, scale_method, objective, used, max_memory, progress, notes)
     sensitivity_seconds = time.perf_counter() - start
     candidates = formats_for(objective, scale_method, formats)
     per_expert = _per_expert(source, formats, objective)
@@ -276,6 +286,7 @@ def prepare(
         jobs=jobs,
         per_expert=per_expert,
         sample_elements=sample,
+        moments=moments,
     )
     seconds = {"sensitivity": sensitivity_seconds, "analysis": time.perf_counter() - start}
     notes += _sample_notes(curves)
@@ -291,7 +302,41 @@ def prepare(
         max_shard_bytes,
         notes,
         seconds=seconds,
+        moments=moments,
     )
+
+
+def _moments(
+    source: Source,
+    scale_method: str,
+    objective: str,
+    used: CalibrationConfig | None,
+    max_memory: int | None,
+    progress: bool,
+    notes: list[str],
+) -> InputMoments | None:
+    """The input second moments ``--scales gptq`` needs (computed once, cached beside the
+    column Fisher); None for every other scale method."""
+    if scale_method != "gptq":
+        return None
+    if objective != "fisher" or used is None:
+        raise MintError(
+            "--scales gptq weighs errors by the sensitivity pass; use it with --objective fisher"
+        )
+    need = in_memory_need(source) + input_moments_need(source)
+    if max_memory is not None and need > max_memory:
+        raise MintError(
+            f"--scales gptq collects its input moments with the float32 model in memory "
+            f"({format_size(need, round_up=True)}), over --max-memory "
+            f"{format_size(max_memory)}; raise --max-memory or use --scales optimized"
+        )
+    moments = input_moments(source, used, progress)
+    shared = len(set(moments.aliases.values()))
+    notes.append(
+        f"gptq: error-compensated rounding for the {len(moments.aliases)} linear layers "
+        f"({shared} distinct inputs); embeddings and expert stacks keep fitted rounding"
+    )
+    return moments
 
 
 def _source_notes(source: Source, formats: str, objective: str) -> list[str]:
@@ -320,12 +365,12 @@ def _sensitivity_pass(
     sampler: str,
     phases: PhaseLog | None,
     notes: list[str],
-) -> tuple[str, dict[str, mx.array] | None, str]:
+) -> tuple[str, dict[str, mx.array] | None, str, CalibrationConfig | None]:
     """(objective, Fisher column weights, their cache key) for the ``fisher`` objective (run or
     read from the cache, described in ``notes``); the objective unchanged and no weights
     otherwise. Non-finite sensitivities fall back to ``nrmse``, and say so."""
     if objective != "fisher":
-        return objective, None, ""
+        return objective, None, "", None
     if phases is not None:
         phases.start("sensitivity", "how much each weight column moves the output")
     if config.sequences < 1:
@@ -340,9 +385,9 @@ def _sensitivity_pass(
             "the sensitivity pass gave non-finite values (the source has NaN/Inf weights); "
             "planned with --objective nrmse instead"
         )
-        return "nrmse", None, ""
+        return "nrmse", None, "", None
     # the full model's text and a 4-bit copy's have their own keys
-    return objective, found.columns, found.key
+    return objective, found.columns, found.key, found.config
 
 
 def _per_expert(source: Source, formats: str, objective: str) -> bool:

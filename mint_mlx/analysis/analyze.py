@@ -32,6 +32,8 @@ from mint_mlx.errors import AnalysisCacheError
 from mint_mlx.formats import Format
 from mint_mlx.path_safety import writing
 from mint_mlx.paths import cache_root
+from mint_mlx.quant.gptq import DAMP
+from mint_mlx.sensitivity.inputs import InputMoments
 from mint_mlx.source.model import Source, TensorInfo
 
 #: Bump when the measurement changes meaning, so stale caches are not reused.
@@ -59,6 +61,8 @@ def cache_key(
     h.update(json.dumps(source.config, sort_keys=True).encode())
     h.update(calibration.encode())
     h.update(scale_method.encode())
+    if scale_method == "gptq":  # the damping changes every compensated error
+        h.update(f"damp{DAMP}".encode())
     h.update(",".join(f.name for f in formats).encode())
     h.update(str(dtype).encode())
     h.update(f"v{ANALYSIS_VERSION}".encode())
@@ -125,6 +129,7 @@ def analyze(
     jobs: int = 1,
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
+    moments: InputMoments | None = None,
 ) -> list[RDCurve]:
     """RD curves for every quantizable tensor of ``source``, reusing and extending the cache.
 
@@ -135,6 +140,8 @@ def analyze(
     expert of an expert stack as its own curve (``module#e``), in the stack's place in the list.
     Errors are estimated from a row sample of about ``sample_elements`` weights per tensor
     (:mod:`mint_mlx.analysis.row_sample`), or measured on every weight with ``None``.
+    ``moments`` (the calibration text's input second moments, keyed like ``columns``) are
+    what ``scale_method="gptq"`` rounds with.
     """
     key = cache_key(source, formats, dtype, calibration, scale_method, per_expert, sample_elements)
     path = cache_path or default_cache_path(
@@ -157,6 +164,7 @@ def analyze(
         run = _Run(
             source, formats, dtype, columns, scale_method, per_expert, sample_elements, done, f
         )
+        run.moments = moments
         if jobs > 1 and sum(info.numel for info in mine) >= workers.PARALLEL_MIN_ELEMENTS:
             _analyze_in_workers(run, mine, jobs, progress)
         else:
@@ -182,6 +190,7 @@ class _Run:
     done: dict[tuple[str, str], RDCurve]
     file: TextIO
     curves: dict[str, RDCurve] = field(default_factory=dict)
+    moments: InputMoments | None = None
 
     def record(self, curve: RDCurve, digest: str) -> None:
         """Keep a newly measured curve, and append it to the cache at once."""
@@ -215,6 +224,7 @@ class _Run:
             self.scales,
             self.per_expert,
             self.sample_elements,
+            None if self.moments is None else self.moments.get(info.key),
         ):
             self.record(curve, digest)
         self.source.release(info.key)
@@ -264,6 +274,7 @@ def _analyze_in_workers(run: _Run, infos: Sequence[TensorInfo], jobs: int, progr
             pooled,
             run.per_expert,
             run.sample_elements,
+            None if run.moments is None else str(run.moments.path),
         )
     else:
         for info, digest in todo.items():

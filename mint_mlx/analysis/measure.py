@@ -22,11 +22,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from mint_mlx.analysis.row_sample import draw, row_stats, sample_rows, seed_for
 from mint_mlx.formats import Format
 from mint_mlx.quant.experts import expert_infos, splits_per_expert
-from mint_mlx.quant.quantize import row_errors
+from mint_mlx.quant.gptq import Factor, compensated, factor, row_form
+from mint_mlx.quant.quantize import compensates, dequantize_weight, quantize_weight, row_errors
+from mint_mlx.quant.scales import storage_rounder
 from mint_mlx.source.model import TensorInfo
 
 #: Elements per chunk when measuring a large tensor (16 MB of float32 per chunk).
@@ -144,6 +147,7 @@ def measure(
     scale_method: str = "rtn",
     sample_elements: int | None = None,
     seed: int = 0,
+    moments: np.ndarray | None = None,
 ) -> Measured:
     """Energy of ``weight`` (exact) and each format's squared error, plain and column-weighted:
     exact, or estimated from a stratified sample of rows of about ``sample_elements`` weights
@@ -151,6 +155,11 @@ def measure(
 
     A 3-D expert stack is measured expert by expert (each has its own columns), the sample
     shared out so that every expert is represented.
+
+    With ``scale_method="gptq"`` and the ``moments`` of a 2-D weight's inputs, the native
+    affine formats are rounded with error feedback (:mod:`mint_mlx.quant.gptq`), and every
+    format's weighted error is its quadratic form under the full ``H`` (whose diagonal is the
+    column weights): the measure that sees what feedback gains.
     """
     if weight.ndim == 3:
         experts = weight.shape[0]
@@ -187,9 +196,15 @@ def measure(
     if not stats.finite or not math.isfinite(energy):
         return Measured(energy, sse, wsse, False)
     n = sample_rows(rows.shape[0], rows.shape[1], sample_elements)
+    feedback = None
+    if moments is not None and columns is not None and scale_method == "gptq":
+        feedback = factor(moments, np.array(columns.astype(mx.float32)))
     if n is None:
         for chunk in _chunks(rows):
-            _add_errors(chunk, formats, dtype, columns, scale_method, sse, wsse, rtn=rtn)
+            if feedback is not None:
+                _add_compensated(chunk, formats, dtype, columns, feedback, sse, wsse, rtn)
+            else:
+                _add_errors(chunk, formats, dtype, columns, scale_method, sse, wsse, rtn=rtn)
         return Measured(energy, sse, wsse, True, 0, rtn.plain, rtn.weighted)
     sample = draw(stats, n, seed)
     picked = rows[mx.array(sample.rows)]
@@ -197,7 +212,10 @@ def measure(
         mx.array(sample.plain_factor, mx.float32),
         mx.array(sample.weighted_factor, mx.float32),
     )
-    _add_errors(picked, formats, dtype, columns, scale_method, sse, wsse, factors, rtn)
+    if feedback is not None:
+        _add_compensated(picked, formats, dtype, columns, feedback, sse, wsse, rtn, factors)
+    else:
+        _add_errors(picked, formats, dtype, columns, scale_method, sse, wsse, factors, rtn)
     return Measured(energy, sse, wsse, True, n, rtn.plain, rtn.weighted)
 
 
@@ -251,6 +269,56 @@ def _add_errors(
             rtn.add(i, rtn_plain, rtn_weighted)
 
 
+#: Weights rounded together in one error-feedback pass (candidates stacked as rows): bounds
+#: the pass's float32 working copy at 64 MiB.
+FEEDBACK_ELEMENTS = 1 << 24
+
+
+def _add_compensated(
+    rows: mx.array,
+    formats: Sequence[Format],
+    dtype: mx.Dtype,
+    columns: mx.array | None,
+    feedback: Factor,
+    sse: list[float],
+    wsse: list[float] | None,
+    rtn: _Totals,
+    factors: tuple[mx.array, mx.array] | None = None,
+) -> None:
+    """:func:`_add_errors` for ``scales="gptq"``: native affine formats rounded with error
+    feedback (all of them in one pass), every format's weighted error in ``feedback.h``, and
+    MLX's own round-to-nearest error beside each compensated format (stock's price)."""
+    assert columns is not None and wsse is not None
+    w = np.array(rows.astype(mx.float32))
+    cols = np.array(columns.astype(mx.float32))
+    fp = np.ones(w.shape[0]) if factors is None else np.array(factors[0], np.float64)
+    fw = np.ones(w.shape[0]) if factors is None else np.array(factors[1], np.float64)
+
+    def add(delta: np.ndarray) -> tuple[float, float]:
+        plain = np.einsum("rn,rn->r", delta, delta, dtype=np.float64)
+        return float(plain @ fp), float(row_form(delta, feedback.h) @ fw)
+
+    fed = [i for i, f in enumerate(formats) if compensates(f, "gptq")]
+    batch = max(1, FEEDBACK_ELEMENTS // max(1, w.size))
+    rnd = storage_rounder(dtype)
+    for start in range(0, len(fed), batch):
+        part = fed[start : start + batch]
+        specs = [(formats[i].bits, formats[i].group_size) for i in part]
+        for i, r in zip(part, compensated(w, specs, cols, feedback, rnd), strict=True):
+            plain, weighted = add(w - r.restored())
+            sse[i] += plain
+            wsse[i] += weighted
+            stock = quantize_weight(rows, formats[i], dtype, "rtn")
+            rtn.add(i, *add(w - np.array(dequantize_weight(stock, formats[i]))))
+    for i, f in enumerate(formats):
+        if i in fed:
+            continue
+        stored = quantize_weight(rows, f, dtype, "gptq", columns)
+        plain, weighted = add(w - np.array(dequantize_weight(stored, f)))
+        sse[i] += plain
+        wsse[i] += weighted
+
+
 def analyze_tensor(
     info: TensorInfo,
     weight: mx.array,
@@ -259,6 +327,7 @@ def analyze_tensor(
     columns: mx.array | None = None,
     scale_method: str = "rtn",
     sample_elements: int | None = None,
+    moments: np.ndarray | None = None,
 ) -> RDCurve:
     """The RD curve of one tensor over the formats that can store it (errors estimated from a
     sample of about ``sample_elements`` weights, or exact with ``None``)."""
@@ -266,7 +335,8 @@ def analyze_tensor(
     options = (
         [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
     )
-    m = measure(weight, options, dtype, columns, scale_method, sample_elements, seed_for(info.path))
+    seed = seed_for(info.path)
+    m = measure(weight, options, dtype, columns, scale_method, sample_elements, seed, moments)
     energy, sse, wsse = m.energy, m.sse, m.wsse
     rtn_sse = m.rtn_sse or [None] * len(sse)
     rtn_wsse = m.rtn_wsse or [None] * len(sse)
@@ -307,12 +377,16 @@ def analyze_stack(
     scale_method: str = "rtn",
     per_expert: bool = False,
     sample_elements: int | None = None,
+    moments: np.ndarray | None = None,
 ) -> list[RDCurve]:
     """The RD curves of one source tensor: one curve, or with ``per_expert`` one per expert of
-    an expert stack (each with its own Fisher columns, ``columns[e]``)."""
+    an expert stack (each with its own Fisher columns, ``columns[e]``). ``moments``: the
+    second moments of a linear layer's inputs, for ``scales="gptq"``."""
     if not (per_expert and splits_per_expert(info)):
         return [
-            analyze_tensor(info, weight, formats, dtype, columns, scale_method, sample_elements)
+            analyze_tensor(
+                info, weight, formats, dtype, columns, scale_method, sample_elements, moments
+            )
         ]
     return [
         analyze_tensor(

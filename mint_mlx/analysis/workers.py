@@ -22,6 +22,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -30,6 +31,7 @@ import numpy as np
 from mint_mlx.analysis.measure import analyze_stack
 from mint_mlx.formats import Format, format_by_name
 from mint_mlx.quant import scales as scale_fitting
+from mint_mlx.sensitivity.inputs import InputMoments
 from mint_mlx.source.model import Source, TensorInfo, open_source
 
 #: Below this many elements to analyze, worker start-up (importing MLX, opening the source)
@@ -58,6 +60,7 @@ def _analyze_one(
     scale_method: str,
     per_expert: bool = False,
     sample_elements: int | None = None,
+    moments_path: str | None = None,
 ) -> list[dict[str, Any]]:
     """The records of one source tensor: one, or one per expert (see analyze_stack)."""
     source = _WORKER_SOURCE
@@ -66,8 +69,17 @@ def _analyze_one(
     formats = [format_by_name(n) for n in format_names]
     cols = None if columns is None else mx.array(columns)
     dtype = getattr(mx, dtype_name)
+    moments = None if moments_path is None else InputMoments(Path(moments_path)).get(key)
     curves = analyze_stack(
-        info, source.tensor(key), formats, dtype, cols, scale_method, per_expert, sample_elements
+        info,
+        source.tensor(key),
+        formats,
+        dtype,
+        cols,
+        scale_method,
+        per_expert,
+        sample_elements,
+        moments,
     )
     source.release(key)
     return [c.to_json() for c in curves]
@@ -112,6 +124,7 @@ def analyze_in_pool(
     on_result: Callable[[TensorInfo, list[dict[str, Any]]], None],
     per_expert: bool = False,
     sample_elements: int | None = None,
+    moments_path: str | None = None,
 ) -> None:
     """Measure ``infos`` in ``jobs`` worker processes; ``on_result`` gets each tensor's records
     as they arrive (in completion order; one record, or one per expert with ``per_expert``).
@@ -140,6 +153,7 @@ def analyze_in_pool(
                 scale_method,
                 per_expert,
                 sample_elements,
+                moments_path,
             )
             running[fut] = info
 

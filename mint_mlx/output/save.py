@@ -24,6 +24,7 @@ from mint_mlx.output.config import mark_config
 from mint_mlx.path_safety import Read, staged_output
 from mint_mlx.quant.experts import collapse, module_arrays, module_entry, needs_mint
 from mint_mlx.safetensors_io import ShardLayout, ShardWriter
+from mint_mlx.sensitivity.inputs import InputMoments
 from mint_mlx.source.model import Source, copy_support_files
 from mint_mlx.source.origin import origin_of, without_local_paths
 
@@ -68,6 +69,7 @@ def _arrays(
     dtype: mx.Dtype,
     scale_method: str = "rtn",
     columns: dict[str, mx.array] | None = None,
+    moments: InputMoments | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) in file order, one source tensor materialized at a time.
 
@@ -87,6 +89,7 @@ def _arrays(
                 dtype,
                 scale_method,
                 None if columns is None else columns[key],
+                None if moments is None else moments.get(key),
             )
         else:
             yield key, weight.astype(passthrough_dtype(weight.dtype, dtype))
@@ -101,10 +104,12 @@ def write_weights(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
+    moments: InputMoments | None = None,
 ) -> list[ShardLayout]:
     """Write every shard of the plan into ``directory``; return the layout written.
 
-    ``columns`` are the Fisher column weights the plan's optimized scales were fitted with.
+    ``columns`` are the Fisher column weights the plan's optimized scales were fitted with, and
+    ``moments`` the input second moments its ``gptq`` rounding uses.
     """
     layout = layout_for(source, plan, dtype, max_shard_bytes)
     formats = plan.formats
@@ -113,7 +118,7 @@ def write_weights(
     total = sum(len(s.slots) for s in layout)
     try:
         for name, array in tqdm(
-            _arrays(source, formats, dtype, plan.scales, columns),
+            _arrays(source, formats, dtype, plan.scales, columns, moments),
             total=total,
             desc="save",
             unit="array",
@@ -160,10 +165,11 @@ def save_model_dir(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
+    moments: InputMoments | None = None,
 ) -> None:
     """Everything that goes into the output directory (the check that it loads as planned is
     :func:`mint_mlx.runtime.check.verify_saved`, run before the directory is published)."""
-    write_weights(source, plan, directory, dtype, max_shard_bytes, progress, columns)
+    write_weights(source, plan, directory, dtype, max_shard_bytes, progress, columns, moments)
     config = output_config(source, plan, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     copy_support_files(source.path, directory)

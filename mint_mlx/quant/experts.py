@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from mint_mlx.formats import PASSTHROUGH, Format, format_from_entry
 from mint_mlx.quant.quantize import dequantize_weight, quantize_in_chunks
@@ -291,11 +292,13 @@ def module_arrays(
     dtype: mx.Dtype,
     scale_method: str = "rtn",
     columns: mx.array | None = None,
+    moments: np.ndarray | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """(name, array) of one collapsed module in file order, either kind: what save writes for
-    it, in the order :func:`mint_mlx.allocation.layout.output_layout` lays it out."""
+    it, in the order :func:`mint_mlx.allocation.layout.output_layout` lays it out. ``moments``:
+    its inputs' second moments, for ``scales="gptq"``."""
     if isinstance(entry, Format):
-        arrays = quantize_in_chunks(weight, entry, dtype, scale_method, columns)
+        arrays = quantize_in_chunks(weight, entry, dtype, scale_method, columns, moments=moments)
         mx.eval(arrays)
         for suffix, a in arrays.items():
             yield f"{module}.{suffix}", a

@@ -9,18 +9,29 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from mint_mlx.formats import Format
 from mint_mlx.quant.extended import dequantize_extended, quantize_extended
+from mint_mlx.quant.gptq import compensated, factor
 from mint_mlx.quant.hqq import hqq_affine, hqq_fit
-from mint_mlx.quant.scales import AffineFit, fit_affine, optimized_affine
+from mint_mlx.quant.scales import (
+    AffineFit,
+    fit_affine,
+    optimized_affine,
+    pack_numpy,
+    storage_rounder,
+)
 
 #: How affine scales and biases are chosen: fitted to the weighted squared error
-#: (:mod:`mint_mlx.quant.scales`), MLX's rule, or HQQ's lp-norm zero-point solver (:mod:`mint_mlx.quant.hqq`).
-SCALE_METHODS = ("optimized", "rtn", "hqq")
+#: (:mod:`mint_mlx.quant.scales`), MLX's rule, HQQ's lp-norm zero-point solver
+#: (:mod:`mint_mlx.quant.hqq`), or fitted with error-compensated codes (:mod:`mint_mlx.quant.gptq`;
+#: layers without a linear input, and every layer when no input moments are given, are fitted
+#: as ``optimized``).
+SCALE_METHODS = ("optimized", "rtn", "hqq", "gptq")
 
 #: The scale methods that fit each group's (scale, bias) instead of taking MLX's rule.
-FITTED_SCALES = ("optimized", "hqq")
+FITTED_SCALES = ("optimized", "hqq", "gptq")
 
 
 def _fits_affine(fmt: Format, scale_method: str) -> bool:
@@ -42,7 +53,7 @@ def fit_for(
     """The per-group fit of a fitted scale method (``optimized`` or ``hqq``), without packing."""
     if scale_method == "hqq":
         return hqq_fit(weight, bits, group_size, dtype, columns)
-    if scale_method == "optimized":
+    if scale_method in ("optimized", "gptq"):
         return fit_affine(weight, bits, group_size, dtype, columns)
     raise ValueError(f"{scale_method!r} is not a fitted scale method")
 
@@ -89,8 +100,15 @@ def quantize_in_chunks(
     scale_method: str = "rtn",
     columns: mx.array | None = None,
     chunk_elements: int = SAVE_CHUNK_ELEMENTS,
+    moments: np.ndarray | None = None,
 ) -> dict[str, mx.array]:
-    """:func:`quantize_weight`, block by block of rows (and expert by expert): same arrays."""
+    """:func:`quantize_weight`, block by block of rows (and expert by expert): same arrays.
+
+    With ``scales="gptq"`` and the ``moments`` of a 2-D weight's inputs, a native affine format
+    is rounded with error feedback (:func:`quantize_compensated`) instead."""
+    if moments is not None and compensates(fmt, scale_method) and weight.ndim == 2:
+        assert columns is not None, "error feedback needs the column Fisher"
+        return quantize_compensated(weight, fmt, dtype, columns, moments)
     if weight.ndim == 3:
         parts = [
             quantize_in_chunks(
@@ -115,6 +133,29 @@ def quantize_in_chunks(
         mx.eval(piece)
         pieces.append(piece)
     return {k: mx.concatenate([p[k] for p in pieces], axis=0) for k in pieces[0]}
+
+
+def compensates(fmt: Format, scale_method: str) -> bool:
+    """Whether ``fmt`` is rounded with error feedback under ``scale_method`` (given moments)."""
+    return scale_method == "gptq" and _fits_affine(fmt, scale_method)
+
+
+def quantize_compensated(
+    weight: mx.array, fmt: Format, dtype: mx.Dtype, columns: mx.array, moments: np.ndarray
+) -> dict[str, mx.array]:
+    """The arrays saved for a 2-D ``weight`` in native affine ``fmt``, rounded with error
+    feedback (:mod:`mint_mlx.quant.gptq`) under the column Fisher ``columns`` and the input
+    ``moments``: the same arithmetic the analysis measured on its row sample."""
+    cols = np.array(columns.astype(mx.float32))
+    w = np.array(weight.astype(mx.float32))
+    r = compensated(
+        w, [(fmt.bits, fmt.group_size)], cols, factor(moments, cols), storage_rounder(dtype)
+    )[0]
+    return {
+        "weight": mx.array(pack_numpy(r.codes.astype(np.uint32), fmt.bits)),
+        "scales": mx.array(r.scales).astype(dtype),
+        "biases": mx.array(r.biases).astype(dtype),
+    }
 
 
 def dequantize_weight(arrays: dict[str, mx.array], fmt: Format) -> mx.array:
@@ -176,7 +217,8 @@ def row_errors(
     if _fits_affine(fmt, scale_method):
         fit = fit_for(weight, fmt.bits, fmt.group_size, dtype, scale_method, column_weights)
         weighted = column_weights is not None
-        rtn = scale_method == "optimized"  # that fit measures MLX's own rule first; HQQ's does not
+        # that fit measures MLX's own rule first; HQQ's does not
+        rtn = scale_method in ("optimized", "gptq")
         return RowErrors(
             fit.plain_error.sum(axis=(-2, -1)),
             fit.weighted_error.sum(axis=(-2, -1)) if weighted else None,

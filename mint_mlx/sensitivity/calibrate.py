@@ -36,6 +36,12 @@ from tqdm import tqdm
 from mint_mlx.errors import MintError, SourceError
 from mint_mlx.paths import cache_root
 from mint_mlx.sensitivity.fisher import FisherSums
+from mint_mlx.sensitivity.inputs import (
+    InputMoments,
+    collect_input_moments,
+    input_moments_path,
+    save_input_moments,
+)
 from mint_mlx.sensitivity.proxy import PROXY_NAME, proxy_sample, proxy_sampler_memory
 from mint_mlx.sensitivity.sampling import sample_sequences, start_token, text_sequences
 from mint_mlx.sensitivity.streamed import (
@@ -302,6 +308,7 @@ class Sensitivity:
     choice: PassChoice | None  # None: read from the cache
     text: str  # which model or file produced the calibration text
     key: str = ""  # the cache key of these weights (:meth:`CalibrationConfig.key`)
+    config: CalibrationConfig | None = None  # the recipe of the text they came from
 
 
 def calibration_tokens(
@@ -383,7 +390,8 @@ def sensitivity(
         if path.exists():
             loaded = mx.load(str(path))
             assert isinstance(loaded, dict)
-            return Sensitivity(loaded, None, _text(candidate, sampler), candidate.key(source))
+            text = _text(candidate, sampler)
+            return Sensitivity(loaded, None, text, candidate.key(source), candidate)
     if choice is None:
         assert refused is not None
         raise refused
@@ -401,7 +409,26 @@ def sensitivity(
     tmp = path.with_suffix(f".{os.getpid()}.tmp.safetensors")  # ranks may share the cache
     mx.save_safetensors(str(tmp), weights)
     tmp.replace(path)
-    return Sensitivity(weights, choice, _text(used, sampler), used.key(source))
+    return Sensitivity(weights, choice, _text(used, sampler), used.key(source), used)
+
+
+def input_moments(
+    source: Source, config: CalibrationConfig, progress: bool = False
+) -> InputMoments:
+    """The second moments of every linear layer's inputs over the calibration text of
+    ``config`` (the text the column Fisher came from: the same tokens), cached beside it.
+
+    The forward pass holds the float32 model in memory; a streamed version is not written yet.
+    """
+    path = input_moments_path(calibration_path(source, config))
+    if not path.exists():
+        sampler = "proxy" if config.proxy and not config.text_file else "in-memory"
+        seqs, model = calibration_tokens(source, config, sampler, progress)
+        model = model if model is not None else load_float32_model(source)
+        keys = [t.key for t in source.quantizable]
+        matrices, aliases = collect_input_moments(model, seqs, keys, progress)
+        save_input_moments(path, matrices, aliases)
+    return InputMoments(path)
 
 
 def calibrate(
