@@ -162,9 +162,17 @@ def analyze(
         if new_file and writer:
             f.write(json.dumps({"mint_analysis": ANALYSIS_VERSION, "key": key}) + "\n")
         run = _Run(
-            source, formats, dtype, columns, scale_method, per_expert, sample_elements, done, f
+            source,
+            formats,
+            dtype,
+            columns,
+            scale_method,
+            per_expert,
+            sample_elements,
+            done,
+            f,
+            moments=moments,
         )
-        run.moments = moments
         if jobs > 1 and sum(info.numel for info in mine) >= workers.PARALLEL_MIN_ELEMENTS:
             _analyze_in_workers(run, mine, jobs, progress)
         else:

@@ -50,7 +50,8 @@ def fit_for(
     scale_method: str,
     columns: mx.array | None = None,
 ) -> AffineFit:
-    """The per-group fit of a fitted scale method (``optimized`` or ``hqq``), without packing."""
+    """The per-group fit of a fitted scale method, without packing (``gptq`` fits as
+    ``optimized``: its error feedback needs input moments, see :func:`quantize_compensated`)."""
     if scale_method == "hqq":
         return hqq_fit(weight, bits, group_size, dtype, columns)
     if scale_method in ("optimized", "gptq"):

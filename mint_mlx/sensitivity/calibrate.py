@@ -422,7 +422,7 @@ def input_moments(
     """
     path = input_moments_path(calibration_path(source, config))
     if not path.exists():
-        sampler = "proxy" if config.proxy and not config.text_file else "in-memory"
+        sampler = "proxy" if config.proxy else "in-memory"  # a text file takes precedence
         seqs, model = calibration_tokens(source, config, sampler, progress)
         model = model if model is not None else load_float32_model(source)
         keys = [t.key for t in source.quantizable]

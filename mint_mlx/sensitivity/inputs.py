@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from mint_mlx.errors import MintError
-from mint_mlx.sensitivity.streamed import _standing_in
+from mint_mlx.sensitivity.streamed import _owner, _standing_in
 from mint_mlx.source.model import Source
 
 #: Bump when the stored matrices change meaning.
@@ -88,16 +87,6 @@ class _Sums:
         self.totals[key] = self.totals[key] + gram if key in self.totals else gram
 
 
-def _owner(root: nn.Module, weight_key: str) -> tuple[Any, str]:
-    """The parent (a module, or a list of blocks) and the name or index of the module that
-    owns ``weight_key`` (``model.layers.3.mlp.up_proj.weight``)."""
-    *parents, name = weight_key[: -len(".weight")].split(".")
-    obj: Any = root
-    for part in parents:
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    return obj, name
-
-
 def input_moments_path(calibration_path: Path) -> Path:
     """Where the moments for the column Fisher cached at ``calibration_path`` live."""
     return calibration_path.with_name(calibration_path.stem + ".inputs.safetensors")
@@ -113,7 +102,7 @@ def collect_input_moments(
     swaps = []
     for key in keys:
         parent, name = _owner(model, key)
-        if isinstance(parent, nn.Module) and type(parent.get(name)) is nn.Linear:
+        if type(parent.get(name)) is nn.Linear:
             swaps.append((parent, name, _Record(parent[name], key, sums)))
     tokens = 0
     with _standing_in(swaps):

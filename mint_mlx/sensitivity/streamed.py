@@ -97,9 +97,10 @@ def blocks_prefix(source: Source) -> str:
 
 
 def _attribute(module: nn.Module, path: str) -> Any:
+    """The object at a dotted module path; a numeric part indexes a list (``layers.3``)."""
     obj: Any = module
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
     return obj
 
 
