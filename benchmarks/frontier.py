@@ -65,10 +65,14 @@ MATCHED = {
     "mint-ext": ("fisher", "optimized", "extended"),
     "mint-hqq": ("fisher", "hqq", "native"),
     "mint-gptq": ("fisher", "gptq", "native"),
+    "mint-eq": ("fisher", "optimized", "native"),
+    "mint-gptq-eq": ("fisher", "gptq", "native"),
 }
+#: The matched methods that add ``--equalize`` (equivalent scaling, issue 18's AWQ lever).
+EQUALIZED = ("mint-eq", "mint-gptq-eq")
 #: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
 #: MLX's round-to-nearest scales, beside the default (fitted scales).
-SCALE_ROWS = ("mint-hqq", "fisher-rtn", "mint-gptq")
+SCALE_ROWS = ("mint-hqq", "fisher-rtn", "mint-gptq", "mint-eq", "mint-gptq-eq")
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
     "mint": "mint-mlx default",
@@ -78,6 +82,8 @@ PLOT_LABELS = {
     "mint-ext": "mint-mlx --formats extended",
     "mint-hqq": "mint-mlx --scales hqq",
     "mint-gptq": "mint-mlx --scales gptq",
+    "mint-eq": "mint-mlx --equalize",
+    "mint-gptq-eq": "mint-mlx --scales gptq --equalize",
     "hqq": "uniform, HQQ scales (stock layout)",
 }
 #: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as
@@ -353,6 +359,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 scales=scales,
                 formats=formats,
                 force=True,
+                equalize=method in EQUALIZED,
             )
         except MintError as e:  # e.g. below the smallest feasible size: say so in the table
             rows[key] = {"key": key, "method": method, "target": target, "error": str(e)}
@@ -377,6 +384,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 f"python -m mint_mlx.convert --hf-path {ref} --budget {budget}"
                 + ("" if method == "mint" else f" --objective {objective} --scales {scales}")
                 + ("" if formats == "native" else f" --formats {formats}")
+                + (" --equalize" if method in EQUALIZED else "")
             ),
             formats=plan_distribution(res.plan),
             extended_pct_params=_extended_share(res.plan),

@@ -108,6 +108,7 @@ class ConvertOptions:
     exact_analysis: bool = False
     sampler: str = "auto"
     calibration_sequences: int = DEFAULT_SEQUENCES
+    equalize: bool = False
 
 
 @dataclass
@@ -148,6 +149,7 @@ def convert(
     exact_analysis: bool = False,
     sampler: str = "auto",
     calibration_sequences: int = DEFAULT_SEQUENCES,
+    equalize: bool = False,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
 
@@ -182,6 +184,7 @@ def convert(
         exact_analysis=exact_analysis,
         sampler=sampler,
         calibration_sequences=calibration_sequences,
+        equalize=equalize,
     )
     return run_conversion(hf_path, mlx_path, options)
 
@@ -290,6 +293,7 @@ def _prepare(
         sampler=options.sampler,
         phases=phases,
         calibration_sequences=options.calibration_sequences,
+        equalize=options.equalize,
     )
 
 
@@ -384,6 +388,7 @@ def _write_output(staged: _Staged, tmp: Path, name: str) -> None:
         progress=staged.options.progress,
         columns=staged.prepared.columns,
         moments=staged.prepared.moments,
+        scaling=staged.prepared.scaling,
     )
     verify_saved(tmp, plan)
     seconds["save"] = time.perf_counter() - start
@@ -463,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="affine scales: optimized (fitted, default), rtn (MLX's rule; default in paper mode) "
         "hqq (HQQ's lp-norm zero-point solver) or gptq (fitted, with error-compensated "
         "codes from the calibration text's input correlations; still stock-loadable)",
+    )
+    p.add_argument(
+        "--equalize",
+        action="store_true",
+        help="equivalent scaling (AWQ's lever): scale each layer's input columns by their "
+        "sensitivity and fold the inverse into the norm or layer before; same function, "
+        "still stock-loadable",
     )
     p.add_argument(
         "--calibration",
@@ -553,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exact_analysis=args.exact_analysis,
         sampler=args.sampler,
         calibration_sequences=args.calibration_sequences,
+        equalize=args.equalize,
     )
     published = Published()
     out = Path(args.mlx_path).expanduser()

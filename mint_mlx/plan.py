@@ -166,6 +166,7 @@ def plan(
     max_memory: str | int | None = None,
     exact_analysis: bool = False,
     sampler: str = "auto",
+    equalize: bool = False,
 ) -> PlanReport:
     """Plan ``hf_path`` at the given budgets (or a sweep) and optionally for a machine.
 
@@ -196,6 +197,7 @@ def plan(
         max_memory=resolve_max_memory(max_memory),
         exact_analysis=exact_analysis,
         sampler=sampler,
+        equalize=equalize,
     )
     wanted = [parse_size(b) for b in budgets or []]
     if sweep or (not wanted and fit is None):
@@ -342,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="affine scales: optimized (default), rtn (MLX's rule), hqq (HQQ's solver) or "
         "gptq (fitted, with error-compensated codes)",
     )
+    p.add_argument(
+        "--equalize",
+        action="store_true",
+        help="equivalent scaling of each layer's input columns, folded into the layer before",
+    )
     add_sensitivity_arguments(p)
     p.add_argument(
         "--exact-analysis",
@@ -375,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_memory=args.max_memory,
             exact_analysis=args.exact_analysis,
             sampler=args.sampler,
+            equalize=args.equalize,
         )
     if outcome.exit_code is not None:
         return outcome.exit_code

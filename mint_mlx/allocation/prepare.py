@@ -36,12 +36,14 @@ from mint_mlx.allocation.layout import (
 )
 from mint_mlx.allocation.stock import StockPoint, stock_points
 from mint_mlx.analysis.analyze import analyze, default_cache_path
+from mint_mlx.analysis.equalize import choose_scaling
 from mint_mlx.analysis.measure import RDCurve
 from mint_mlx.analysis.row_sample import SAMPLE_ELEMENTS
 from mint_mlx.analysis.workers import jobs_within, worker_memory
 from mint_mlx.errors import BudgetError, MintError
 from mint_mlx.formats import FORMAT_SETS, Format, formats_for
 from mint_mlx.phases import PhaseLog
+from mint_mlx.quant.equalize import FOLDS, Scaling, fold_groups
 from mint_mlx.quant.experts import splits_per_expert
 from mint_mlx.quant.quantize import SCALE_METHODS
 from mint_mlx.sensitivity.calibrate import (
@@ -98,6 +100,8 @@ class Prepared:
     seconds: dict[str, float] = field(default_factory=dict)
     #: The input second moments ``scales="gptq"`` rounds with (None for other methods).
     moments: InputMoments | None = None
+    #: The equivalent scales the analysis measured and save applies (``--equalize``).
+    scaling: Scaling | None = None
     #: Priced (tensor, format) pairs by header digit count (see :meth:`_cost_fn`).
     _costs: dict[int, dict[tuple[str, str], int]] = field(default_factory=dict, repr=False)
 
@@ -228,6 +232,7 @@ def prepare(
     sampler: str = "auto",
     phases: PhaseLog | None = None,
     calibration_sequences: int = DEFAULT_SEQUENCES,
+    equalize: bool = False,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
@@ -241,7 +246,9 @@ def prepare(
     text (:data:`~mint_mlx.sensitivity.calibrate.SAMPLERS`); when neither fits, a one-line error says
     what would, never a silent switch to weight error. The analysis estimates each
     candidate's error from a row sample of each tensor (:mod:`mint_mlx.analysis.row_sample`), or with
-    ``exact_analysis`` measures every weight.
+    ``exact_analysis`` measures every weight. ``equalize`` scales the input columns of the
+    layers whose input can take the inverse (:mod:`mint_mlx.analysis.equalize`) before the
+    analysis measures them.
     """
     if formats not in FORMAT_SETS:
         raise MintError(f"unknown --formats {formats!r}; use one of {', '.join(FORMAT_SETS)}")
@@ -263,9 +270,19 @@ def prepare(
     candidates = formats_for(objective, scale_method, formats)
     per_expert = _per_expert(source, formats, objective)
     sample = None if exact_analysis else SAMPLE_ELEMENTS
+    scaling = _scaling(source, equalize, objective, columns, dtype, calib_key, progress)
+    if scaling is not None:
+        notes.append(_scaling_note(scaling))
     jobs = _analysis_jobs(source, jobs, max_memory, notes)
     cache = analysis or default_cache_path(
-        source, candidates, dtype, calib_key, scale_method, per_expert, sample
+        source,
+        candidates,
+        dtype,
+        calib_key,
+        scale_method,
+        per_expert,
+        sample,
+        "" if scaling is None else scaling.digest(),
     )
     if phases is not None:
         phases.start(
@@ -287,6 +304,7 @@ def prepare(
         per_expert=per_expert,
         sample_elements=sample,
         moments=moments,
+        scaling=scaling,
     )
     seconds = {"sensitivity": sensitivity_seconds, "analysis": time.perf_counter() - start}
     notes += _sample_notes(curves)
@@ -303,6 +321,43 @@ def prepare(
         notes,
         seconds=seconds,
         moments=moments,
+        scaling=scaling,
+    )
+
+
+def _scaling(
+    source: Source,
+    equalize: bool,
+    objective: str,
+    columns: dict[str, mx.array] | None,
+    dtype: mx.Dtype,
+    calib_key: str,
+    progress: bool,
+) -> Scaling | None:
+    """The equivalent scales ``--equalize`` asks for (chosen once per calibration, cached)."""
+    if not equalize:
+        return None
+    if objective != "fisher" or columns is None:
+        raise MintError(
+            "--equalize chooses its scales by the sensitivity pass's weights; use it with "
+            "--objective fisher"
+        )
+    if not fold_groups(
+        source.model_type, source.config, source.shapes, {t.key for t in source.quantizable}
+    ):
+        raise MintError(
+            f"--equalize does not know where to fold the scales of a {source.model_type!r} "
+            f"model (it knows {', '.join(sorted(FOLDS))}); leave --equalize out"
+        )
+    return choose_scaling(source, columns, dtype, calib_key, progress)
+
+
+def _scaling_note(scaling: Scaling) -> str:
+    exps = [e for e in scaling.exponents.values() if e != 0.0]
+    typical = f", exponents {min(exps):g}-{max(exps):g}" if exps else ""
+    return (
+        f"equalize: {scaling.scaled_groups} of {len(scaling.exponents)} layer groups scaled "
+        f"(inverse folded into norms and preceding layers{typical})"
     )
 
 

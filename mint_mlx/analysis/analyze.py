@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import mlx.core as mx
+import numpy as np
 from tqdm import tqdm
 
 from mint_mlx.analysis import workers
@@ -32,6 +33,7 @@ from mint_mlx.errors import AnalysisCacheError
 from mint_mlx.formats import Format
 from mint_mlx.path_safety import writing
 from mint_mlx.paths import cache_root
+from mint_mlx.quant.equalize import Scaling
 from mint_mlx.quant.gptq import DAMP
 from mint_mlx.sensitivity.inputs import InputMoments
 from mint_mlx.source.model import Source, TensorInfo
@@ -50,13 +52,15 @@ def cache_key(
     scale_method: str = "rtn",
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
+    scaling: str = "",
 ) -> str:
     """What an analysis file depends on besides the tensors themselves (which each line
     identifies by content hash): the model's config, candidates, output dtype, calibration (the
     key of the Fisher weights, empty without), scale method, per-expert curves and version.
     (Without ``per_expert`` the key is what it was before that option existed, so existing
     caches stay valid.) ``sample_elements`` is the row sample's size, ``None`` for exact
-    errors."""
+    errors. ``scaling`` is the digest of the equivalent scales (``--equalize``), empty
+    without."""
     h = hashlib.sha256()
     h.update(json.dumps(source.config, sort_keys=True).encode())
     h.update(calibration.encode())
@@ -69,6 +73,8 @@ def cache_key(
     if per_expert:
         h.update(b"per-expert")
     h.update(f"sample={sample_elements or 'all'}".encode())
+    if scaling:
+        h.update(f"equalize={scaling}".encode())
     return h.hexdigest()[:24]
 
 
@@ -80,8 +86,11 @@ def default_cache_path(
     scale_method: str = "rtn",
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
+    scaling: str = "",
 ) -> Path:
-    key = cache_key(source, formats, dtype, calibration, scale_method, per_expert, sample_elements)
+    key = cache_key(
+        source, formats, dtype, calibration, scale_method, per_expert, sample_elements, scaling
+    )
     return cache_root() / "analysis" / f"{key}.jsonl"
 
 
@@ -130,6 +139,7 @@ def analyze(
     per_expert: bool = False,
     sample_elements: int | None = SAMPLE_ELEMENTS,
     moments: InputMoments | None = None,
+    scaling: Scaling | None = None,
 ) -> list[RDCurve]:
     """RD curves for every quantizable tensor of ``source``, reusing and extending the cache.
 
@@ -141,11 +151,15 @@ def analyze(
     Errors are estimated from a row sample of about ``sample_elements`` weights per tensor
     (:mod:`mint_mlx.analysis.row_sample`), or measured on every weight with ``None``.
     ``moments`` (the calibration text's input second moments, keyed like ``columns``) are
-    what ``scale_method="gptq"`` rounds with.
+    what ``scale_method="gptq"`` rounds with. ``scaling`` (``--equalize``) scales the input
+    columns of the layers it names (:mod:`mint_mlx.quant.equalize`).
     """
-    key = cache_key(source, formats, dtype, calibration, scale_method, per_expert, sample_elements)
+    digest = "" if scaling is None else scaling.digest()
+    key = cache_key(
+        source, formats, dtype, calibration, scale_method, per_expert, sample_elements, digest
+    )
     path = cache_path or default_cache_path(
-        source, formats, dtype, calibration, scale_method, per_expert, sample_elements
+        source, formats, dtype, calibration, scale_method, per_expert, sample_elements, digest
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     group = workers.distributed_group()
@@ -172,6 +186,7 @@ def analyze(
             done,
             f,
             moments=moments,
+            scaling=scaling,
         )
         if jobs > 1 and sum(info.numel for info in mine) >= workers.PARALLEL_MIN_ELEMENTS:
             _analyze_in_workers(run, mine, jobs, progress)
@@ -199,6 +214,10 @@ class _Run:
     file: TextIO
     curves: dict[str, RDCurve] = field(default_factory=dict)
     moments: InputMoments | None = None
+    scaling: Scaling | None = None
+
+    def column_scale(self, key: str) -> np.ndarray | None:
+        return None if self.scaling is None else self.scaling.columns.get(key)
 
     def record(self, curve: RDCurve, digest: str) -> None:
         """Keep a newly measured curve, and append it to the cache at once."""
@@ -233,6 +252,7 @@ class _Run:
             self.per_expert,
             self.sample_elements,
             None if self.moments is None else self.moments.get(info.key),
+            self.column_scale(info.key),
         ):
             self.record(curve, digest)
         self.source.release(info.key)
@@ -283,6 +303,7 @@ def _analyze_in_workers(run: _Run, infos: Sequence[TensorInfo], jobs: int, progr
             run.per_expert,
             run.sample_elements,
             None if run.moments is None else str(run.moments.path),
+            run.column_scale,
         )
     else:
         for info, digest in todo.items():

@@ -148,6 +148,7 @@ def measure(
     sample_elements: int | None = None,
     seed: int = 0,
     moments: np.ndarray | None = None,
+    column_scale: np.ndarray | None = None,
 ) -> Measured:
     """Energy of ``weight`` (exact) and each format's squared error, plain and column-weighted:
     exact, or estimated from a stratified sample of rows of about ``sample_elements`` weights
@@ -160,7 +161,26 @@ def measure(
     affine formats are rounded with error feedback (:mod:`mint_mlx.quant.gptq`), and every
     format's weighted error is its quadratic form under the full ``H`` (whose diagonal is the
     column weights): the measure that sees what feedback gains.
+
+    With a ``column_scale`` ``s`` (equivalent scaling, :mod:`mint_mlx.quant.equalize`) of a 2-D
+    weight, the formats store ``weight * s``: they are measured on it with columns ``/ s^2``
+    (and moments ``/ s s^T``), so the weighted errors stay in the original units, while the
+    energy and plain errors are those of the stored tensor (its relative error). Stock's
+    errors (MLX's own scales on the unscaled weight: stock has no scaling) are measured apart
+    and carried as the round-to-nearest errors, the plain ones in the stored tensor's units.
     """
+    if column_scale is not None and weight.ndim == 2:
+        return _measure_scaled(
+            weight,
+            formats,
+            dtype,
+            columns,
+            scale_method,
+            sample_elements,
+            seed,
+            moments,
+            column_scale,
+        )
     if weight.ndim == 3:
         experts = weight.shape[0]
         share = None if sample_elements is None else max(1, sample_elements // experts)
@@ -217,6 +237,41 @@ def measure(
     else:
         _add_errors(picked, formats, dtype, columns, scale_method, sse, wsse, factors, rtn)
     return Measured(energy, sse, wsse, True, n, rtn.plain, rtn.weighted)
+
+
+def _measure_scaled(
+    weight: mx.array,
+    formats: Sequence[Format],
+    dtype: mx.Dtype,
+    columns: mx.array | None,
+    scale_method: str,
+    sample_elements: int | None,
+    seed: int,
+    moments: np.ndarray | None,
+    column_scale: np.ndarray,
+) -> Measured:
+    """:func:`measure` with a column scale (see there)."""
+    s = mx.array(column_scale.astype(np.float32))
+    scaled = measure(
+        weight.astype(mx.float32) * s,
+        formats,
+        dtype,
+        None if columns is None else columns.astype(mx.float32) / (s * s),
+        scale_method,
+        sample_elements,
+        seed,
+        None if moments is None else moments / np.outer(column_scale, column_scale),
+    )
+    stock = measure(weight, formats, dtype, columns, "rtn", sample_elements, seed)
+    if not (scaled.finite and stock.finite):
+        return scaled
+    # stock's plain errors relative to its own energy, expressed against the stored one
+    ratio = scaled.energy / stock.energy if stock.energy > 0 else 1.0
+    rtn_sse: list[float | None] = [v * ratio for v in stock.sse]
+    rtn_wsse: list[float | None] | None = None if stock.wsse is None else list(stock.wsse)
+    return Measured(
+        scaled.energy, scaled.sse, scaled.wsse, True, scaled.sampled_rows, rtn_sse, rtn_wsse
+    )
 
 
 class _Totals:
@@ -328,6 +383,7 @@ def analyze_tensor(
     scale_method: str = "rtn",
     sample_elements: int | None = None,
     moments: np.ndarray | None = None,
+    column_scale: np.ndarray | None = None,
 ) -> RDCurve:
     """The RD curve of one tensor over the formats that can store it (errors estimated from a
     sample of about ``sample_elements`` weights, or exact with ``None``)."""
@@ -336,7 +392,9 @@ def analyze_tensor(
         [info.fixed] if info.fixed is not None else [f for f in formats if f.supports(info.shape)]
     )
     seed = seed_for(info.path)
-    m = measure(weight, options, dtype, columns, scale_method, sample_elements, seed, moments)
+    m = measure(
+        weight, options, dtype, columns, scale_method, sample_elements, seed, moments, column_scale
+    )
     energy, sse, wsse = m.energy, m.sse, m.wsse
     rtn_sse = m.rtn_sse or [None] * len(sse)
     rtn_wsse = m.rtn_wsse or [None] * len(sse)
@@ -378,14 +436,24 @@ def analyze_stack(
     per_expert: bool = False,
     sample_elements: int | None = None,
     moments: np.ndarray | None = None,
+    column_scale: np.ndarray | None = None,
 ) -> list[RDCurve]:
     """The RD curves of one source tensor: one curve, or with ``per_expert`` one per expert of
     an expert stack (each with its own Fisher columns, ``columns[e]``). ``moments``: the
-    second moments of a linear layer's inputs, for ``scales="gptq"``."""
+    second moments of a linear layer's inputs, for ``scales="gptq"``; ``column_scale``: its
+    equivalent scale (``--equalize``)."""
     if not (per_expert and splits_per_expert(info)):
         return [
             analyze_tensor(
-                info, weight, formats, dtype, columns, scale_method, sample_elements, moments
+                info,
+                weight,
+                formats,
+                dtype,
+                columns,
+                scale_method,
+                sample_elements,
+                moments,
+                column_scale,
             )
         ]
     return [

@@ -61,6 +61,7 @@ def _analyze_one(
     per_expert: bool = False,
     sample_elements: int | None = None,
     moments_path: str | None = None,
+    column_scale: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """The records of one source tensor: one, or one per expert (see analyze_stack)."""
     source = _WORKER_SOURCE
@@ -80,6 +81,7 @@ def _analyze_one(
         per_expert,
         sample_elements,
         moments,
+        column_scale,
     )
     source.release(key)
     return [c.to_json() for c in curves]
@@ -125,6 +127,7 @@ def analyze_in_pool(
     per_expert: bool = False,
     sample_elements: int | None = None,
     moments_path: str | None = None,
+    column_scale: Callable[[str], np.ndarray | None] | None = None,
 ) -> None:
     """Measure ``infos`` in ``jobs`` worker processes; ``on_result`` gets each tensor's records
     as they arrive (in completion order; one record, or one per expert with ``per_expert``).
@@ -154,6 +157,7 @@ def analyze_in_pool(
                 per_expert,
                 sample_elements,
                 moments_path,
+                None if column_scale is None else column_scale(info.key),
             )
             running[fut] = info
 

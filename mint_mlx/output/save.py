@@ -22,6 +22,7 @@ from mint_mlx.allocation.layout import MAX_SHARD_BYTES, layout_for, passthrough_
 from mint_mlx.formats import Format
 from mint_mlx.output.config import mark_config
 from mint_mlx.path_safety import Read, staged_output
+from mint_mlx.quant.equalize import Scaling
 from mint_mlx.quant.experts import collapse, module_arrays, module_entry, needs_mint
 from mint_mlx.safetensors_io import ShardLayout, ShardWriter
 from mint_mlx.sensitivity.inputs import InputMoments
@@ -70,8 +71,10 @@ def _arrays(
     scale_method: str = "rtn",
     columns: dict[str, mx.array] | None = None,
     moments: InputMoments | None = None,
+    scaling: Scaling | None = None,
 ) -> Iterator[tuple[str, mx.array]]:
-    """(name, array) in file order, one source tensor materialized at a time.
+    """(name, array) in file order, one source tensor materialized at a time, after the
+    equivalent scaling folds (``scaling``) if any.
 
     Each tensor is checked against the content hash the analysis used: a shard replaced while
     the run was working fails the save instead of giving an output the plan does not describe.
@@ -81,18 +84,18 @@ def _arrays(
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         weight = source.tensor(key)
         source.check_unchanged(key, weight)
+        cols = None if columns is None else columns.get(key)
+        mom = None if moments is None else moments.get(key)
+        if scaling is not None:
+            cols, mom = scaling.columns_for(key, cols), scaling.moments_for(key, mom)
         if module is not None and module in modules:
+            stored = weight if scaling is None else scaling.stored(key, weight)
             yield from module_arrays(
-                module,
-                modules[module],
-                weight,
-                dtype,
-                scale_method,
-                None if columns is None else columns[key],
-                None if moments is None else moments.get(key),
+                module, modules[module], stored, dtype, scale_method, cols, mom
             )
         else:
-            yield key, weight.astype(passthrough_dtype(weight.dtype, dtype))
+            kept = weight if scaling is None else scaling.passthrough(key, weight)
+            yield key, kept.astype(passthrough_dtype(weight.dtype, dtype))
         source.release(key)
 
 
@@ -105,11 +108,13 @@ def write_weights(
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
     moments: InputMoments | None = None,
+    scaling: Scaling | None = None,
 ) -> list[ShardLayout]:
     """Write every shard of the plan into ``directory``; return the layout written.
 
     ``columns`` are the Fisher column weights the plan's optimized scales were fitted with, and
-    ``moments`` the input second moments its ``gptq`` rounding uses.
+    ``moments`` the input second moments its ``gptq`` rounding uses, ``scaling`` the equivalent
+    scales its analysis measured (``--equalize``).
     """
     layout = layout_for(source, plan, dtype, max_shard_bytes)
     formats = plan.formats
@@ -118,7 +123,7 @@ def write_weights(
     total = sum(len(s.slots) for s in layout)
     try:
         for name, array in tqdm(
-            _arrays(source, formats, dtype, plan.scales, columns, moments),
+            _arrays(source, formats, dtype, plan.scales, columns, moments, scaling),
             total=total,
             desc="save",
             unit="array",
@@ -166,10 +171,13 @@ def save_model_dir(
     progress: bool = False,
     columns: dict[str, mx.array] | None = None,
     moments: InputMoments | None = None,
+    scaling: Scaling | None = None,
 ) -> None:
     """Everything that goes into the output directory (the check that it loads as planned is
     :func:`mint_mlx.runtime.check.verify_saved`, run before the directory is published)."""
-    write_weights(source, plan, directory, dtype, max_shard_bytes, progress, columns, moments)
+    write_weights(
+        source, plan, directory, dtype, max_shard_bytes, progress, columns, moments, scaling
+    )
     config = output_config(source, plan, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     copy_support_files(source.path, directory)
