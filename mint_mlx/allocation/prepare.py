@@ -270,10 +270,18 @@ def prepare(
     candidates = formats_for(objective, scale_method, formats)
     per_expert = _per_expert(source, formats, objective)
     sample = None if exact_analysis else SAMPLE_ELEMENTS
+    jobs = _analysis_jobs(source, jobs, max_memory, notes)
+    if phases is not None:
+        phases.start(
+            "analysis",
+            f"{len(source.quantizable)} tensors x {len(candidates)} formats"
+            + ("" if sample is None else ", errors from a row sample")
+            + (", equivalent scales chosen first" if equalize else ""),
+        )
+    start = time.perf_counter()
     scaling = _scaling(source, equalize, objective, columns, dtype, calib_key, progress)
     if scaling is not None:
         notes.append(_scaling_note(scaling))
-    jobs = _analysis_jobs(source, jobs, max_memory, notes)
     cache = analysis or default_cache_path(
         source,
         candidates,
@@ -284,13 +292,6 @@ def prepare(
         sample,
         "" if scaling is None else scaling.digest(),
     )
-    if phases is not None:
-        phases.start(
-            "analysis",
-            f"{len(source.quantizable)} tensors x {len(candidates)} formats"
-            + ("" if sample is None else ", errors from a row sample"),
-        )
-    start = time.perf_counter()
     curves = analyze(
         source,
         candidates,
@@ -306,6 +307,7 @@ def prepare(
         moments=moments,
         scaling=scaling,
     )
+    # the analysis's time includes choosing the equivalent scales
     seconds = {"sensitivity": sensitivity_seconds, "analysis": time.perf_counter() - start}
     notes += _sample_notes(curves)
     return Prepared(
