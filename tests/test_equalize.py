@@ -17,9 +17,11 @@ from mint_mlx.analysis.measure import measure
 from mint_mlx.errors import MintError
 from mint_mlx.formats import Format
 from mint_mlx.quant import gptq
-from mint_mlx.quant.equalize import FoldGroup, Scaling, exact_norm_scale, fold_groups
+from mint_mlx.quant.equalize import FOLDS, FoldGroup, Scaling, exact_norm_scale, fold_groups
 from mint_mlx.quant.quantize import dequantize_weight, quantize_compensated, quantize_weight
 from mint_mlx.source.model import Source, open_source
+
+from tiny_models import LLAMA_CONFIG, build_model_dir
 
 
 def _groups(source: Source) -> list[FoldGroup]:
@@ -47,17 +49,38 @@ def _logits(model: object, tokens: mx.array) -> np.ndarray:
     return np.array(model(tokens).astype(mx.float32))  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
-def test_folds_keep_the_function(fixture: str, request: pytest.FixtureRequest) -> None:
+#: The other architectures :data:`FOLDS` names, built like the tiny llama: qwen2 has q/k/v
+#: biases (the v bias is folded with the v rows), qwen3 norms q and k after projection.
+OTHER_FOLDS = {
+    "mistral": dict(LLAMA_CONFIG, model_type="mistral", architectures=["MistralForCausalLM"]),
+    "qwen2": dict(LLAMA_CONFIG, model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    "qwen3": dict(
+        LLAMA_CONFIG, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32
+    ),
+}
+
+
+def test_every_known_architecture_is_tested() -> None:
+    assert set(FOLDS) == {"llama", "gemma3_text", *OTHER_FOLDS}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3", *OTHER_FOLDS])
+def test_folds_keep_the_function(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """Scaled consumers and folded norms / rows give the same logits in mlx-lm's forward pass
     (float32, no rounding but the norms' exact 16-bit weights)."""
-    path: Path = request.getfixturevalue(fixture)
+    if fixture in OTHER_FOLDS:
+        path = build_model_dir(tmp_path / fixture, OTHER_FOLDS[fixture])
+    else:
+        path = request.getfixturevalue(fixture)
     source = open_source(path)
     groups = _groups(source)
     layers = source.num_layers
     # q/k/v, gate/up, down and o per layer: every fold kind, GQA included
     assert len(groups) == 4 * layers
     scaling = _random_scaling(source, 0)
+    assert bool(scaling.biases) == (fixture == "qwen2")  # its v_proj bias is folded too
     model, _ = load_model(path)
     model.set_dtype(mx.float32)
     tokens = mx.array([[1, 5, 9, 2, 7, 3, 11, 4]])
@@ -72,8 +95,8 @@ def test_folds_keep_the_function(fixture: str, request: pytest.FixtureRequest) -
         changed_weight = new.astype(mx.float32)
         model.load_weights([(key, changed_weight)], strict=False)
     after = _logits(model, tokens)
-    # every consumer, every norm fold target and every row fold target moved
-    assert len(changed) == 7 * layers + 2 * layers
+    # every consumer, every norm and every bias folded with its rows moved
+    assert len(changed) == 7 * layers + 2 * layers + len(scaling.biases)
     np.testing.assert_allclose(after, before, rtol=2e-3, atol=2e-3 * np.abs(before).max())
     # and a wrong fold is seen: the o_proj scale without its v_proj rows changes the logits
     broken = dict(scaling.rows)

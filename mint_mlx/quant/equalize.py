@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -149,12 +149,8 @@ def fold_groups(
         for g in candidates:
             ok = all(c in quantizable and len(shapes.get(c, ())) == 2 for c in g.consumers)
             if ok and g.target in shapes:
-                groups.append(g if g.bias is None or g.bias in shapes else _without_bias(g))
+                groups.append(g if g.bias is None or g.bias in shapes else replace(g, bias=None))
     return groups
-
-
-def _without_bias(g: FoldGroup) -> FoldGroup:
-    return FoldGroup(g.name, g.consumers, g.kind, g.target, g.offset, None, g.repeat, g.head_dim)
 
 
 def exact_norm_scale(
