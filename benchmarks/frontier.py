@@ -67,12 +67,17 @@ MATCHED = {
     "mint-gptq": ("fisher", "gptq", "native"),
     "mint-eq": ("fisher", "optimized", "native"),
     "mint-gptq-eq": ("fisher", "gptq", "native"),
+    "mint-cal": ("fisher", "optimized", "native"),
 }
 #: The matched methods that add ``--equalize`` (equivalent scaling, issue 18's AWQ lever).
 EQUALIZED = ("mint-eq", "mint-gptq-eq")
+#: The matched methods calibrated on the wiki-text testbed's ``tune.txt`` (``--calibration``)
+#: instead of text the model samples itself: issue 18's data-free against calibration ablation
+#: (the text the mlx-lm tools get in benchmarks/peers.py).
+TUNE_CALIBRATED = ("mint-cal",)
 #: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
 #: MLX's round-to-nearest scales, beside the default (fitted scales).
-SCALE_ROWS = ("mint-hqq", "fisher-rtn", "mint-gptq", "mint-eq", "mint-gptq-eq")
+SCALE_ROWS = ("mint-hqq", "fisher-rtn", "mint-gptq", "mint-eq", "mint-gptq-eq", "mint-cal")
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
     "mint": "mint-mlx default",
@@ -84,6 +89,7 @@ PLOT_LABELS = {
     "mint-gptq": "mint-mlx --scales gptq",
     "mint-eq": "mint-mlx --equalize",
     "mint-gptq-eq": "mint-mlx --scales gptq --equalize",
+    "mint-cal": "mint-mlx --calibration tune.txt",
     "hqq": "uniform, HQQ scales (stock layout)",
 }
 #: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as
@@ -227,6 +233,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
 
     ref = ensure_testbed(testbed, progress=True)
     text = ensure_wiki_text() / "heldout.txt"
+    tune = ensure_wiki_text() / "tune.txt"
     settings = {"tokens": args.tokens, "seq_len": args.seq_len, "backend": args.backend}
     out_json = args.out / f"{testbed}.json"
     state = load_state(out_json, settings)
@@ -360,6 +367,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 formats=formats,
                 force=True,
                 equalize=method in EQUALIZED,
+                calibration=tune if method in TUNE_CALIBRATED else None,
             )
         except MintError as e:  # e.g. below the smallest feasible size: say so in the table
             rows[key] = {"key": key, "method": method, "target": target, "error": str(e)}
@@ -385,6 +393,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 + ("" if method == "mint" else f" --objective {objective} --scales {scales}")
                 + ("" if formats == "native" else f" --formats {formats}")
                 + (" --equalize" if method in EQUALIZED else "")
+                + (f" --calibration {tune}" if method in TUNE_CALIBRATED else "")
             ),
             formats=plan_distribution(res.plan),
             extended_pct_params=_extended_share(res.plan),
