@@ -516,6 +516,31 @@ def test_spm_tokenizer_matches_llama_cpp_conventions(tmp_path: Path) -> None:
         assert tok._tokenizer.decode(encode(tok, text)) == text
 
 
+def test_calibration_text_windows_start_with_bos_like_the_evaluators(tmp_path: Path) -> None:
+    """``--calibration`` cuts its text as the evaluator does: with a tokenizer that prepends BOS
+    (Gemma's), every sequence is BOS then the next ``seq_len - 1`` text tokens; chunks of one
+    long encoding would leave all but the first without one."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mint_mlx.sensitivity.sampling import text_sequences
+
+    tokens = [t for t, _ in _TINY_SPM]
+    reader = _Reader(_gemma3_fields(tokens, [ty for _, ty in _TINY_SPM]))
+    gguf_tokenizers.write_spm_tokenizer(reader, tmp_path)
+    tok = load_tokenizer(tmp_path)
+    bos = tokens.index("<bos>")
+    text = tmp_path / "tune.txt"
+    text.write_text("the cat in the hat sat in a chair\n" * 20, encoding="utf-8")
+    whole = tok.encode(text.read_text(encoding="utf-8"))  # one BOS, then the text
+    assert whole[0] == bos and whole.count(bos) == 1
+    body = whole[1:]
+    length, n = 16, 3
+    seqs = np.array(text_sequences(tok, text, n, length))
+    assert seqs.shape == (n, length)
+    for i in range(n):
+        assert seqs[i].tolist() == [bos] + body[i * (length - 1) : (i + 1) * (length - 1)]
+
+
 def _write_tiny_gemma3_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """A 6-layer (one global) gemma3 GGUF written the way llama.cpp's convert does (norms + 1, no Q/K
     permutation, no output tensor, SPM vocabulary); returns the HF weights it encodes."""

@@ -98,6 +98,7 @@ class CalibrationConfig:
         h.update(f"v{CALIBRATION_VERSION}:{self.sequences}:{self.seq_len}:{self.seed}".encode())
         if self.text_file:
             h.update(hashlib.sha256(Path(self.text_file).read_bytes()).digest())
+            h.update(b":windows-with-bos")  # the text's windows start with BOS (session 14)
         elif self.proxy:
             h.update(f":sampled-by-{PROXY_NAME}".encode())
         return h.hexdigest()[:24]

@@ -10,6 +10,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mint_mlx.source.tokens import cut_windows, encode, prepended_bos_id
 from mint_mlx.tools.evaluation.result import EvaluateError
 
 #: Upper bound on batch * seq_len * vocab (float32 logits elements) when batch_size is automatic.
@@ -29,15 +30,6 @@ def read_text(text: str | Path) -> str:
     return text
 
 
-def prepended_bos_id(tokenizer: Any) -> int | None:
-    """The BOS id when the tokenizer itself prepends one to an encoded text, else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer.encode("a")
-    return bos if ids and ids[0] == bos else None
-
-
 def windows_from_tokens(
     ids: Sequence[int] | np.ndarray,
     seq_len: int,
@@ -55,26 +47,13 @@ def windows_from_tokens(
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
     if tokens is not None:
         arr = arr[:tokens]
-    body = seq_len - 1 if bos_id is not None else seq_len
-    n = len(arr) // body
-    if n == 0:
+    win = cut_windows(arr, seq_len, bos_id)
+    if len(win) == 0:
         raise EvaluateError(
             f"the text holds {len(arr)} tokens, fewer than one window of {seq_len}; "
             "give a longer text or a smaller --seq-len"
         )
-    win = arr[: n * body].reshape(n, body)
-    if bos_id is not None:
-        win = np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), win], axis=1)
     return mx.array(win.astype(np.int32))
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (no BOS/EOS added)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast HF tokenizers
-    if backend is not None:
-        # Same ids as tokenizer.encode, without its "longer than model_max_length" warning.
-        return list(backend.encode(text, add_special_tokens=False).ids)
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def make_windows(

@@ -15,8 +15,8 @@ from mlx_lm.utils import load_tokenizer
 from mint_mlx.errors import OutputExistsError
 from mint_mlx.path_safety import Read, real, staged_output, testbed_output_kind, writing
 from mint_mlx.paths import cache_root
+from mint_mlx.source.tokens import encode, prepended_bos_id
 from mint_mlx.tools.evaluation.runs import evaluate
-from mint_mlx.tools.evaluation.windows import encode, prepended_bos_id
 from mint_mlx.tools.testbeds.checks import (
     CHECK_SEQ_LEN,
     CHECK_WINDOWS,
