@@ -43,6 +43,7 @@ from typing import Any
 
 from mint_mlx.errors import MintError
 from mint_mlx.paths import cache_root
+from mint_mlx.sensitivity.calibrate import DEFAULT_SEQUENCES, SEQ_LEN
 from mint_mlx.tools.baselines import (
     baseline_by_name,
     build_baseline,
@@ -68,6 +69,8 @@ MATCHED = {
     "mint-eq": ("fisher", "optimized", "native"),
     "mint-gptq-eq": ("fisher", "gptq", "native"),
     "mint-cal": ("fisher", "optimized", "native"),
+    "mint-r32x64": ("fisher", "optimized", "native"),
+    "mint-r64x32": ("fisher", "optimized", "native"),
 }
 #: The matched methods that add ``--equalize`` (equivalent scaling, issue 18's AWQ lever).
 EQUALIZED = ("mint-eq", "mint-gptq-eq")
@@ -75,9 +78,21 @@ EQUALIZED = ("mint-eq", "mint-gptq-eq")
 #: instead of text the model samples itself: issue 18's data-free against calibration ablation
 #: (the text the mlx-lm tools get in benchmarks/peers.py).
 TUNE_CALIBRATED = ("mint-cal",)
+#: The matched methods with another self-sampled calibration recipe, (sequences, tokens each):
+#: issue 17's faster sensitivity pass (sampling takes one decode step per token of a sequence,
+#: so more, shorter sequences of the same total tokens sample in fewer, larger steps).
+RECIPES = {"mint-r32x64": (32, 64), "mint-r64x32": (64, 32)}
 #: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
 #: MLX's round-to-nearest scales, beside the default (fitted scales).
-SCALE_ROWS = ("mint-hqq", "fisher-rtn", "mint-gptq", "mint-eq", "mint-gptq-eq", "mint-cal")
+SCALE_ROWS = (
+    "mint-hqq",
+    "fisher-rtn",
+    "mint-gptq",
+    "mint-eq",
+    "mint-gptq-eq",
+    "mint-cal",
+    *RECIPES,
+)
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
     "mint": "mint-mlx default",
@@ -90,6 +105,8 @@ PLOT_LABELS = {
     "mint-eq": "mint-mlx --equalize",
     "mint-gptq-eq": "mint-mlx --scales gptq --equalize",
     "mint-cal": "mint-mlx --calibration tune.txt",
+    "mint-r32x64": "mint-mlx, calibration 32 x 64 sampled tokens",
+    "mint-r64x32": "mint-mlx, calibration 64 x 32 sampled tokens",
     "hqq": "uniform, HQQ scales (stock layout)",
 }
 #: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as
@@ -357,6 +374,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
         print(f"[{testbed}] {key}: convert at {budget} bytes", flush=True)
         start = time.perf_counter()
         objective, scales, formats = MATCHED[method]
+        sequences, length = RECIPES.get(method, (DEFAULT_SEQUENCES, SEQ_LEN))
         try:
             res = convert(
                 ref,
@@ -368,6 +386,8 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 force=True,
                 equalize=method in EQUALIZED,
                 calibration=tune if method in TUNE_CALIBRATED else None,
+                calibration_sequences=sequences,
+                calibration_length=length,
             )
         except MintError as e:  # e.g. below the smallest feasible size: say so in the table
             rows[key] = {"key": key, "method": method, "target": target, "error": str(e)}
@@ -394,6 +414,11 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 + ("" if formats == "native" else f" --formats {formats}")
                 + (" --equalize" if method in EQUALIZED else "")
                 + (f" --calibration {tune}" if method in TUNE_CALIBRATED else "")
+                + (
+                    f" --calibration-sequences {sequences} --calibration-length {length}"
+                    if method in RECIPES
+                    else ""
+                )
             ),
             formats=plan_distribution(res.plan),
             extended_pct_params=_extended_share(res.plan),

@@ -108,6 +108,7 @@ class ConvertOptions:
     exact_analysis: bool = False
     sampler: str = "auto"
     calibration_sequences: int = DEFAULT_SEQUENCES
+    calibration_length: int = SEQ_LEN
     equalize: bool = False
 
 
@@ -149,6 +150,7 @@ def convert(
     exact_analysis: bool = False,
     sampler: str = "auto",
     calibration_sequences: int = DEFAULT_SEQUENCES,
+    calibration_length: int = SEQ_LEN,
     equalize: bool = False,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
@@ -184,6 +186,7 @@ def convert(
         exact_analysis=exact_analysis,
         sampler=sampler,
         calibration_sequences=calibration_sequences,
+        calibration_length=calibration_length,
         equalize=equalize,
     )
     return run_conversion(hf_path, mlx_path, options)
@@ -293,6 +296,7 @@ def _prepare(
         sampler=options.sampler,
         phases=phases,
         calibration_sequences=options.calibration_sequences,
+        calibration_length=options.calibration_length,
         equalize=options.equalize,
     )
 
@@ -485,8 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_SEQUENCES,
         metavar="N",
-        help=f"sequences of {SEQ_LEN} tokens for the sensitivity estimate (default "
-        f"{DEFAULT_SEQUENCES}); fewer is faster and noisier (see README)",
+        help=f"sequences for the sensitivity estimate (default {DEFAULT_SEQUENCES}); fewer is "
+        "faster and noisier (see README)",
+    )
+    p.add_argument(
+        "--calibration-length",
+        type=int,
+        default=SEQ_LEN,
+        metavar="T",
+        help=f"tokens per calibration sequence (default {SEQ_LEN}); sampling takes T steps, so "
+        "more, shorter sequences sample faster",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan, write only the analysis cache"
@@ -565,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exact_analysis=args.exact_analysis,
         sampler=args.sampler,
         calibration_sequences=args.calibration_sequences,
+        calibration_length=args.calibration_length,
         equalize=args.equalize,
     )
     published = Published()

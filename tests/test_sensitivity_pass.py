@@ -235,3 +235,33 @@ def test_calibration_sequences_flag_sets_the_sample_size(
     assert drawn == [2, 8] and "8 x 256 tokens" in out
     code, out, err = run_cli([*base, "--calibration-sequences", "0"], capsys)
     assert_one_line_error(code, err, "--calibration-sequences must be at least 1")
+
+
+def test_calibration_length_flag_sets_the_sequence_length(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """``--calibration-length T`` samples sequences of T tokens (T - 1 decode steps), keyed apart
+    in the calibration cache and named in the notes; 1 is refused in one line."""
+    monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
+    drawn: list[tuple[int, int]] = []
+    real = calibrate_module.sample_sequences
+
+    def spy(model, start, n, length, seed, progress=False):  # type: ignore[no-untyped-def]
+        drawn.append((n, length))
+        out = real(model, start, n, length, seed, progress)
+        assert out.shape == (n, length)
+        return out
+
+    monkeypatch.setattr(calibrate_module, "sample_sequences", spy)
+    base = ["--hf-path", str(tiny_llama), "--bpw", "4.5", "--dry-run"]
+    code, out, err = run_cli(
+        [*base, "--calibration-sequences", "4", "--calibration-length", "16"], capsys
+    )
+    assert code == 0, err
+    assert drawn == [(4, 16)] and "4 x 16 tokens" in out
+    source = open_source(tiny_llama)
+    config = CalibrationConfig(sequences=4, seq_len=16)
+    assert calibrate_module.calibration_path(source, config).exists()
+    assert not calibrate_module.calibration_path(source, CalibrationConfig(sequences=4)).exists()
+    code, out, err = run_cli([*base, "--calibration-length", "1"], capsys)
+    assert_one_line_error(code, err, "--calibration-length must be at least 2")

@@ -48,6 +48,7 @@ from mint_mlx.quant.experts import splits_per_expert
 from mint_mlx.quant.quantize import SCALE_METHODS
 from mint_mlx.sensitivity.calibrate import (
     DEFAULT_SEQUENCES,
+    SEQ_LEN,
     CalibrationConfig,
     in_memory_need,
     input_moments,
@@ -232,13 +233,14 @@ def prepare(
     sampler: str = "auto",
     phases: PhaseLog | None = None,
     calibration_sequences: int = DEFAULT_SEQUENCES,
+    calibration_length: int = SEQ_LEN,
     equalize: bool = False,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
 
     The ``fisher`` objective first estimates output sensitivities: from text the model samples
-    itself, or from the ``calibration`` text file (``calibration_sequences`` sequences of 256
-    tokens: fewer is faster and a noisier estimate). ``formats`` is the candidate set
+    itself, or from the ``calibration`` text file (``calibration_sequences`` sequences of
+    ``calibration_length`` tokens: fewer is faster and a noisier estimate). ``formats`` is the candidate set
     (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
     names, so a native and an extended analysis of the same model never mix. The sensitivity
     pass runs in memory or block by block as ``sensitivity_pass`` and ``max_memory`` (bytes)
@@ -257,7 +259,9 @@ def prepare(
     objective, columns, calib_key, used = _sensitivity_pass(
         source,
         objective,
-        CalibrationConfig(sequences=calibration_sequences, text_file=calibration),
+        CalibrationConfig(
+            sequences=calibration_sequences, seq_len=calibration_length, text_file=calibration
+        ),
         progress,
         sensitivity_pass,
         max_memory,
@@ -432,6 +436,8 @@ def _sensitivity_pass(
         phases.start("sensitivity", "how much each weight column moves the output")
     if config.sequences < 1:
         raise MintError(f"--calibration-sequences must be at least 1, not {config.sequences}")
+    if config.seq_len < 2:  # one token has no next token to predict
+        raise MintError(f"--calibration-length must be at least 2, not {config.seq_len}")
     found = sensitivity(source, config, progress, sensitivity_pass, max_memory, sampler)
     how = "read from the cache" if found.choice is None else found.choice.describe(max_memory)
     tokens = f"{config.sequences} x {config.seq_len} tokens"
