@@ -80,3 +80,40 @@ def test_streamed_sampler_samples_the_same_tokens(models: dict[str, Path], name:
     assert mx.array_equal(expected, got).item()
     other_seed = streamed_sample(source, 0, 3, 32, seed=6)
     assert not mx.array_equal(expected, other_seed).item()
+
+
+def test_short_sequences_are_batched_into_units_of_summed_gradients(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequences shorter than ``UNIT_TOKENS`` go through one backward per unit: the estimate is
+    the mean over units of (the sum of the unit's per-sequence gradients)^2 / its tokens, row
+    averaged and floored; both passes compute it. Expected from one gradient per sequence."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mint_mlx.sensitivity import fisher
+
+    monkeypatch.setattr(fisher, "UNIT_TOKENS", 64)  # 32-token sequences: units of 2
+    source = open_source(models["llama"])
+    model = load_float32_model(source)
+    sequences = sample_sequences(model, 0, 4, 32, seed=2)
+    keys = [t.key for t in source.quantizable]
+
+    def loss_fn(m: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(m(x), y, reduction="sum")
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    per_sequence = []
+    for i in range(4):
+        _, g = grad_fn(model, sequences[i : i + 1, :-1], sequences[i : i + 1, 1:])
+        per_sequence.append(dict(tree_flatten(g)))
+    expected = {}
+    for key in keys:
+        units = [per_sequence[a][key] + per_sequence[a + 1][key] for a in (0, 2)]
+        v = sum((u * u).mean(axis=-2) / (2 * 31) for u in units) / 2
+        expected[key] = v + fisher.FLOOR * v.mean()
+    got = column_fisher(model, sequences, keys)
+    assert _relative_error(expected, got) < 1e-4
+    del model
+    streamed = streamed_column_fisher(source, sequences, keys)
+    assert _relative_error(expected, streamed) < 1e-4

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mint_mlx.errors import MintError, SourceError
 from mint_mlx.paths import cache_root
-from mint_mlx.sensitivity.fisher import FisherSums
+from mint_mlx.sensitivity.fisher import UNIT_TOKENS, FisherSums, fisher_units
 from mint_mlx.sensitivity.inputs import (
     InputMoments,
     collect_input_moments,
@@ -96,6 +96,8 @@ class CalibrationConfig:
         h = hashlib.sha256()
         h.update(source.content_fingerprint().encode())
         h.update(f"v{CALIBRATION_VERSION}:{self.sequences}:{self.seq_len}:{self.seed}".encode())
+        if UNIT_TOKENS // self.seq_len > 1:  # short sequences, batched per backward pass
+            h.update(f":units-of-{UNIT_TOKENS // self.seq_len}".encode())
         if self.text_file:
             h.update(hashlib.sha256(Path(self.text_file).read_bytes()).digest())
             h.update(b":windows-with-bos")  # the text's windows start with BOS (session 14)
@@ -143,17 +145,17 @@ def column_fisher(
 
     grad_fn = nn.value_and_grad(model, loss_fn)
     sums = FisherSums(keys)
-    n = sequences.shape[0]
-    for i in tqdm(range(n), desc="calibrate", unit="seq", disable=not progress):
-        x = sequences[i : i + 1, :-1]
-        y = sequences[i : i + 1, 1:]
+    units = fisher_units(sequences.shape[0], sequences.shape[1])
+    for unit in tqdm(units, desc="calibrate", unit="step", disable=not progress):
+        x = sequences[unit, :-1]
+        y = sequences[unit, 1:]
         _, grads = grad_fn(model, x, y)
         flat = dict(tree_flatten(grads))
         for key in keys:
             sums.add(key, flat[key], y.size)
         mx.eval(sums.arrays())
         del grads, flat
-    return sums.finish(n)
+    return sums.finish(len(units))
 
 
 def add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,20 @@ import mlx.core as mx
 #: calibration text never routed to) with zero measured Fisher must still not count as free.
 FLOOR = 0.05
 
+#: Tokens per backward pass: sequences shorter than this go through one backward together, as
+#: one unit whose gradients are summed before squaring. Cross terms between sequences vanish in
+#: expectation exactly as those between the tokens of one sequence do (each token's score has
+#: zero mean given everything before it), so a unit is a sequence for the estimate; a recipe of
+#: many short sequences (faster to sample) then costs the default's backward passes.
+UNIT_TOKENS = 256
+
+
+def fisher_units(sequences: int, seq_len: int) -> list[slice]:
+    """Consecutive groups of ``UNIT_TOKENS // seq_len`` sequences (one each when they are at
+    least that long, as for the default 8 x 256), each one backward pass of the estimate."""
+    per = max(1, UNIT_TOKENS // seq_len)
+    return [slice(a, min(a + per, sequences)) for a in range(0, sequences, per)]
+
 
 class FisherSums:
     """Sum over sequences of the per-token Fisher averaged over output rows, per weight."""
@@ -42,7 +56,7 @@ class FisherSums:
         return list(self.totals.values())
 
     def finish(self, sequences: int) -> dict[str, mx.array]:
-        """Mean over ``sequences``, floored (see :data:`FLOOR`), for every key asked for."""
+        """Mean over ``sequences`` (the units of :func:`fisher_units`), floored (see :data:`FLOOR`), for every key asked for."""
         missing = [k for k in self.keys if k not in self.totals]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}; please report it")

@@ -51,7 +51,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from mint_mlx.errors import MintError
-from mint_mlx.sensitivity.fisher import FisherSums
+from mint_mlx.sensitivity.fisher import FisherSums, fisher_units
 from mint_mlx.sensitivity.sampling import sample_sequences
 from mint_mlx.source.model import Source
 
@@ -382,23 +382,27 @@ def _probes(block: nn.Module, rels: Sequence[str]) -> Iterator[tuple[dict[str, _
 
 
 class ActivationStore:
-    """Each block's input for every sequence: in memory, or as .npy files in a temp directory."""
+    """Each block's input for every unit (one or more sequences): in memory, or as .npy files
+    in a temp directory."""
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
         self._memory: dict[int, list[mx.array]] = {}
+        self._batches: dict[int, list[int]] = {}  # each unit's sequences, to split the file
 
     def put(self, index: int, xs: list[mx.array]) -> None:
         if self.directory is None:
             self._memory[index] = xs
         else:
             np.save(self.directory / f"{index}.npy", np.array(mx.concatenate(xs, axis=0)))
+            self._batches[index] = [x.shape[0] for x in xs]
 
     def get(self, index: int) -> list[mx.array]:
         if self.directory is None:
             return self._memory[index]
         stacked = mx.array(np.load(self.directory / f"{index}.npy"))
-        return [stacked[i : i + 1] for i in range(stacked.shape[0])]
+        ends = np.cumsum(self._batches[index]).tolist()
+        return [stacked[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
     def drop(self, index: int) -> None:
         if self.directory is None:
@@ -559,13 +563,14 @@ def streamed_column_fisher(
         ) as bar:
             for stage in (walk.capture, walk.forward, walk.head, walk.backward, walk.embedding):
                 stage(bar.update)
-        return walk.sums.finish(sequences.shape[0])
+        return walk.sums.finish(walk.n)
 
 
 class _FisherWalk:
     """The five stages of :func:`streamed_column_fisher` and what they hand on to each other.
 
-    Per sequence ``i``: ``inputs[i]``/``labels[i]`` are its tokens, ``remapped[i]`` the same
+    Per unit ``i`` (a sequence, or a batch of short ones: :func:`fisher_units`):
+    ``inputs[i]``/``labels[i]`` are its tokens, ``remapped[i]`` the same
     tokens as indices into ``embedding_rows`` (the only embedding rows the text uses), and
     ``grads[i]`` the gradient of the loss with respect to the current block's output.
     """
@@ -575,12 +580,13 @@ class _FisherWalk:
     ) -> None:
         self.stream, self.store, self.sums = stream, store, sums
         self.layout = stream.layout
-        self.n = n = sequences.shape[0]
-        self.inputs = [sequences[i : i + 1, :-1] for i in range(n)]
-        self.labels = [sequences[i : i + 1, 1:] for i in range(n)]
+        self.units = fisher_units(sequences.shape[0], sequences.shape[1])
+        self.n = len(self.units)
+        self.inputs = [sequences[u, :-1] for u in self.units]
+        self.labels = [sequences[u, 1:] for u in self.units]
         rows, local = np.unique(np.array(sequences[:, :-1]), return_inverse=True)
-        self.local = local.reshape(n, -1)
-        self.remapped = [mx.array(self.local[i : i + 1].astype(np.int32)) for i in range(n)]
+        self.local = local.reshape(sequences.shape[0], -1)
+        self.remapped = [mx.array(self.local[u].astype(np.int32)) for u in self.units]
         self.embedding_rows = stream.read(self.layout.embedding)[mx.array(rows.astype(np.int32))]
         mx.eval(self.embedding_rows)
         stream.model.update(tree_unflatten([(self.layout.embedding, self.embedding_rows)]))
@@ -710,7 +716,7 @@ class _FisherWalk:
                 return stream.run_until_stop(self.remapped[i])  # noqa: B023
 
             _, (g_rows,) = mx.vjp(lookup, [self.embedding_rows], [self.grads[i]])
-            g = g_rows[mx.array(np.unique(self.local[i]).astype(np.int32))]
+            g = g_rows[mx.array(np.unique(self.local[self.units[i]]).astype(np.int32))]
             if self.layout.tied:
                 h = self.tied_rows[i]
                 total = self.tied_sums[i] + ((h + g) ** 2 - h * h).sum(axis=0)
