@@ -141,6 +141,31 @@ def parse_generate(text: str) -> dict[str, float]:
     return out
 
 
+def _variant(text: str) -> tuple[str, str]:
+    label, sep, flags = text.partition("=")
+    if not sep or not label:
+        raise SystemExit(f"error: --variant wants LABEL=FLAGS, got {text!r}")
+    return label, flags
+
+
+def phase_seconds(cache: Path, source: Path) -> dict[str, float]:
+    """Seconds per phase of the conversion that used ``cache``: its ``timings.json`` (seconds
+    per parameter, written by the conversion itself) times the source's parameter count."""
+    from mint_mlx.phases import TIMINGS_FILE
+    from mint_mlx.source.model import open_source
+
+    path = cache / TIMINGS_FILE
+    if not path.is_file():
+        return {}
+    rates = json.loads(path.read_text()).get("seconds_per_parameter", {})
+    params = open_source(source).total_parameters
+    return {k: float(v) * params for k, v in rates.items()}
+
+
+def _phases(run: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in run.get("phase_seconds", {}).items())
+
+
 def safetensors_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -167,6 +192,23 @@ def markdown(r: dict[str, Any]) -> str:
         f"| ratio mint / stock | {ratio['convert_wall']:.1f}x | {ratio['convert_peak_rss']:.2f}x "
         f"| {ratio['convert_cpu']:.1f}x | | |",
         "",
+    ]
+    if m.get("phase_seconds"):
+        lines += [f"Phases of the default conversion (s): {_phases(m)}.", ""]
+    if r.get("variants"):
+        lines += [
+            "| variant (same budget, cold) | wall s | / stock | / default | peak RSS MiB "
+            "| phases (s) |",
+            "|---|---:|---:|---:|---:|---|",
+            *(
+                f"| `{v['flags']}` ({label}) | {v['wall_seconds']:.1f} "
+                f"| {v['ratio_to_stock']:.1f}x | {v['ratio_to_default']:.2f}x "
+                f"| {v['peak_rss_mib']:.0f} | {_phases(v)} |"
+                for label, v in r["variants"].items()
+            ),
+            "",
+        ]
+    lines += [
         f"Decode with `mlx_lm generate`, greedy, prompt of {g['stock'].get('prompt_tokens', '?')} "
         f"tokens, {r['max_tokens']} new tokens. **MLX CPU kernels** (no Apple GPU here): "
         "these are CPU numbers only.",
@@ -192,6 +234,10 @@ def markdown(r: dict[str, Any]) -> str:
         r["command"],
         s["command"],
         "MINT_MLX_CACHE=<fresh empty dir> " + m["command"],
+        *(
+            "MINT_MLX_CACHE=<fresh empty dir> " + v["command"]
+            for v in r.get("variants", {}).values()
+        ),
         g["stock"]["command"],
         g["mint"]["command"],
         "```",
@@ -207,7 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=FLAGS",
+        help="also convert with these extra flags (each cold, same budget, same run), e.g. "
+        "'r32x64=--calibration-sequences 32 --calibration-length 64'",
+    )
     args = p.parse_args(argv)
+    variants = dict(_variant(v) for v in args.variant)
 
     if args.hf_path is not None:
         src, name = args.hf_path.resolve(), args.hf_path.name
@@ -239,6 +294,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     mint["bytes"] = safetensors_bytes(mint_dir)
     mint["budget"] = stock["bytes"]
+    mint["phase_seconds"] = phase_seconds(cold, src)
+    others: dict[str, dict[str, Any]] = {}
+    for label, flags in variants.items():
+        v_dir, v_cold = work / f"mint-{label}", work / f"cold-cache-{label}"
+        for d in (v_dir, v_cold):
+            shutil.rmtree(d, ignore_errors=True)
+        v_cold.mkdir()
+        print(f"[cost] mint_mlx.convert {flags} ({label}), cold cache {v_cold}", flush=True)
+        v = run_measured(
+            [py, "-m", "mint_mlx.convert", "--hf-path", str(src), "--mlx-path", str(v_dir)]
+            + ["--budget", str(stock["bytes"]), "--quiet", *shlex.split(flags)],
+            work / f"mint-{label}-convert.log",
+            env=dict(os.environ, MINT_MLX_CACHE=str(v_cold)),
+        )
+        v.update(bytes=safetensors_bytes(v_dir), budget=stock["bytes"], flags=flags)
+        v["phase_seconds"] = phase_seconds(v_cold, src)
+        v["ratio_to_stock"] = v["wall_seconds"] / stock["wall_seconds"]
+        v["ratio_to_default"] = v["wall_seconds"] / mint["wall_seconds"]
+        others[label] = v
+        shutil.rmtree(v_dir, ignore_errors=True)
 
     generate: dict[str, dict[str, Any]] = {}
     for label, model in (("stock", stock_dir), ("mint", mint_dir)):
@@ -269,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mlx_lm": version("mlx-lm"),
         },
         "convert": {"stock": stock, "mint": mint},
+        "variants": others,
         "generate": generate,
         "ratios": {
             "convert_wall": ratio(mint["wall_seconds"], stock["wall_seconds"]),

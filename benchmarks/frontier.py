@@ -71,6 +71,7 @@ MATCHED = {
     "mint-cal": ("fisher", "optimized", "native"),
     "mint-r32x64": ("fisher", "optimized", "native"),
     "mint-r64x32": ("fisher", "optimized", "native"),
+    "mint-r32x32": ("fisher", "optimized", "native"),
 }
 #: The matched methods that add ``--equalize`` (equivalent scaling, issue 18's AWQ lever).
 EQUALIZED = ("mint-eq", "mint-gptq-eq")
@@ -81,7 +82,7 @@ TUNE_CALIBRATED = ("mint-cal",)
 #: The matched methods with another self-sampled calibration recipe, (sequences, tokens each):
 #: issue 17's faster sensitivity pass (sampling takes one decode step per token of a sequence,
 #: so more, shorter sequences of the same total tokens sample in fewer, larger steps).
-RECIPES = {"mint-r32x64": (32, 64), "mint-r64x32": (64, 32)}
+RECIPES = {"mint-r32x64": (32, 64), "mint-r64x32": (64, 32), "mint-r32x32": (32, 32)}
 #: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
 #: MLX's round-to-nearest scales, beside the default (fitted scales).
 SCALE_ROWS = (
@@ -107,6 +108,7 @@ PLOT_LABELS = {
     "mint-cal": "mint-mlx --calibration tune.txt",
     "mint-r32x64": "mint-mlx, calibration 32 x 64 sampled tokens",
     "mint-r64x32": "mint-mlx, calibration 64 x 32 sampled tokens",
+    "mint-r32x32": "mint-mlx, calibration 32 x 32 sampled tokens",
     "hqq": "uniform, HQQ scales (stock layout)",
 }
 #: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as
