@@ -72,6 +72,8 @@ MATCHED = {
     "mint-r32x64": ("fisher", "optimized", "native"),
     "mint-r64x32": ("fisher", "optimized", "native"),
     "mint-r32x32": ("fisher", "optimized", "native"),
+    "mint-seed1": ("fisher", "optimized", "native"),
+    "mint-seed2": ("fisher", "optimized", "native"),
 }
 #: The matched methods that add ``--equalize`` (equivalent scaling, issue 18's AWQ lever).
 EQUALIZED = ("mint-eq", "mint-gptq-eq")
@@ -83,6 +85,9 @@ TUNE_CALIBRATED = ("mint-cal",)
 #: issue 17's faster sensitivity pass (sampling takes one decode step per token of a sequence,
 #: so more, shorter sequences of the same total tokens sample in fewer, larger steps).
 RECIPES = {"mint-r32x64": (32, 64), "mint-r64x32": (64, 32), "mint-r32x32": (32, 32)}
+#: The default recipe with another sample of text (``--calibration-seed``): how much a plan's
+#: KLD moves with the sample alone, the yardstick for the recipes above.
+SEEDS = {"mint-seed1": 1, "mint-seed2": 2}
 #: The scale-method rows of issue 22, run at ``--scale-targets``: mint with HQQ's and with
 #: MLX's round-to-nearest scales, beside the default (fitted scales).
 SCALE_ROWS = (
@@ -93,6 +98,7 @@ SCALE_ROWS = (
     "mint-gptq-eq",
     "mint-cal",
     *RECIPES,
+    *SEEDS,
 )
 ABLATIONS = ("nrmse", "fisher-rtn")
 PLOT_LABELS = {
@@ -109,6 +115,8 @@ PLOT_LABELS = {
     "mint-r32x64": "mint-mlx, calibration 32 x 64 sampled tokens",
     "mint-r64x32": "mint-mlx, calibration 64 x 32 sampled tokens",
     "mint-r32x32": "mint-mlx, calibration 32 x 32 sampled tokens",
+    "mint-seed1": "mint-mlx, calibration seed 1",
+    "mint-seed2": "mint-mlx, calibration seed 2",
     "hqq": "uniform, HQQ scales (stock layout)",
 }
 #: "hqq": a stock row re-quantized with HQQ's scales (same layers, bits, groups and bytes as
@@ -390,6 +398,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                 calibration=tune if method in TUNE_CALIBRATED else None,
                 calibration_sequences=sequences,
                 calibration_length=length,
+                calibration_seed=SEEDS.get(method, 0),
             )
         except MintError as e:  # e.g. below the smallest feasible size: say so in the table
             rows[key] = {"key": key, "method": method, "target": target, "error": str(e)}
@@ -421,6 +430,7 @@ def run_testbed(args: argparse.Namespace, testbed: str) -> dict[str, Any]:
                     if method in RECIPES
                     else ""
                 )
+                + (f" --calibration-seed {SEEDS[method]}" if method in SEEDS else "")
             ),
             formats=plan_distribution(res.plan),
             extended_pct_params=_extended_share(res.plan),

@@ -109,6 +109,7 @@ class ConvertOptions:
     sampler: str = "auto"
     calibration_sequences: int = DEFAULT_SEQUENCES
     calibration_length: int = SEQ_LEN
+    calibration_seed: int = 0
     equalize: bool = False
 
 
@@ -151,6 +152,7 @@ def convert(
     sampler: str = "auto",
     calibration_sequences: int = DEFAULT_SEQUENCES,
     calibration_length: int = SEQ_LEN,
+    calibration_seed: int = 0,
     equalize: bool = False,
 ) -> ConvertResult:
     """Convert ``hf_path`` into an mlx-lm model at ``mlx_path`` whose weights fit ``budget``.
@@ -187,6 +189,7 @@ def convert(
         sampler=sampler,
         calibration_sequences=calibration_sequences,
         calibration_length=calibration_length,
+        calibration_seed=calibration_seed,
         equalize=equalize,
     )
     return run_conversion(hf_path, mlx_path, options)
@@ -297,6 +300,7 @@ def _prepare(
         phases=phases,
         calibration_sequences=options.calibration_sequences,
         calibration_length=options.calibration_length,
+        calibration_seed=options.calibration_seed,
         equalize=options.equalize,
     )
 
@@ -501,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
         "more, shorter sequences sample faster",
     )
     p.add_argument(
+        "--calibration-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the self-sampled calibration text (default 0); another seed shows how "
+        "much the plan depends on the sample",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the plan, write only the analysis cache"
     )
     p.add_argument("--analysis", help="analysis cache file (default: in ~/.cache/mint_mlx)")
@@ -578,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler=args.sampler,
         calibration_sequences=args.calibration_sequences,
         calibration_length=args.calibration_length,
+        calibration_seed=args.calibration_seed,
         equalize=args.equalize,
     )
     published = Published()

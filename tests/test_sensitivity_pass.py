@@ -241,13 +241,14 @@ def test_calibration_length_flag_sets_the_sequence_length(
     tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     """``--calibration-length T`` samples sequences of T tokens (T - 1 decode steps), keyed apart
-    in the calibration cache and named in the notes; 1 is refused in one line."""
+    in the calibration cache and named in the notes; 1 is refused in one line.
+    ``--calibration-seed`` draws another sample under its own cache key."""
     monkeypatch.setenv("MINT_MLX_CACHE", str(tmp_path / "cache"))
-    drawn: list[tuple[int, int]] = []
+    drawn: list[tuple[int, int, int]] = []
     real = calibrate_module.sample_sequences
 
     def spy(model, start, n, length, seed, progress=False):  # type: ignore[no-untyped-def]
-        drawn.append((n, length))
+        drawn.append((n, length, seed))
         out = real(model, start, n, length, seed, progress)
         assert out.shape == (n, length)
         return out
@@ -258,10 +259,21 @@ def test_calibration_length_flag_sets_the_sequence_length(
         [*base, "--calibration-sequences", "4", "--calibration-length", "16"], capsys
     )
     assert code == 0, err
-    assert drawn == [(4, 16)] and "4 x 16 tokens" in out
+    assert drawn == [(4, 16, 0)] and "4 x 16 tokens" in out
     source = open_source(tiny_llama)
     config = CalibrationConfig(sequences=4, seq_len=16)
     assert calibrate_module.calibration_path(source, config).exists()
     assert not calibrate_module.calibration_path(source, CalibrationConfig(sequences=4)).exists()
     code, out, err = run_cli([*base, "--calibration-length", "1"], capsys)
     assert_one_line_error(code, err, "--calibration-length must be at least 2")
+    seeded = [
+        "--calibration-sequences",
+        "4",
+        "--calibration-length",
+        "16",
+        "--calibration-seed",
+        "3",
+    ]
+    code, out, err = run_cli([*base, *seeded], capsys)
+    assert code == 0, err
+    assert drawn[-1] == (4, 16, 3)  # a new sample, not the seed-0 cache entry

@@ -234,6 +234,7 @@ def prepare(
     phases: PhaseLog | None = None,
     calibration_sequences: int = DEFAULT_SEQUENCES,
     calibration_length: int = SEQ_LEN,
+    calibration_seed: int = 0,
     equalize: bool = False,
 ) -> Prepared:
     """Run (or reuse from cache) the sensitivity pass and the analysis of ``source``.
@@ -260,7 +261,10 @@ def prepare(
         source,
         objective,
         CalibrationConfig(
-            sequences=calibration_sequences, seq_len=calibration_length, text_file=calibration
+            sequences=calibration_sequences,
+            seq_len=calibration_length,
+            seed=calibration_seed,
+            text_file=calibration,
         ),
         progress,
         sensitivity_pass,
