@@ -148,24 +148,6 @@ def _variant(text: str) -> tuple[str, str]:
     return label, flags
 
 
-def phase_seconds(cache: Path, source: Path) -> dict[str, float]:
-    """Seconds per phase of the conversion that used ``cache``: its ``timings.json`` (seconds
-    per parameter, written by the conversion itself) times the source's parameter count."""
-    from mint_mlx.phases import TIMINGS_FILE
-    from mint_mlx.source.model import open_source
-
-    path = cache / TIMINGS_FILE
-    if not path.is_file():
-        return {}
-    rates = json.loads(path.read_text()).get("seconds_per_parameter", {})
-    params = open_source(source).total_parameters
-    return {k: float(v) * params for k, v in rates.items()}
-
-
-def _phases(run: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.1f}" for k, v in run.get("phase_seconds", {}).items())
-
-
 def safetensors_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -193,17 +175,14 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {ratio['convert_cpu']:.1f}x | | |",
         "",
     ]
-    if m.get("phase_seconds"):
-        lines += [f"Phases of the default conversion (s): {_phases(m)}.", ""]
     if r.get("variants"):
         lines += [
-            "| variant (same budget, cold) | wall s | / stock | / default | peak RSS MiB "
-            "| phases (s) |",
-            "|---|---:|---:|---:|---:|---|",
+            "| variant (same budget, cold) | wall s | / stock | / default | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|",
             *(
                 f"| `{v['flags']}` ({label}) | {v['wall_seconds']:.1f} "
                 f"| {v['ratio_to_stock']:.1f}x | {v['ratio_to_default']:.2f}x "
-                f"| {v['peak_rss_mib']:.0f} | {_phases(v)} |"
+                f"| {v['peak_rss_mib']:.0f} |"
                 for label, v in r["variants"].items()
             ),
             "",
@@ -294,7 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     mint["bytes"] = safetensors_bytes(mint_dir)
     mint["budget"] = stock["bytes"]
-    mint["phase_seconds"] = phase_seconds(cold, src)
     others: dict[str, dict[str, Any]] = {}
     for label, flags in variants.items():
         v_dir, v_cold = work / f"mint-{label}", work / f"cold-cache-{label}"
@@ -309,7 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             env=dict(os.environ, MINT_MLX_CACHE=str(v_cold)),
         )
         v.update(bytes=safetensors_bytes(v_dir), budget=stock["bytes"], flags=flags)
-        v["phase_seconds"] = phase_seconds(v_cold, src)
         v["ratio_to_stock"] = v["wall_seconds"] / stock["wall_seconds"]
         v["ratio_to_default"] = v["wall_seconds"] / mint["wall_seconds"]
         others[label] = v
