@@ -241,8 +241,8 @@ def prepare(
 
     The ``fisher`` objective first estimates output sensitivities: from text the model samples
     itself, or from the ``calibration`` text file (``calibration_sequences`` sequences of
-    ``calibration_length`` tokens: fewer is faster and a noisier estimate). ``formats`` is the candidate set
-    (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
+    ``calibration_length`` tokens: fewer is faster and a noisier estimate). ``formats`` is the
+    candidate set (:data:`~mint_mlx.formats.FORMAT_SETS`); the analysis cache is keyed by the set's format
     names, so a native and an extended analysis of the same model never mix. The sensitivity
     pass runs in memory or block by block as ``sensitivity_pass`` and ``max_memory`` (bytes)
     decide (:func:`mint_mlx.sensitivity.calibrate.choose_pass`), and ``sampler`` which model samples the

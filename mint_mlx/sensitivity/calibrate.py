@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mint_mlx.errors import MintError, SourceError
 from mint_mlx.paths import cache_root
-from mint_mlx.sensitivity.fisher import UNIT_TOKENS, FisherSums, fisher_units
+from mint_mlx.sensitivity.fisher import FisherSums, fisher_units, sequences_per_unit
 from mint_mlx.sensitivity.inputs import (
     InputMoments,
     collect_input_moments,
@@ -96,8 +96,9 @@ class CalibrationConfig:
         h = hashlib.sha256()
         h.update(source.content_fingerprint().encode())
         h.update(f"v{CALIBRATION_VERSION}:{self.sequences}:{self.seq_len}:{self.seed}".encode())
-        if UNIT_TOKENS // self.seq_len > 1:  # short sequences, batched per backward pass
-            h.update(f":units-of-{UNIT_TOKENS // self.seq_len}".encode())
+        per_unit = sequences_per_unit(self.seq_len)
+        if per_unit > 1:  # short sequences, batched per backward pass
+            h.update(f":units-of-{per_unit}".encode())
         if self.text_file:
             h.update(hashlib.sha256(Path(self.text_file).read_bytes()).digest())
             h.update(b":windows-with-bos")  # the text's windows start with BOS (session 14)

@@ -22,10 +22,16 @@ FLOOR = 0.05
 UNIT_TOKENS = 256
 
 
+def sequences_per_unit(seq_len: int) -> int:
+    """``UNIT_TOKENS // seq_len`` sequences per backward pass; one when they are at least that
+    long, as for the default 8 x 256. The calibration cache key names it, so it lives once."""
+    return max(1, UNIT_TOKENS // seq_len)
+
+
 def fisher_units(sequences: int, seq_len: int) -> list[slice]:
-    """Consecutive groups of ``UNIT_TOKENS // seq_len`` sequences (one each when they are at
-    least that long, as for the default 8 x 256), each one backward pass of the estimate."""
-    per = max(1, UNIT_TOKENS // seq_len)
+    """Consecutive groups of :func:`sequences_per_unit` sequences, each one backward pass of
+    the estimate."""
+    per = sequences_per_unit(seq_len)
     return [slice(a, min(a + per, sequences)) for a in range(0, sequences, per)]
 
 
@@ -56,7 +62,8 @@ class FisherSums:
         return list(self.totals.values())
 
     def finish(self, sequences: int) -> dict[str, mx.array]:
-        """Mean over ``sequences`` (the units of :func:`fisher_units`), floored (see :data:`FLOOR`), for every key asked for."""
+        """Mean over ``sequences`` (the units of :func:`fisher_units`), floored (see
+        :data:`FLOOR`), for every key asked for."""
         missing = [k for k in self.keys if k not in self.totals]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}; please report it")

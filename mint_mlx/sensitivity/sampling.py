@@ -76,10 +76,12 @@ def text_sequences(tokenizer: Any, path: Path, n: int, length: int) -> mx.array:
     from them cost it almost 2x the KLD at the same bytes.
     """
     ids = encode(tokenizer, path.read_text(encoding="utf-8"))
-    windows = cut_windows(ids, length, prepended_bos_id(tokenizer))
+    bos = prepended_bos_id(tokenizer)
+    windows = cut_windows(ids, length, bos)
     if len(windows) == 0:
+        need = length - 1 if bos is not None else length  # BOS is the window's first token
         raise SourceError(
-            f"calibration text {path} has {len(ids)} tokens; need at least {length} for one "
+            f"calibration text {path} has {len(ids)} tokens; need at least {need} for one "
             f"sequence of {length}: give a longer text"
         )
     return mx.array(windows[:n].astype(np.int32))
