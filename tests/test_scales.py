@@ -262,3 +262,28 @@ def test_analysis_error_is_the_error_of_what_save_writes(
             for x, y in zip(again, (wq, s, b), strict=True):
                 assert mx.array_equal(x, y).item()
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("stored", [mx.bfloat16, mx.float16])
+def test_a_16_bit_weight_fits_exactly_as_its_float32_values(stored: mx.Dtype) -> None:
+    """The fit widens 16-bit weights block by block (bfloat16 through its bit patterns); the
+    result must be bit-identical to fitting the same values handed over as float32, strided
+    views included."""
+    from mint_mlx.quant.scales import fit_affine, pack_for
+
+    w16 = heavy_tailed((96, 384), seed=7).astype(stored)
+    w32 = w16.astype(mx.float32)
+    cols = mx.array(np.random.default_rng(5).gamma(0.5, size=384).astype(np.float32))
+    for bits, group in ((4, 64), (3, 32), (8, 128)):
+        got = optimized_affine(w16, bits, group, mx.bfloat16, cols)
+        want = optimized_affine(w32, bits, group, mx.bfloat16, cols)
+        for g_arr, w_arr in zip(got, want, strict=True):
+            assert mx.array_equal(g_arr, w_arr).item(), (bits, group)
+        fit = fit_affine(w16, bits, group, mx.bfloat16, cols)
+        assert mx.array_equal(pack_for(w16, fit.scales, fit.biases, bits, group), want[0]).item()
+    # a strided view (every other row of a larger 16-bit tensor) is read correctly too
+    wide = heavy_tailed((192, 384), seed=8).astype(stored)
+    view = wide[::2]
+    got = optimized_affine(view, 4, 64, mx.bfloat16, cols)
+    want = optimized_affine(view.astype(mx.float32), 4, 64, mx.bfloat16, cols)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got, want, strict=True))

@@ -14,8 +14,8 @@ error measured here is the error of what is saved.
 The fit runs in numpy, not MLX: the analysis fits every tensor in ~18 formats, and on a CPU
 MLX's elementwise ops are scalar and single-threaded while numpy's float32 ufuncs are SIMD
 (the pure-MLX version, kept in :mod:`mint_mlx.tools.scales_reference`, measured 60-220 ns per weight
-per format). The weights are cut into blocks of whole rows small enough to stay in a core's
-cache, each block laid out *transposed*, (position in group, group): then every per-group
+per format). The weights are cut into blocks of whole rows small enough to stay in the
+last-level cache, each block laid out *transposed*, (position in group, group): then every per-group
 scalar broadcasts along the slow axis and every per-group sum is a sum of contiguous rows,
 both at full SIMD speed, where the natural (group, position) layout makes numpy run a short
 inner loop per group. Blocks are independent and go to a small thread pool (numpy releases
@@ -39,10 +39,14 @@ MLX_GROUP_SIZES = (32, 64, 128)
 #: Alternating least-squares rounds; the error stops improving after 2-3 on real weights.
 ITERATIONS = 4
 
-#: Weights per block: a block's four float32 working arrays (~2 MiB) stay in a core's L2
-#: cache across the ~50 passes of a fit, and the ~150 numpy calls per block stay cheap
-#: (measured: 2**17 at least as fast as 2**16 and 2**18 here; 2**15 slower).
-BLOCK_ELEMENTS = 1 << 17
+#: Weights per block. Small enough that a block's four float32 working arrays (8 MiB) stay in
+#: the last-level cache across the ~50 passes of a fit; large enough that each of its ~150
+#: numpy calls runs long. The second matters more with threads: every call hands the GIL
+#: back and forth, and at 2**17 (~25 us per call) two threads were no faster than one on the
+#: 2-core x86 CI machine. Measured there, four formats of an 8192 x 3072 bfloat16 weight, two
+#: threads: 2**17 2.35 s, 2**18 1.44 s, 2**19 1.19-1.43 s, 2**20 1.39 s, 2**21 1.67 s (one
+#: thread at 2**17: 2.23 s). Results do not depend on it.
+BLOCK_ELEMENTS = 1 << 19
 
 #: Threads over blocks. Results do not depend on it (blocks are independent).
 THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -284,6 +288,34 @@ def _as_numpy(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32), copy=True)
 
 
+def _stored(a: mx.array) -> np.ndarray:
+    """An MLX weight as numpy in its storage dtype, without a copy where numpy can hold it:
+    bfloat16 as its uint16 bit patterns, float16 and float32 as themselves.
+
+    Widening a whole tensor to float32 up front (MLX's cast, then a copy) cost more than a
+    third of a 4-bit fit on a bfloat16 weight here; :func:`_transposed_f32` widens each block
+    inside the pass that transposes it anyway, and the float32 copy of the whole tensor is
+    never held.
+    """
+    if a.dtype == mx.bfloat16:
+        return np.asarray(a.view(mx.uint16))
+    if a.dtype in (mx.float16, mx.float32):
+        return np.asarray(a)
+    return _as_numpy(a)
+
+
+def _transposed_f32(rows: np.ndarray, group_size: int) -> np.ndarray:
+    """The block layout of the fit, (position in group, group), as contiguous float32, from
+    rows in a storage dtype of :func:`_stored` (uint16 means bfloat16 bit patterns: widening
+    those is exact, a 16-bit shift)."""
+    t = rows.reshape(-1, group_size).T
+    if rows.dtype == np.uint16:
+        x = t.astype(np.uint32, order="C")
+        x <<= np.uint32(16)
+        return x.view(np.float32)
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
 def pack_numpy(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack integer codes (..., n) into uint32 words (..., n * bits / 32) as ``mx.quantize`` does.
 
@@ -380,8 +412,8 @@ def _fit_2d(
     want_packed: bool,
     fitter: BlockFitter | None = None,
 ) -> _Fit2D:
-    """The fit of a 2-D float32 weight (rows, in) with column weights (in,), block by block,
-    each block by ``fitter`` (default :func:`_fit_block`)."""
+    """The fit of a 2-D weight (rows, in), float32 or as :func:`_stored` holds it, with column
+    weights (in,), block by block, each block by ``fitter`` (default :func:`_fit_block`)."""
     rows, n = w.shape
     groups = n // group_size
     out = [np.empty((rows, groups), dtype=np.float32) for _ in range(6)]
@@ -397,7 +429,7 @@ def _fit_2d(
     def work(block: tuple[int, int]) -> None:
         r0, r1 = block
         m = (r1 - r0) * groups
-        x = np.ascontiguousarray(w[r0:r1].reshape(m, group_size).T)
+        x = _transposed_f32(w[r0:r1], group_size)
         fit = (fitter or _fit_block)(
             x, None if ct is None else ct[:, :m], bits, rnd, iterations, mlx_incumbent, want_packed
         )
@@ -429,7 +461,7 @@ def _fit_numpy(
     if n % group_size:
         raise ValueError(f"width {n} is not a multiple of the group size {group_size}")
     rnd = storage_rounder(dtype)
-    w = _as_numpy(weight)
+    w = _stored(weight)
     cols = None if columns is None else _as_numpy(columns)
     if cols is not None and cols.ndim == 2:
         parts = [
@@ -504,7 +536,7 @@ def pack_for(weight: mx.array, s: mx.array, b: mx.array, bits: int, group_size: 
     the same code as the fit's, so they are the codes it measured for the same (s, b))."""
     lead, n = tuple(weight.shape[:-1]), weight.shape[-1]
     groups = n // group_size
-    w = _as_numpy(weight).reshape(-1, n)
+    w = _stored(weight).reshape(-1, n)
     sn = _as_numpy(s).reshape(-1, groups)
     bn = _as_numpy(b).reshape(-1, groups)
     packed = np.empty((w.shape[0], n * bits // 32), dtype=np.uint32)
@@ -512,8 +544,7 @@ def pack_for(weight: mx.array, s: mx.array, b: mx.array, bits: int, group_size: 
 
     def work(block: tuple[int, int]) -> None:
         r0, r1 = block
-        m = (r1 - r0) * groups
-        x = np.ascontiguousarray(w[r0:r1].reshape(m, group_size).T)
+        x = _transposed_f32(w[r0:r1], group_size)
         t, q = np.empty_like(x), np.empty_like(x)
         _codes_and_errors(x, None, sn[r0:r1].ravel(), bn[r0:r1].ravel(), qmax, t, q)
         packed[r0:r1] = _pack_transposed(q, bits).reshape(r1 - r0, -1)
