@@ -85,11 +85,17 @@ def row_stats(rows: mx.array, columns: mx.array | None) -> RowStats:
     proxy = np.empty(n, dtype=np.float64)
     weighted = None if col_w is None else np.empty(n, dtype=np.float64)
     for start in range(0, n, step):
-        x = np.asarray(rows[start : start + step].astype(mx.float32))
+        chunk = rows[start : start + step].astype(mx.float32)
+        # the groups' ranges in MLX, whose max/min over a short last axis is vectorized
+        # (numpy's runs a scalar loop per group: 2.3x slower here); the energy in numpy,
+        # which sums in float64
+        grouped = chunk.reshape(chunk.shape[0], width // group, group)
+        ranges = grouped.max(axis=2) - grouped.min(axis=2)
+        mx.eval(chunk, ranges)
+        x = np.asarray(chunk)
         stop = start + x.shape[0]
         energy[start:stop] = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-        g = x.reshape(x.shape[0], width // group, group)
-        r = g.max(axis=2) - g.min(axis=2)
+        r = np.asarray(ranges)
         r2 = r * r
         proxy[start:stop] = r2.sum(axis=1, dtype=np.float64)
         if weighted is not None and col_w is not None:
