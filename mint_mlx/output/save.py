@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,23 +81,28 @@ def _arrays(
     the run was working fails the save instead of giving an output the plan does not describe.
     """
     modules = collapse(plan_formats)
-    for key in list(source.shapes):
-        module = key[: -len(".weight")] if key.endswith(".weight") else None
-        weight = source.tensor(key)
-        source.check_unchanged(key, weight)
-        cols = None if columns is None else columns.get(key)
-        mom = None if moments is None else moments.get(key)
-        if scaling is not None:
-            cols, mom = scaling.columns_for(key, cols), scaling.moments_for(key, mom)
-        if module is not None and module in modules:
-            stored = weight if scaling is None else scaling.stored(key, weight)
-            yield from module_arrays(
-                module, modules[module], stored, dtype, scale_method, cols, mom
-            )
-        else:
-            kept = weight if scaling is None else scaling.passthrough(key, weight)
-            yield key, kept.astype(passthrough_dtype(weight.dtype, dtype))
-        source.release(key)
+    # each tensor's hash runs on a second thread while it is fitted (hashlib releases the GIL)
+    # and is settled before the next tensor is read: a mismatch still fails the save
+    with ThreadPoolExecutor(1, thread_name_prefix="mint-hash") as hasher:
+        for key in list(source.shapes):
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            weight = source.tensor(key)
+            check = source.check_unchanged(key, weight, hasher)
+            cols = None if columns is None else columns.get(key)
+            mom = None if moments is None else moments.get(key)
+            if scaling is not None:
+                cols, mom = scaling.columns_for(key, cols), scaling.moments_for(key, mom)
+            if module is not None and module in modules:
+                stored = weight if scaling is None else scaling.stored(key, weight)
+                yield from module_arrays(
+                    module, modules[module], stored, dtype, scale_method, cols, mom
+                )
+            else:
+                kept = weight if scaling is None else scaling.passthrough(key, weight)
+                yield key, kept.astype(passthrough_dtype(weight.dtype, dtype))
+            if check is not None:
+                check.result()
+            source.release(key)
 
 
 def write_weights(

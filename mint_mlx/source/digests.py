@@ -20,20 +20,39 @@ import numpy as np
 
 from mint_mlx.paths import cache_root
 
-#: Bump when the hash input changes.
-DIGEST_VERSION = 1
+#: Bump when the hash input or function changes (2: SHA-256 instead of BLAKE2b).
+DIGEST_VERSION = 2
 
 _UINT_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 
 
-def tensor_digest(array: mx.array) -> str:
-    """A hash of a tensor's dtype, shape and bytes (24 hex digits)."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"v{DIGEST_VERSION}:{array.dtype}:{tuple(array.shape)}".encode())
+def tensor_bytes(array: mx.array) -> tuple[bytes, np.ndarray]:
+    """What :func:`tensor_digest` hashes: a header (dtype and shape) and the raw bytes as a
+    numpy view (which keeps the array's memory alive). Touches MLX, so it runs on the thread
+    that owns the array; :func:`digest_of` may then run on any thread."""
+    header = f"v{DIGEST_VERSION}:{array.dtype}:{tuple(array.shape)}".encode()
     # bfloat16 has no numpy dtype: hash the raw bits through an unsigned view of the same size
-    raw = np.asarray(array.view(_UINT_OF_SIZE[array.dtype.size]))
-    h.update(np.ascontiguousarray(raw).data)
-    return h.hexdigest()
+    raw = np.ascontiguousarray(np.asarray(array.view(_UINT_OF_SIZE[array.dtype.size])))
+    return header, raw
+
+
+def digest_of(header: bytes, raw: np.ndarray) -> str:
+    """The hash of :func:`tensor_bytes`'s output: pure hashlib, which releases the GIL while it
+    hashes, so a second thread hashes one tensor while the caller reads or fits the next."""
+    h = hashlib.sha256(header)
+    h.update(raw.data)
+    return h.hexdigest()[:24]
+
+
+def tensor_digest(array: mx.array) -> str:
+    """A hash of a tensor's dtype, shape and bytes (24 hex digits).
+
+    SHA-256, truncated: CPUs with SHA instructions (x86's SHA-NI, Apple Silicon's ARMv8
+    crypto extensions) run it through OpenSSL at about twice BLAKE2b's speed (1.6 against
+    0.8 GB/s on the x86 CI machine), and a conversion hashes every source byte twice (cache
+    keys, then the check at save).
+    """
+    return digest_of(*tensor_bytes(array))
 
 
 class DigestMemo:
@@ -42,7 +61,9 @@ class DigestMemo:
     def __init__(self, source_dir: Path, signature: str) -> None:
         key = hashlib.sha256(str(source_dir.resolve()).encode()).hexdigest()[:24]
         self.path = cache_root() / "digests" / f"{key}.json"
-        self.signature = signature
+        # the hash function's version is part of the signature: hashes remembered by another
+        # version are never compared with this one's
+        self.signature = f"v{DIGEST_VERSION}:{signature}"
         self.digests: dict[str, str] = {}
         self._dirty = False
         try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -31,7 +33,7 @@ from mint_mlx.errors import (
 )
 from mint_mlx.formats import Format, format_from_entry
 from mint_mlx.safetensors_io import read_header
-from mint_mlx.source.digests import DigestMemo, tensor_digest
+from mint_mlx.source.digests import DigestMemo, digest_of, tensor_bytes, tensor_digest
 from mint_mlx.source.origin import is_hub_id
 
 #: Files copied next to the weights so the output is a complete, loadable model directory.
@@ -154,16 +156,31 @@ class Source:
             "re-run once it is complete and unchanging (the analysis of unchanged tensors is cached)"
         )
 
-    def check_unchanged(self, key: str, array: mx.array) -> None:
+    def check_unchanged(
+        self, key: str, array: mx.array, hasher: Executor | None = None
+    ) -> Future[None] | None:
         """Refuse a tensor whose content is not what the analysis hashed (and measured): a
         shard replaced mid-run, even keeping its size and date, would otherwise give an output
         the plan does not describe. A tensor with no known hash is not checked. On a mismatch
-        the remembered hashes are dropped, so the re-run hashes from the data."""
+        the remembered hashes are dropped, so the re-run hashes from the data.
+
+        With a ``hasher`` the hash runs there and the returned future raises on a mismatch
+        (save overlaps it with the tensor's fit; its result must be taken before the output
+        is published)."""
         known = self.digest_memo.get(key)
-        if known is None or tensor_digest(array) == known:
-            return
-        self.digest_memo.forget()
-        raise self._changed(f"tensor {key} differs from the one analyzed")
+        if known is None:
+            return None
+        header, raw = tensor_bytes(array)
+
+        def compare() -> None:
+            if digest_of(header, raw) != known:
+                self.digest_memo.forget()
+                raise self._changed(f"tensor {key} differs from the one analyzed")
+
+        if hasher is None:
+            compare()
+            return None
+        return hasher.submit(compare)
 
     def release(self, key: str) -> None:
         """Drop a tensor after use so that memory stays bounded by a few tensors."""
@@ -187,12 +204,33 @@ class Source:
 
     def content_fingerprint(self) -> str:
         """Identity of the weights by content: the config and every tensor's hash. Reads
-        every tensor once the first time (one at a time), then answers from the memo."""
+        every tensor once the first time, then answers from the memo.
+
+        A second thread hashes each tensor while this one reads the next (hashlib releases the
+        GIL), at most two tensors held at a time.
+        """
         h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        memo = self.digest_memo
+        with ThreadPoolExecutor(1, thread_name_prefix="mint-hash") as hasher:
+            pending: deque[tuple[str, Future[str]]] = deque()
+
+            def settle() -> None:
+                key, digest = pending.popleft()
+                memo.put(key, digest.result())
+
+            for key in sorted(self.shapes):
+                if memo.get(key) is None:
+                    raw = tensor_bytes(self.tensor(key))
+                    self.release(key)  # ``raw`` keeps the bytes until they are hashed
+                    pending.append((key, hasher.submit(digest_of, *raw)))
+                    del raw
+                    while len(pending) > 1:
+                        settle()
+            while pending:
+                settle()
         for key in sorted(self.shapes):
-            h.update(f"{key}={self.digest(key)};".encode())
-            self.release(key)
-        self.digest_memo.save()
+            h.update(f"{key}={memo.get(key)};".encode())
+        memo.save()
         return h.hexdigest()[:24]
 
     def fingerprint(self) -> str:
