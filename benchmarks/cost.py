@@ -79,7 +79,11 @@ def _tree_rss_bytes(root: int) -> int:
 
 
 def run_measured(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None, sample_tree: bool = False
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    sample_tree: bool = False,
+    cwd: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cmd`` as a child process; return exit code, wall seconds, peak RSS (MiB), output.
 
@@ -92,7 +96,7 @@ def run_measured(
     load_before = os.getloadavg()[0]
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         peak = [0]
         stop = threading.Event()
 

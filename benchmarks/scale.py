@@ -267,29 +267,39 @@ def phases(output: str) -> dict[str, float]:
 
 
 def phase_lines(state: dict[str, Any]) -> list[str]:
-    """Each mint phase's time, per billion parameters, and issue 17's ratio against stock."""
+    """Each mint run's phase times, per billion parameters, and issue 17's ratio against stock
+    (one column per mint run: the default, then each ``--variant``)."""
     gb = state["checkpoint"]["parameters"] / 1e9
-    mint = next((r for r in state["runs"] if r["label"].startswith("mint")), None)
+    minds = [r for r in state["runs"] if not r["label"].startswith("mlx_lm") and r.get("phases")]
     stock = next((r for r in state["runs"] if r["label"].startswith("mlx_lm")), None)
-    if mint is None or not mint.get("phases"):
+    if not minds:
         return []
-    ph = mint["phases"]
+    names = [r.get("short", "mint") for r in minds]
     lines = [
-        "| phase | wall s | s per 1B params |",
-        "|---|---:|---:|",
-        *[f"| {k} | {v:.1f} | {v / gb:.1f} |" for k, v in ph.items()],
-        "",
+        "| phase | " + " | ".join(f"{n} s | {n} s per 1B params" for n in names) + " |",
+        "|---|" + "---:|---:|" * len(minds),
     ]
-    if stock is not None:
+    keys = list(dict.fromkeys(k for r in minds for k in r["phases"]))
+    for k in keys:
+        cells = [(r["phases"].get(k), r["phases"].get(k, 0.0) / gb) for r in minds]
+        lines.append(
+            f"| {k} | "
+            + " | ".join("" if v is None else f"{v:.1f} | {per:.1f}" for v, per in cells)
+            + " |"
+        )
+    lines.append("")
+    for name, r in zip(names, minds, strict=True):
+        ph = r["phases"]
         after = sum(ph.get(k, 0.0) for k in ("analysis", "plan", "card", "save"))
-        lines += [
-            f"Analysis + plan + card + save: {after:.1f} s = "
-            f"{after / stock['wall_seconds']:.1f}x `mlx_lm convert -q` "
-            f"({stock['wall_seconds']:.1f} s, same run); the sensitivity pass apart: "
-            f"{ph.get('sensitivity', 0.0):.1f} s. Peak RSS (process tree): mint "
-            f"{mint['tree_rss_peak_mib']:.0f} MiB, stock {stock['tree_rss_peak_mib']:.0f} MiB.",
-            "",
-        ]
+        if stock is not None:
+            lines.append(
+                f"{name}: analysis + plan + card + save {after:.1f} s = "
+                f"{after / stock['wall_seconds']:.1f}x `mlx_lm convert -q` "
+                f"({stock['wall_seconds']:.1f} s, same run); the sensitivity phase apart: "
+                f"{ph.get('sensitivity', 0.0):.1f} s. Peak RSS (process tree): "
+                f"{r['tree_rss_peak_mib']:.0f} MiB, stock {stock['tree_rss_peak_mib']:.0f} MiB."
+            )
+            lines.append("")
     return lines
 
 
@@ -326,6 +336,34 @@ def markdown(state: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_imports_from(root: Path, env: dict[str, str]) -> None:
+    """Fail unless a child run from ``root`` with ``env`` imports ``root``'s mint_mlx (``-m``
+    puts the working directory first on ``sys.path``, ahead of ``PYTHONPATH``: a variant run
+    from here would silently import this checkout's)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import mint_mlx; print(mint_mlx.__file__)"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if Path(found).resolve() != root / "mint_mlx" / "__init__.py":
+        raise SystemExit(f"--variant {root}: the child imports {found}, not {root}/mint_mlx")
+
+
+def _cold_cache(cache: Path, keep_sensitivity: bool) -> None:
+    """Empty mint-mlx's cache before a measured conversion; with ``keep_sensitivity``, all but
+    the sensitivity pass's results (``calibration/``), so the analysis and the content hashes
+    still run cold."""
+    if not keep_sensitivity:
+        shutil.rmtree(cache, ignore_errors=True)
+        return
+    for entry in cache.glob("*"):
+        if entry.name != "calibration":
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/scale.py", description=__doc__)
     p.add_argument("--work", type=Path, help="where the checkpoint and outputs go (default: cache)")
@@ -342,6 +380,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="calibrate on the wiki testbed's tune.txt (--calibration) instead of self-sampled "
         "text",
+    )
+    p.add_argument(
+        "--warm-sensitivity",
+        action="store_true",
+        help="keep the sensitivity pass's cache from an earlier run (the analysis, content "
+        "hashes and everything after them still run cold): issue 17's phases without the "
+        "pass's minutes",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=SOURCE_TREE",
+        help="also convert with the mint_mlx of another source tree (e.g. a git worktree of an "
+        "earlier commit) put first on PYTHONPATH, in the same run, before the default: "
+        "before/after timings from one run",
     )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
@@ -375,29 +429,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mint_mlx.tools.testbeds import ensure_wiki_text
 
         mint_extra += ["--calibration", str(ensure_wiki_text() / "tune.txt")]
-    shutil.rmtree(work / "mint-cache", ignore_errors=True)  # cold: analysis included
-    for label, out, cmd in [
+    mint_cmd = [
+        sys.executable,
+        "-m",
+        "mint_mlx.convert",
+        "--hf-path",
+        str(ckpt),
+        "--mlx-path",
+        str(work / "mint-out"),
+        "--bpw",
+        str(args.bpw),
+        "--jobs",
+        str(args.jobs),
+        "--force",
+        "--quiet",
+        *mint_extra,
+    ]
+    cold = "cold analysis, cached sensitivity" if args.warm_sensitivity else "cold"
+    mints: list[tuple[str, str, dict[str, str], Path | None]] = []
+    for spec in args.variant:
+        short, _, tree = spec.partition("=")
+        if not short or not tree:
+            p.error(f"--variant {spec!r}: expected LABEL=SOURCE_TREE")
+        root = Path(tree).resolve()
+        variant_env = dict(env, PYTHONPATH=str(root))
+        _check_imports_from(root, variant_env)
+        mints.append((short, f"{short}: mint_mlx.convert ({cold}, {tree})", variant_env, root))
+    default = f"mint_mlx.convert --bpw {args.bpw} --jobs {args.jobs} ({cold})"
+    mints.append(("mint", default, env, None))
+    if not args.warm_sensitivity:
+        shutil.rmtree(work / "mint-cache", ignore_errors=True)
+    jobs: list[tuple[str, str, Path, list[str], dict[str, str], Path | None]] = [
+        (short, label, work / "mint-out", mint_cmd, run_env, cwd)
+        for short, label, run_env, cwd in mints
+    ]
+    jobs.append(
         (
-            f"mint_mlx.convert --bpw {args.bpw} --jobs {args.jobs} (cold)",
-            work / "mint-out",
-            [
-                sys.executable,
-                "-m",
-                "mint_mlx.convert",
-                "--hf-path",
-                str(ckpt),
-                "--mlx-path",
-                str(work / "mint-out"),
-                "--bpw",
-                str(args.bpw),
-                "--jobs",
-                str(args.jobs),
-                "--force",
-                "--quiet",
-                *mint_extra,
-            ],
-        ),
-        (
+            "stock",
             "mlx_lm convert -q (4-bit g64)",
             work / "stock-out",
             [
@@ -411,14 +479,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(work / "stock-out"),
                 "-q",
             ],
-        ),
-    ]:
+            env,
+            None,
+        )
+    )
+    for short, label, out, cmd, run_env, cwd in jobs:
         if args.skip_stock and label.startswith("mlx_lm"):
             continue
+        if short != "stock":
+            _cold_cache(work / "mint-cache", args.warm_sensitivity)
         shutil.rmtree(out, ignore_errors=True)
         print(f"running: {label}", flush=True)
-        r = run_measured(cmd, work / f"{out.name}.log", env, sample_tree=True)
+        r = run_measured(cmd, work / f"{out.name}.log", run_env, sample_tree=True, cwd=cwd)
         r["label"] = label
+        r["short"] = short
         r["output_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         r["phases"] = phases(r["output_tail"])
         print(json.dumps(r), flush=True)
