@@ -115,14 +115,26 @@ def test_max_memory_lowers_the_worker_count(tiny_llama: Path, tmp_path: Path) ->
     from mint_mlx.analysis.workers import WORKER_FIXED_BYTES
     from mint_mlx.source.model import open_source
 
-    largest = max(t.numel for t in open_source(tiny_llama).quantizable)
-    per_worker = WORKER_FIXED_BYTES + 4 * largest  # 16-bit as read, plus float32 pieces
+    source = open_source(tiny_llama)
+    # a worker holds its largest tensor as read (bounded float32 pieces are in the fixed part)
+    largest = max(source.tensor(t.key).nbytes for t in source.quantizable)
+    per_worker = WORKER_FIXED_BYTES + largest
     roomy = convert(
-        tiny_llama, tmp_path / "o", bpw=4.0, dry_run=True, jobs=2, max_memory=3 * per_worker
+        tiny_llama,
+        tmp_path / "o",
+        bpw=4.0,
+        dry_run=True,
+        jobs=2,
+        max_memory=WORKER_FIXED_BYTES + 2 * per_worker,  # the parent and two workers
     )
     assert not any("instead of --jobs" in n for n in roomy.plan.notes)
     tight = convert(
-        tiny_llama, tmp_path / "o", bpw=4.0, dry_run=True, jobs=2, max_memory=2 * per_worker
+        tiny_llama,
+        tmp_path / "o",
+        bpw=4.0,
+        dry_run=True,
+        jobs=2,
+        max_memory=WORKER_FIXED_BYTES + 2 * per_worker - 1,
     )
     assert any("analysis ran in 1 process instead of --jobs 2" in n for n in tight.plan.notes)
     assert tight.plan.formats == roomy.plan.formats

@@ -278,7 +278,7 @@ def prepare(
     candidates = formats_for(objective, scale_method, formats)
     per_expert = _per_expert(source, formats, objective)
     sample = None if exact_analysis else SAMPLE_ELEMENTS
-    jobs = _analysis_jobs(source, jobs, max_memory, notes)
+    jobs = _analysis_jobs(source, jobs, max_memory, notes, equalize)
     if phases is not None:
         phases.start(
             "analysis",
@@ -479,13 +479,15 @@ def _sample_notes(curves: Sequence[RDCurve]) -> list[str]:
     ]
 
 
-def _analysis_jobs(source: Source, jobs: int, max_memory: int | None, notes: list[str]) -> int:
+def _analysis_jobs(
+    source: Source, jobs: int, max_memory: int | None, notes: list[str], scaled: bool
+) -> int:
     """``jobs`` analysis processes, fewer if ``max_memory`` cannot hold them (and a note)."""
-    allowed = jobs_within(source, jobs, max_memory)
+    allowed = jobs_within(source, jobs, max_memory, scaled)
     if allowed < jobs:
         notes.append(
             f"analysis ran in {allowed} process{'es' if allowed > 1 else ''} instead of --jobs "
-            f"{jobs}: each needs about {format_size(worker_memory(source))} and --max-memory is "
+            f"{jobs}: each needs about {format_size(worker_memory(source, scaled))} and --max-memory is "
             f"{format_size(max_memory or 0)}"
         )
     return allowed

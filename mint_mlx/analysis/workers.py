@@ -88,23 +88,38 @@ def _analyze_one(
 
 
 #: What one analysis process holds besides its current tensor: MLX and the source's index, and
-#: the float32 work of one row chunk or row sample (a generous round figure).
+#: the float32 work of one row chunk or row sample (a generous round figure). The parent holds
+#: about as much while the workers run (it only hands out keys and collects records).
 WORKER_FIXED_BYTES = 256 * 2**20
 
-
-def worker_memory(source: Source) -> int:
-    """One analysis process's peak: its largest tensor as read (16-bit) and once more in
-    float32 pieces, plus :data:`WORKER_FIXED_BYTES`."""
-    largest = max((info.numel for info in source.quantizable), default=0)
-    return WORKER_FIXED_BYTES + 2 * 2 * largest
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def jobs_within(source: Source, jobs: int, max_memory: int | None) -> int:
-    """``jobs``, lowered so that the parent and its workers stay under ``max_memory``."""
+def worker_memory(source: Source, scaled: bool = False) -> int:
+    """One analysis process's peak: its largest tensor as read, plus :data:`WORKER_FIXED_BYTES`.
+
+    The fit and the row statistics work on float32 pieces of bounded size (row chunks, a row
+    sample, :data:`mint_mlx.quant.scales.BLOCK_ELEMENTS`-weight blocks), not on a float32 copy
+    of the tensor, so a bfloat16 tensor costs 2 bytes per weight. With equivalent scaling
+    (``scaled``) the analysis measures the scaled tensor, a float32 copy: 4 bytes more.
+    """
+    largest = max(
+        (
+            info.numel * (_DTYPE_BYTES.get(info.source_dtype, 4) + (4 if scaled else 0))
+            for info in source.quantizable
+        ),
+        default=0,
+    )
+    return WORKER_FIXED_BYTES + largest
+
+
+def jobs_within(source: Source, jobs: int, max_memory: int | None, scaled: bool = False) -> int:
+    """``jobs``, lowered so that the parent (:data:`WORKER_FIXED_BYTES`) and its workers stay
+    under ``max_memory``."""
     if max_memory is None or jobs <= 1:
         return jobs
-    per = worker_memory(source)
-    return max(1, min(jobs, (max_memory - per) // per))
+    per = worker_memory(source, scaled)
+    return max(1, min(jobs, (max_memory - WORKER_FIXED_BYTES) // per))
 
 
 def default_jobs() -> int:
