@@ -33,7 +33,7 @@ from mint_mlx.analysis.workers import default_jobs, distributed_group
 from mint_mlx.cli import reported
 from mint_mlx.errors import BudgetError, DiskFullError, MintError
 from mint_mlx.formats import FORMAT_SETS
-from mint_mlx.memory import peak_rss, resolve_max_memory
+from mint_mlx.memory import forget_worker_peaks, peak_rss, resolve_max_memory
 from mint_mlx.output import hub
 from mint_mlx.output.card import (
     CARD_IMAGES,
@@ -221,6 +221,7 @@ def run_conversion(
     )
     out_dtype = output_dtype(source, options.dtype)
     nbytes = resolve_budget(source, options.budget, options.bpw)
+    forget_worker_peaks()  # this conversion's workers only
     phases = _phase_log(source, options, writes)
     prepared = _prepare(source, out_dtype, scales, cache, options, phases)
     seconds = dict(prepared.seconds)

@@ -34,10 +34,49 @@ def resolve_max_memory(max_memory: str | int | None) -> int | None:
     return parse_size(max_memory)
 
 
-def peak_rss() -> int:
-    """Peak resident memory so far, in bytes: this process's, plus the largest finished child's
-    (analysis workers). ``ru_maxrss`` is in KiB on Linux and in bytes on macOS."""
+#: Each analysis worker's peak resident memory in bytes, by process id, as the workers report
+#: it with their results (:func:`note_worker_peak`).
+_WORKER_PEAKS: dict[int, int] = {}
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes.
+
+    On Linux the high-water mark of this process's own address space (``VmHWM``), not
+    ``ru_maxrss``: a process started by fork and exec (every analysis worker: multiprocessing's
+    spawn does that) keeps in ``ru_maxrss`` the resident size its parent had at the fork, so
+    each worker would report the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     unit = 1 if sys.platform == "darwin" else 1024
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) * unit
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
+
+def note_worker_peak(pid: int, peak: int) -> None:
+    """Remember an analysis worker's own peak (it reports :func:`own_peak_rss` with each
+    result)."""
+    _WORKER_PEAKS[pid] = max(peak, _WORKER_PEAKS.get(pid, 0))
+
+
+def forget_worker_peaks() -> None:
+    """Start a conversion's count afresh (earlier conversions in this process had their own
+    workers)."""
+    _WORKER_PEAKS.clear()
+
+
+def peak_rss() -> int:
+    """Peak resident memory so far, in bytes: this process's, plus each analysis worker's
+    (summed: the workers run side by side, so this bounds their joint peak from above).
+
+    Not ``RUSAGE_CHILDREN``: every child process counts there, and on Linux a child started
+    by ``fork``/``vfork`` (as C's ``system()`` does; MLX's CPU backend runs ``g++ --version``
+    that way) takes the parent's resident size at that moment as its own peak, which doubled
+    the figure (SmolLM2 under ``--max-memory 900MB``: 1.80GB reported, 859 MiB in fact).
+    """
+    return own_peak_rss() + sum(_WORKER_PEAKS.values())

@@ -30,6 +30,7 @@ import numpy as np
 
 from mint_mlx.analysis.measure import analyze_stack
 from mint_mlx.formats import Format, format_by_name
+from mint_mlx.memory import note_worker_peak, own_peak_rss
 from mint_mlx.quant import scales as scale_fitting
 from mint_mlx.sensitivity.inputs import InputMoments
 from mint_mlx.source.model import Source, TensorInfo, open_source
@@ -62,8 +63,9 @@ def _analyze_one(
     sample_elements: int | None = None,
     moments_path: str | None = None,
     column_scale: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """The records of one source tensor: one, or one per expert (see analyze_stack)."""
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The records of one source tensor (one, or one per expert: see analyze_stack), with
+    this worker's process id and peak resident memory, which the parent adds to its own."""
     source = _WORKER_SOURCE
     assert source is not None, "worker was not initialised"
     info = next(t for t in source.quantizable if t.key == key)
@@ -84,7 +86,7 @@ def _analyze_one(
         column_scale,
     )
     source.release(key)
-    return [c.to_json() for c in curves]
+    return [c.to_json() for c in curves], os.getpid(), own_peak_rss()
 
 
 #: What one analysis process holds besides its current tensor: MLX and the source's index, and
@@ -155,7 +157,7 @@ def analyze_in_pool(
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(str(source.path),)
     ) as pool:
-        running: dict[Future[list[dict[str, Any]]], TensorInfo] = {}
+        running: dict[Future[tuple[list[dict[str, Any]], int, int]], TensorInfo] = {}
 
         def submit() -> None:
             info = pending.pop()
@@ -183,7 +185,9 @@ def analyze_in_pool(
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     info = running.pop(fut)
-                    on_result(info, fut.result())
+                    records, pid, peak = fut.result()
+                    note_worker_peak(pid, peak)
+                    on_result(info, records)
                     if pending:
                         submit()
         except BaseException:  # Ctrl-C or a failed tensor: start nothing new
