@@ -94,8 +94,6 @@ def _analyze_one(
 #: about as much while the workers run (it only hands out keys and collects records).
 WORKER_FIXED_BYTES = 256 * 2**20
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
 
 def worker_memory(source: Source, scaled: bool = False) -> int:
     """One analysis process's peak: its largest tensor as read, plus :data:`WORKER_FIXED_BYTES`.
@@ -107,7 +105,7 @@ def worker_memory(source: Source, scaled: bool = False) -> int:
     """
     largest = max(
         (
-            info.numel * (_DTYPE_BYTES.get(info.source_dtype, 4) + (4 if scaled else 0))
+            info.numel * (getattr(mx, info.source_dtype).size + (4 if scaled else 0))
             for info in source.quantizable
         ),
         default=0,

@@ -156,17 +156,15 @@ class Source:
             "re-run once it is complete and unchanging (the analysis of unchanged tensors is cached)"
         )
 
-    def check_unchanged(
-        self, key: str, array: mx.array, hasher: Executor | None = None
-    ) -> Future[None] | None:
+    def check_unchanged(self, key: str, array: mx.array, hasher: Executor) -> Future[None] | None:
         """Refuse a tensor whose content is not what the analysis hashed (and measured): a
         shard replaced mid-run, even keeping its size and date, would otherwise give an output
-        the plan does not describe. A tensor with no known hash is not checked. On a mismatch
-        the remembered hashes are dropped, so the re-run hashes from the data.
+        the plan does not describe. A tensor with no known hash is not checked (None). On a
+        mismatch the remembered hashes are dropped, so the re-run hashes from the data.
 
-        With a ``hasher`` the hash runs there and the returned future raises on a mismatch
-        (save overlaps it with the tensor's fit; its result must be taken before the output
-        is published)."""
+        The hash runs on ``hasher`` and the returned future raises on a mismatch (save
+        overlaps it with the tensor's fit; its result must be taken before the output is
+        published)."""
         known = self.digest_memo.get(key)
         if known is None:
             return None
@@ -177,9 +175,6 @@ class Source:
                 self.digest_memo.forget()
                 raise self._changed(f"tensor {key} differs from the one analyzed")
 
-        if hasher is None:
-            compare()
-            return None
         return hasher.submit(compare)
 
     def release(self, key: str) -> None:
